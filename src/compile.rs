@@ -1,0 +1,231 @@
+//! Desired state -> nftables objects. A pure function: same snapshot and options, same ruleset.
+//!
+//! Layout (the classic kube-proxy iptables-mode shape, in one `inet nftproxy` table):
+//!
+//! ```text
+//! nat-prerouting / nat-output (type nat, priority dstnat) -> jump services
+//! services:  ip daddr . meta l4proto . th dport vmap @service-ips-v4      (and v6)
+//!            ip daddr @cluster-ips-v4 -> reject   (a port the Service does not have)
+//! svc4/<ns>/<name>/<proto>/<port>:  [jump masq-check-v4]
+//!            numgen random mod n < 1 goto ep4/...; numgen random mod n-1 < 1 goto ...; goto ...
+//!            or, with no endpoints: reject
+//! ep4/<ns>/<name>/<proto>/<port>/<ip>:<port>:  ip saddr <ip> mark |= 0x4000 (hairpin); dnat
+//! nat-postrouting (type nat, priority srcnat): mark bit set -> clear it, masquerade fully-random
+//! ```
+//!
+//! Only chains and rules scale with the number of Services; there are four sets in total. The
+//! kernel cost of many sets is what makes kube-proxy's nftables mode slow (see docs/).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{Endpoint, Family, Service, ServicePort, Snapshot};
+use crate::ruleset::*;
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Traffic to a ClusterIP from outside these ranges is masqueraded.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Masquerade all traffic to ClusterIPs.
+    pub masquerade_all: bool,
+}
+
+pub const CHAIN_PREROUTING: &str = "nat-prerouting";
+pub const CHAIN_OUTPUT: &str = "nat-output";
+pub const CHAIN_POSTROUTING: &str = "nat-postrouting";
+pub const CHAIN_SERVICES: &str = "services";
+
+fn suffix(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "v4",
+        Family::V6 => "v6",
+    }
+}
+
+pub fn dispatch_map(family: Family) -> String {
+    format!("service-ips-{}", suffix(family))
+}
+
+pub fn cluster_ips_set(family: Family) -> String {
+    format!("cluster-ips-{}", suffix(family))
+}
+
+fn masq_check_chain(family: Family) -> String {
+    format!("masq-check-{}", suffix(family))
+}
+
+fn fam_digit(family: Family) -> char {
+    match family {
+        Family::V4 => '4',
+        Family::V6 => '6',
+    }
+}
+
+/// `svc4/default/web/tcp/80`: names the Service port an operator is looking at.
+pub fn service_chain(svc: &Service, port: &ServicePort, family: Family) -> String {
+    format!("svc{}/{}/{}/{}", fam_digit(family), svc.id, port.protocol, port.port)
+}
+
+/// `ep4/default/web/tcp/80/10.244.0.2:8080`
+pub fn endpoint_chain(service_chain: &str, ep: &Endpoint) -> String {
+    let rest = &service_chain[5..];
+    match ep.ip {
+        IpAddr::V4(a) => format!("ep4/{rest}/{a}:{}", ep.port),
+        IpAddr::V6(a) => format!("ep6/{rest}/[{a}]:{}", ep.port),
+    }
+}
+
+fn rule(stmts: Vec<Stmt>) -> Rule {
+    Rule(stmts)
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
+    let mut rs = Ruleset::default();
+    add_skeleton(&mut rs, opts);
+    for svc in snapshot.services.values() {
+        for vip in &svc.cluster_ips {
+            add_service_ip(&mut rs, svc, *vip);
+        }
+    }
+    rs
+}
+
+/// The base chains, the dispatch chain, the masquerade chains and the four sets.
+fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
+    let base = |hook, priority, rules| Chain { base: Some(BaseChain { hook, priority }), rules };
+    let to_services = || vec![rule(vec![Stmt::Jump(CHAIN_SERVICES.into())])];
+    rs.chains.insert(CHAIN_PREROUTING.into(), base(Hook::Prerouting, DSTNAT, to_services()));
+    rs.chains.insert(CHAIN_OUTPUT.into(), base(Hook::Output, DSTNAT, to_services()));
+    rs.chains.insert(
+        CHAIN_POSTROUTING.into(),
+        base(
+            Hook::Postrouting,
+            SRCNAT,
+            vec![
+                rule(vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
+                rule(vec![Stmt::ClearMarkBit(MASQ_MARK)]),
+                rule(vec![Stmt::Masquerade]),
+            ],
+        ),
+    );
+
+    let mut services = Vec::new();
+    for family in FAMILIES {
+        services.push(rule(vec![
+            Stmt::NfProto(family),
+            Stmt::DispatchVmap { family, map: dispatch_map(family) },
+        ]));
+    }
+    for family in FAMILIES {
+        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: cluster_ips_set(family) }];
+        let mut tcp = to_vip();
+        tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
+        services.push(rule(tcp));
+        let mut other = to_vip();
+        other.push(Stmt::RejectPortUnreachable);
+        services.push(rule(other));
+    }
+    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services });
+
+    for family in FAMILIES {
+        if let Some(rules) = masq_check_rules(family, opts) {
+            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules });
+        }
+        rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
+        rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
+    }
+}
+
+/// Rules that set the masquerade mark for traffic that needs SNAT, or `None` when nothing of
+/// this family is ever masqueraded (apart from hairpin, handled per endpoint).
+fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
+    let mark = rule(vec![Stmt::SetMarkBit(MASQ_MARK)]);
+    if opts.masquerade_all {
+        return Some(vec![mark]);
+    }
+    let cidrs: Vec<&IpNet> =
+        opts.cluster_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).collect();
+    if cidrs.is_empty() {
+        return None;
+    }
+    let mut rules: Vec<Rule> =
+        cidrs.into_iter().map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return])).collect();
+    rules.push(mark);
+    Some(rules)
+}
+
+fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
+    let family = Family::of(&vip);
+    let masq_check = rs.chains.contains_key(&masq_check_chain(family));
+    rs.sets.get_mut(&cluster_ips_set(family)).unwrap().elements.push(Element::address(vip));
+    for port in &svc.ports {
+        let chain = service_chain(svc, port, family);
+        let endpoints = port.usable_endpoints(family);
+        let mut rules = Vec::new();
+        if masq_check && !endpoints.is_empty() {
+            rules.push(rule(vec![Stmt::Jump(masq_check_chain(family))]));
+        }
+        if endpoints.is_empty() {
+            if port.protocol == crate::model::Protocol::Tcp {
+                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
+            }
+            rules.push(rule(vec![Stmt::RejectPortUnreachable]));
+        }
+        let n = endpoints.len() as u32;
+        for (i, ep) in endpoints.iter().enumerate() {
+            let ep_chain = endpoint_chain(&chain, ep);
+            let remaining = n - i as u32;
+            if remaining > 1 {
+                rules.push(rule(vec![
+                    Stmt::NumgenBelow { modulus: remaining, below: 1 },
+                    Stmt::Goto(ep_chain.clone()),
+                ]));
+            } else {
+                rules.push(rule(vec![Stmt::Goto(ep_chain.clone())]));
+            }
+            rs.chains.insert(
+                ep_chain,
+                Chain {
+                    base: None,
+                    rules: vec![
+                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
+                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
+                    ],
+                },
+            );
+        }
+        rs.sets
+            .get_mut(&dispatch_map(family))
+            .unwrap()
+            .elements
+            .push(Element::dispatch(vip, port.protocol, port.port, chain.clone()));
+        rs.chains.insert(chain, Chain { base: None, rules });
+    }
+}
+
+/// Renders a whole ruleset as nft-like text: the golden form used by tests and `--dry-run`.
+pub fn render(rs: &Ruleset) -> String {
+    let mut out = format!("table inet {TABLE} {{\n");
+    for (name, set) in &rs.sets {
+        out.push_str(&format!("  set {name} {{ # {:?}\n", set.kind));
+        for e in &set.elements {
+            out.push_str(&format!("    {}\n", e.describe(set.kind)));
+        }
+        out.push_str("  }\n");
+    }
+    for (name, chain) in &rs.chains {
+        out.push_str(&format!("  chain {name} {{\n"));
+        if let Some(b) = chain.base {
+            out.push_str(&format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase());
+        }
+        for r in &chain.rules {
+            out.push_str(&format!("    {r}\n"));
+        }
+        out.push_str("  }\n");
+    }
+    out.push_str("}\n");
+    out
+}

@@ -1,0 +1,35 @@
+//! nftproxy: Kubernetes ClusterIP Services on nftables, programmed over netlink.
+//!
+//! Pure parts: [`model`] (what to serve), [`source`] (manifests -> model), [`compile`]
+//! (model -> nftables objects), [`plan`] (kernel objects vs wanted objects -> smallest change),
+//! [`report`]. I/O at the edge: [`nft`] (netlink), [`sync`] (one pass from input to kernel).
+
+pub mod compile;
+pub mod model;
+pub mod nft;
+pub mod plan;
+pub mod report;
+pub mod ruleset;
+pub mod source;
+pub mod sync;
+
+/// Every way a sync can fail, one variant per step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid input, nothing was applied:\n{0}")]
+    Input(#[from] source::InputErrors),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Input(_) => "input",
+            Error::Nft(_) => "nftables",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,261 @@
+//! nf_tables over netlink: apply a [`Plan`] as one transaction, read our table back.
+//!
+//! Traps handled here (see shared notes): the whole batch goes out in one `sendmsg` with the
+//! send buffer grown to fit (a batch split across calls is rejected whole); no per-message ACKs
+//! (thousands of them overflow the receive buffer), errors still come back; the kernel processes
+//! the batch inside `sendmsg`, so every answer is queued when it returns and is drained without
+//! blocking; each error carries the sequence number of the message that caused it, mapped back
+//! to the object (and so the Service) it was about.
+
+pub mod consts;
+pub mod encode;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::io;
+
+use consts::*;
+
+use crate::plan::{KernelChain, KernelSet, KernelState, Plan};
+use crate::ruleset::{BaseChain, Element, Hook, TABLE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot open a netfilter netlink socket (nftproxy needs CAP_NET_ADMIN): {0}")]
+    Open(#[source] io::Error),
+    #[error("sending the nftables transaction failed: {0}")]
+    Send(#[source] io::Error),
+    #[error("reading the kernel's answer failed: {0}")]
+    Receive(#[source] io::Error),
+    #[error("the kernel rejected the transaction at {what}: {source}{}; nothing was changed", if *.others > 0 { format!(" (and {} more errors)", .others) } else { String::new() })]
+    Rejected {
+        what: String,
+        #[source]
+        source: io::Error,
+        others: usize,
+    },
+    #[error("reading table {TABLE} back failed at {what}: {source}")]
+    ReadBack {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = NftError> = std::result::Result<T, E>;
+
+/// One received netlink message.
+struct NlMsg<'a> {
+    kind: u16,
+    seq: u32,
+    bytes: &'a [u8],
+}
+
+fn messages(mut buf: &[u8]) -> impl Iterator<Item = NlMsg<'_>> {
+    std::iter::from_fn(move || {
+        if buf.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
+        if len < 16 || len > buf.len() {
+            return None;
+        }
+        let msg = NlMsg {
+            kind: u16::from_ne_bytes(buf[4..6].try_into().unwrap()),
+            seq: u32::from_ne_bytes(buf[8..12].try_into().unwrap()),
+            bytes: &buf[..len],
+        };
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some(msg)
+    })
+}
+
+/// errno (positive) and the sequence number of the message an NLMSG_ERROR answers.
+fn error_of(msg: &NlMsg<'_>) -> Option<(i32, u32)> {
+    let b = msg.bytes;
+    if b.len() < 20 {
+        return None;
+    }
+    let errno = -i32::from_ne_bytes(b[16..20].try_into().unwrap());
+    let seq = if b.len() >= 32 { u32::from_ne_bytes(b[28..32].try_into().unwrap()) } else { msg.seq };
+    Some((errno, seq))
+}
+
+/// What a commit cost, for logs, metrics and tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyStats {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+pub struct Netlink {
+    sock: mnl::Socket,
+    seq: u32,
+    buf: Vec<u64>,
+}
+
+impl Netlink {
+    pub fn open() -> Result<Self> {
+        let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NftError::Open)?;
+        let fd = sys::socket_fd(&sock);
+        // Errors need not echo the whole offending message back.
+        sys::set_netlink_opt(fd, NETLINK_CAP_ACK, 1).map_err(NftError::Open)?;
+        sys::force_buffer(fd, libc::SO_RCVBUFFORCE, 8 << 20).map_err(NftError::Open)?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(1);
+        Ok(Netlink { sock, seq: seed.wrapping_mul(16) | 1, buf: vec![0u64; 16 * 1024] })
+    }
+
+    fn fd(&self) -> i32 {
+        sys::socket_fd(&self.sock)
+    }
+
+    /// Sends a plan as one atomic transaction. On error the kernel has rolled it back entirely.
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats> {
+        if plan.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        let enc = encode::encode_plan(plan, self.seq);
+        self.seq = self.seq.wrapping_add(enc.messages as u32 + 2);
+        self.send_batch(&enc.bytes, &enc.owners)?;
+        Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len() })
+    }
+
+    fn send_batch(&mut self, bytes: &[u8], owners: &[(u32, String)]) -> Result<()> {
+        sys::force_buffer(self.fd(), libc::SO_SNDBUFFORCE, bytes.len() + 65536).map_err(NftError::Send)?;
+        let sent = self.sock.send(bytes).map_err(NftError::Send)?;
+        if sent != bytes.len() {
+            return Err(NftError::Send(io::Error::other(format!("sent {sent} of {} bytes", bytes.len()))));
+        }
+        let owner: BTreeMap<u32, &str> = owners.iter().map(|(s, w)| (*s, w.as_str())).collect();
+        let mut errors: Vec<(i32, u32)> = Vec::new();
+        loop {
+            let fd = self.fd();
+            let n = sys::recv_nonblocking(fd, bytemuck_bytes(&mut self.buf)).map_err(NftError::Receive)?;
+            if n == 0 {
+                break;
+            }
+            let data = &bytemuck_bytes(&mut self.buf)[..n];
+            for m in messages(data) {
+                if m.kind == NLMSG_ERROR
+                    && let Some((errno, seq)) = error_of(&m)
+                    && errno != 0
+                {
+                    errors.push((errno, seq));
+                }
+            }
+        }
+        let Some(&(errno, seq)) = errors.first() else { return Ok(()) };
+        let what = owner.get(&seq).map_or_else(|| format!("message {seq}"), |w| w.to_string());
+        Err(NftError::Rejected { what, source: io::Error::from_raw_os_error(errno), others: errors.len() - 1 })
+    }
+
+    /// Sends one request and collects the answers up to DONE (dumps) or the ACK/error.
+    fn request(&mut self, what: &'static str, build: impl FnOnce(&mut sys::MsgBuf) -> u32) -> Result<Vec<Vec<u8>>> {
+        let mut buf = sys::MsgBuf::new(self.seq);
+        let seq = build(&mut buf);
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send(buf.bytes()).map_err(|e| NftError::ReadBack { what, source: e })?;
+        let mut out = Vec::new();
+        loop {
+            let n = self
+                .sock
+                .recv_raw(bytemuck_bytes(&mut self.buf))
+                .map_err(|e| NftError::ReadBack { what, source: e })?;
+            for m in messages(&bytemuck_bytes(&mut self.buf)[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let (errno, _) = error_of(&m).unwrap_or((libc::EIO, seq));
+                        if errno == 0 {
+                            return Ok(out);
+                        }
+                        return Err(NftError::ReadBack { what, source: io::Error::from_raw_os_error(errno) });
+                    }
+                    _ => out.push(m.bytes.to_vec()),
+                }
+            }
+        }
+    }
+
+    /// Reads everything in our table; a missing table gives `KernelState::default()`.
+    pub fn read_table(&mut self) -> Result<KernelState> {
+        let table = self.request("table", |b| b.table(NFT_MSG_GETTABLE, NLM_F_ACK, TABLE));
+        match table {
+            Ok(_) => {}
+            Err(NftError::ReadBack { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(KernelState::default());
+            }
+            Err(e) => return Err(e),
+        }
+        let mut state = KernelState { table_exists: true, ..Default::default() };
+        for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
+            let Some(c) = sys::parse_chain(&msg) else { continue };
+            if c.table != TABLE {
+                continue;
+            }
+            let base = c.hook.map(|(hooknum, priority, kind)| {
+                let hook = match hooknum {
+                    NF_INET_PRE_ROUTING => Some(Hook::Prerouting),
+                    NF_INET_LOCAL_OUT => Some(Hook::Output),
+                    NF_INET_POST_ROUTING => Some(Hook::Postrouting),
+                    _ => None,
+                };
+                // A base chain we would never make (other hook or type) compares unequal.
+                match hook {
+                    Some(hook) if kind == "nat" => BaseChain { hook, priority },
+                    _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
+                }
+            });
+            state.chains.insert(c.name, KernelChain { base, rules: Vec::new() });
+        }
+        for msg in self.request("rules", |b| b.rules_dump(TABLE))? {
+            let Some(r) = sys::parse_rule(&msg) else { continue };
+            if r.table != TABLE {
+                continue;
+            }
+            if let Some(chain) = state.chains.get_mut(&r.chain) {
+                chain.rules.push(encode::udata_comment(&r.userdata));
+            }
+        }
+        let sets: Vec<sys::ParsedSet> = self
+            .request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(TABLE, "", None)))?
+            .iter()
+            .filter_map(|m| sys::parse_set(m))
+            .filter(|s| s.table == TABLE)
+            .collect();
+        for s in sets {
+            let obj = sys::SetObj::new(TABLE, &s.name, None);
+            let mut elements = Vec::new();
+            for msg in self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))? {
+                elements.extend(sys::parse_elements(&msg).into_iter().map(|(key, goto)| Element { key, goto }));
+            }
+            let is_map = s.flags & NFT_SET_MAP != 0;
+            state.sets.insert(s.name, KernelSet { key_len: s.key_len, is_map, elements });
+        }
+        Ok(state)
+    }
+
+    /// Deletes our table and everything in it. `Ok(false)` when there was none.
+    pub fn delete_table(&mut self) -> Result<bool> {
+        let mut buf = sys::MsgBuf::new(self.seq);
+        buf.batch_begin();
+        let seq = buf.table(NFT_MSG_DELTABLE, 0, TABLE);
+        buf.batch_end();
+        self.seq = self.seq.wrapping_add(3);
+        match self.send_batch(buf.bytes(), &[(seq, format!("table {TABLE}"))]) {
+            Ok(()) => Ok(true),
+            Err(NftError::Rejected { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn bytemuck_bytes(buf: &mut [u64]) -> &mut [u8] {
+    sys::as_bytes_mut(buf)
+}

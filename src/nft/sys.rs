@@ -1,0 +1,532 @@
+//! The only module with `unsafe`: thin owned wrappers over libnftnl (through the `nftnl` crate's
+//! `nftnl_sys`) that write netlink messages into one contiguous buffer and parse the kernel's
+//! answers back into plain Rust values. Nothing here decides what to send.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::ptr::NonNull;
+
+use nftnl::nftnl_sys as sys;
+
+use super::consts::*;
+
+/// Largest single nf_tables message libnftnl may write (64 KiB of attributes plus headers).
+const MAX_MSG: usize = 65536 + 4096;
+
+fn cstring(s: &str) -> CString {
+    // Names come from our compiler or from the kernel; neither contains NUL. If one did, the
+    // kernel would reject the truncated name, which is the error we want.
+    CString::new(s.replace('\0', "")).unwrap_or_default()
+}
+
+/// A growing, zero-initialised buffer of netlink messages sent later with one `sendmsg`.
+pub struct MsgBuf {
+    buf: Vec<u8>,
+    used: usize,
+    seq: u32,
+}
+
+impl MsgBuf {
+    pub fn new(first_seq: u32) -> Self {
+        MsgBuf { buf: Vec::new(), used: 0, seq: first_seq }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
+
+    /// The sequence number the next message will carry.
+    pub fn next_seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Runs `write` on a pointer with room for one whole message, then keeps what it wrote.
+    /// Returns the message's sequence number.
+    fn put(&mut self, write: impl FnOnce(*mut c_char, u32) -> *mut libc::nlmsghdr) -> u32 {
+        if self.buf.len() - self.used < MAX_MSG {
+            let grow = (self.buf.len()).max(MAX_MSG * 4);
+            self.buf.resize(self.buf.len() + grow, 0);
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        // SAFETY: `put` guarantees MAX_MSG initialised bytes from `used`, more than any message
+        // libnftnl writes; the header pointer returned points at that same region.
+        let len = unsafe {
+            let nlh = write(self.buf.as_mut_ptr().add(self.used).cast(), seq);
+            (*nlh).nlmsg_len as usize
+        };
+        assert!(len <= MAX_MSG, "netlink message of {len} bytes overflowed its slot");
+        self.used += (len + 3) & !3;
+        seq
+    }
+
+    pub fn batch_begin(&mut self) -> u32 {
+        // SAFETY: see `put`; nftnl_batch_begin writes one fixed-size message.
+        self.put(|p, seq| unsafe { sys::nftnl_batch_begin(p, seq) })
+    }
+
+    pub fn batch_end(&mut self) -> u32 {
+        // SAFETY: as batch_begin.
+        self.put(|p, seq| unsafe { sys::nftnl_batch_end(p, seq) })
+    }
+
+    /// A message with just the nfgenmsg header and the attributes `payload` adds.
+    fn put_obj(&mut self, kind: u16, flags: u16, payload: impl FnOnce(*mut libc::nlmsghdr)) -> u32 {
+        self.put(|p, seq| {
+            // SAFETY: p has room for a whole message (see `put`).
+            let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(p, kind, NFPROTO_INET, flags, seq) };
+            payload(nlh);
+            nlh
+        })
+    }
+
+    pub fn table(&mut self, kind: u16, flags: u16, name: &str) -> u32 {
+        let t = Table::new(name);
+        // SAFETY: t is a valid table object; nlh is the header just written.
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr()) })
+    }
+
+    /// A chain message; `hook` is (hook number, priority) for base chains, all `type nat`.
+    pub fn chain(&mut self, kind: u16, flags: u16, table: &str, name: &str, hook: Option<(u32, i32)>) -> u32 {
+        let c = Chain::new(table, name, hook);
+        // SAFETY: c is a valid chain object; nlh is the header just written.
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_chain_nlmsg_build_payload(nlh, c.0.as_ptr()) })
+    }
+
+    /// DELRULE naming only table and chain: deletes every rule of the chain.
+    pub fn flush_chain(&mut self, table: &str, chain: &str) -> u32 {
+        let r = RuleObj::new(table, chain);
+        // SAFETY: r is a valid rule object; nlh is the header just written.
+        self.put_obj(NFT_MSG_DELRULE, 0, |nlh| unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, r.0.as_ptr()) })
+    }
+
+    /// GETRULE dump of one table's rules.
+    pub fn rules_dump(&mut self, table: &str) -> u32 {
+        let table = cstring(table);
+        // SAFETY: alloc returns an owned object or NULL (checked), freed after use; setters copy.
+        let r = unsafe {
+            let r = NonNull::new(sys::nftnl_rule_alloc()).expect("out of memory");
+            sys::nftnl_rule_set_u32(r.as_ptr(), sys::NFTNL_RULE_FAMILY as u16, NFPROTO_INET.into());
+            sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+            RuleObj(r)
+        };
+        // SAFETY: r is a valid rule object; nlh is the header just written.
+        self.put_obj(NFT_MSG_GETRULE, NLM_F_DUMP, |nlh| unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, r.0.as_ptr()) })
+    }
+
+    pub fn rule(&mut self, rule: &RuleObj) -> u32 {
+        // SAFETY: rule is a valid rule object; nlh is the header just written.
+        self.put_obj(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |nlh| unsafe {
+            sys::nftnl_rule_nlmsg_build_payload(nlh, rule.0.as_ptr())
+        })
+    }
+
+    pub fn set(&mut self, kind: u16, flags: u16, set: &SetObj) -> u32 {
+        // SAFETY: set is a valid set object; nlh is the header just written.
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_set_nlmsg_build_payload(nlh, set.0.as_ptr()) })
+    }
+
+    /// NEWSETELEM/DELSETELEM (or GETSETELEM) for the elements held by `set`.
+    pub fn elements(&mut self, kind: u16, flags: u16, set: &SetObj) -> u32 {
+        // SAFETY: set is a valid set object; nlh is the header just written.
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_set_elems_nlmsg_build_payload(nlh, set.0.as_ptr()) })
+    }
+
+    /// A GETGEN request (no attributes).
+    pub fn get_gen(&mut self) -> u32 {
+        self.put_obj(NFT_MSG_GETGEN, 0, |_| {})
+    }
+}
+
+struct Table(NonNull<sys::nftnl_table>);
+
+impl Table {
+    fn new(name: &str) -> Self {
+        let name = cstring(name);
+        // SAFETY: alloc returns an owned object or NULL (checked); set_str copies the string.
+        unsafe {
+            let t = NonNull::new(sys::nftnl_table_alloc()).expect("out of memory");
+            sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
+            sys::nftnl_table_set_u32(t.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, NFPROTO_INET.into());
+            Table(t)
+        }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // SAFETY: we own the object and free it once.
+        unsafe { sys::nftnl_table_free(self.0.as_ptr()) }
+    }
+}
+
+struct Chain(NonNull<sys::nftnl_chain>);
+
+impl Chain {
+    fn new(table: &str, name: &str, hook: Option<(u32, i32)>) -> Self {
+        let (table, name, nat) = (cstring(table), cstring(name), cstring("nat"));
+        // SAFETY: alloc returns an owned object or NULL (checked); setters copy their input.
+        unsafe {
+            let c = NonNull::new(sys::nftnl_chain_alloc()).expect("out of memory");
+            let p = c.as_ptr();
+            sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
+            sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_NAME as u16, name.as_ptr());
+            sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_FAMILY as u16, NFPROTO_INET.into());
+            if let Some((hooknum, prio)) = hook {
+                sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_HOOKNUM as u16, hooknum);
+                sys::nftnl_chain_set_s32(p, sys::NFTNL_CHAIN_PRIO as u16, prio);
+                sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TYPE as u16, nat.as_ptr());
+            }
+            Chain(c)
+        }
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        // SAFETY: we own the object and free it once.
+        unsafe { sys::nftnl_chain_free(self.0.as_ptr()) }
+    }
+}
+
+/// An attribute value for an expression.
+pub enum Attr<'a> {
+    U32(u32),
+    Str(&'a str),
+    Data(&'a [u8]),
+}
+
+/// A rule under construction; expressions are appended in order.
+pub struct RuleObj(NonNull<sys::nftnl_rule>);
+
+// SAFETY: the object is owned exclusively and libnftnl objects have no thread affinity.
+unsafe impl Send for RuleObj {}
+
+impl RuleObj {
+    pub fn new(table: &str, chain: &str) -> Self {
+        let (table, chain) = (cstring(table), cstring(chain));
+        // SAFETY: alloc returns an owned object or NULL (checked); setters copy their input.
+        unsafe {
+            let r = NonNull::new(sys::nftnl_rule_alloc()).expect("out of memory");
+            sys::nftnl_rule_set_u32(r.as_ptr(), sys::NFTNL_RULE_FAMILY as u16, NFPROTO_INET.into());
+            sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+            sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
+            RuleObj(r)
+        }
+    }
+
+    pub fn set_userdata(&mut self, data: &[u8]) {
+        // SAFETY: set_data copies `data.len()` bytes from a valid slice.
+        unsafe {
+            sys::nftnl_rule_set_data(
+                self.0.as_ptr(),
+                sys::NFTNL_RULE_USERDATA as u16,
+                data.as_ptr().cast::<c_void>(),
+                data.len() as u32,
+            );
+        }
+    }
+
+    /// Appends expression `name` (libnftnl's name: "meta", "payload", "cmp", ...) with attributes.
+    pub fn expr(&mut self, name: &CStr, attrs: &[(u32, Attr<'_>)]) {
+        // SAFETY: expr_alloc returns an owned object or NULL (checked); setters copy their input
+        // (strings through a CString that outlives the call); add_expr takes ownership of e.
+        unsafe {
+            let e = NonNull::new(sys::nftnl_expr_alloc(name.as_ptr())).expect("unknown expression or out of memory");
+            for (attr, value) in attrs {
+                let attr = *attr as u16;
+                match value {
+                    Attr::U32(v) => sys::nftnl_expr_set_u32(e.as_ptr(), attr, *v),
+                    Attr::Str(s) => {
+                        let s = cstring(s);
+                        sys::nftnl_expr_set_str(e.as_ptr(), attr, s.as_ptr());
+                    }
+                    Attr::Data(d) => {
+                        sys::nftnl_expr_set(e.as_ptr(), attr, d.as_ptr().cast::<c_void>(), d.len() as u32);
+                    }
+                }
+            }
+            sys::nftnl_rule_add_expr(self.0.as_ptr(), e.as_ptr());
+        }
+    }
+}
+
+impl Drop for RuleObj {
+    fn drop(&mut self) {
+        // SAFETY: we own the object (and through it its expressions) and free it once.
+        unsafe { sys::nftnl_rule_free(self.0.as_ptr()) }
+    }
+}
+
+/// A set (its definition, or a carrier for element messages).
+pub struct SetObj(NonNull<sys::nftnl_set>);
+
+/// The shape of a set we create.
+pub struct SetSpec {
+    pub key_type: u32,
+    pub key_len: u32,
+    pub is_map: bool,
+    pub id: u32,
+}
+
+impl SetObj {
+    pub fn new(table: &str, name: &str, spec: Option<&SetSpec>) -> Self {
+        let (table, name) = (cstring(table), cstring(name));
+        // SAFETY: alloc returns an owned object or NULL (checked); setters copy their input.
+        unsafe {
+            let s = NonNull::new(sys::nftnl_set_alloc()).expect("out of memory");
+            let p = s.as_ptr();
+            sys::nftnl_set_set_str(p, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+            sys::nftnl_set_set_str(p, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, NFPROTO_INET.into());
+            if let Some(spec) = spec {
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, spec.key_type);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, spec.key_len);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, spec.id);
+                if spec.is_map {
+                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_MAP);
+                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, NFT_DATA_VERDICT);
+                } else {
+                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, 0);
+                }
+            }
+            SetObj(s)
+        }
+    }
+
+    /// Adds an element with `key`, and for maps a `goto chain` verdict.
+    pub fn add_element(&mut self, key: &[u8], goto: Option<&str>) {
+        // SAFETY: elem_alloc returns an owned object or NULL (checked); setters copy their input;
+        // nftnl_set_elem_add takes ownership of the element.
+        unsafe {
+            let e = NonNull::new(sys::nftnl_set_elem_alloc()).expect("out of memory");
+            sys::nftnl_set_elem_set(
+                e.as_ptr(),
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                key.as_ptr().cast::<c_void>(),
+                key.len() as u32,
+            );
+            if let Some(chain) = goto {
+                let chain = cstring(chain);
+                sys::nftnl_set_elem_set_u32(e.as_ptr(), sys::NFTNL_SET_ELEM_VERDICT as u16, NFT_GOTO as u32);
+                sys::nftnl_set_elem_set_str(e.as_ptr(), sys::NFTNL_SET_ELEM_CHAIN as u16, chain.as_ptr());
+            }
+            sys::nftnl_set_elem_add(self.0.as_ptr(), e.as_ptr());
+        }
+    }
+}
+
+impl Drop for SetObj {
+    fn drop(&mut self) {
+        // SAFETY: we own the object (and its elements) and free it once.
+        unsafe { sys::nftnl_set_free(self.0.as_ptr()) }
+    }
+}
+
+/// Copies a received message into 4-byte aligned storage so libnftnl may read it as a header.
+fn aligned(msg: &[u8]) -> Vec<u32> {
+    let mut v = vec![0u32; msg.len().div_ceil(4)];
+    // SAFETY: v has at least msg.len() bytes; the regions do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), v.as_mut_ptr().cast::<u8>(), msg.len()) };
+    v
+}
+
+/// Reads a NUL-terminated C string owned by a libnftnl object; NULL gives "".
+///
+/// # Safety
+/// `p` must be NULL or point to a NUL-terminated string valid for the call.
+unsafe fn owned_str(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: guaranteed by the caller.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+pub struct ParsedChain {
+    pub table: String,
+    pub name: String,
+    /// (hook number, priority, type) for base chains.
+    pub hook: Option<(u32, i32, String)>,
+}
+
+pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
+    let buf = aligned(msg);
+    // SAFETY: buf holds one whole netlink message, aligned; the chain object is owned here and
+    // freed before return; getters return pointers valid until then, copied by owned_str.
+    unsafe {
+        let c = NonNull::new(sys::nftnl_chain_alloc())?;
+        let p = c.as_ptr();
+        let out = if sys::nftnl_chain_nlmsg_parse(buf.as_ptr().cast(), p) < 0 {
+            None
+        } else {
+            let hook = sys::nftnl_chain_is_set(p, sys::NFTNL_CHAIN_HOOKNUM as u16).then(|| {
+                (
+                    sys::nftnl_chain_get_u32(p, sys::NFTNL_CHAIN_HOOKNUM as u16),
+                    sys::nftnl_chain_get_s32(p, sys::NFTNL_CHAIN_PRIO as u16),
+                    owned_str(sys::nftnl_chain_get_str(p, sys::NFTNL_CHAIN_TYPE as u16)),
+                )
+            });
+            Some(ParsedChain {
+                table: owned_str(sys::nftnl_chain_get_str(p, sys::NFTNL_CHAIN_TABLE as u16)),
+                name: owned_str(sys::nftnl_chain_get_str(p, sys::NFTNL_CHAIN_NAME as u16)),
+                hook,
+            })
+        };
+        sys::nftnl_chain_free(p);
+        out
+    }
+}
+
+pub struct ParsedRule {
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    pub userdata: Vec<u8>,
+}
+
+pub fn parse_rule(msg: &[u8]) -> Option<ParsedRule> {
+    let buf = aligned(msg);
+    // SAFETY: as parse_chain; get_data returns a pointer to `len` bytes owned by the rule.
+    unsafe {
+        let r = NonNull::new(sys::nftnl_rule_alloc())?;
+        let p = r.as_ptr();
+        let out = if sys::nftnl_rule_nlmsg_parse(buf.as_ptr().cast(), p) < 0 {
+            None
+        } else {
+            let mut len = 0u32;
+            let data = sys::nftnl_rule_get_data(p, sys::NFTNL_RULE_USERDATA as u16, &mut len);
+            let userdata = if data.is_null() {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(data.cast::<u8>(), len as usize).to_vec()
+            };
+            Some(ParsedRule {
+                table: owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_TABLE as u16)),
+                chain: owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_CHAIN as u16)),
+                handle: sys::nftnl_rule_get_u64(p, sys::NFTNL_RULE_HANDLE as u16),
+                userdata,
+            })
+        };
+        sys::nftnl_rule_free(p);
+        out
+    }
+}
+
+pub struct ParsedSet {
+    pub table: String,
+    pub name: String,
+    pub key_len: u32,
+    pub flags: u32,
+}
+
+pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
+    let buf = aligned(msg);
+    // SAFETY: as parse_chain.
+    unsafe {
+        let s = NonNull::new(sys::nftnl_set_alloc())?;
+        let p = s.as_ptr();
+        let out = if sys::nftnl_set_nlmsg_parse(buf.as_ptr().cast(), p) < 0 {
+            None
+        } else {
+            Some(ParsedSet {
+                table: owned_str(sys::nftnl_set_get_str(p, sys::NFTNL_SET_TABLE as u16)),
+                name: owned_str(sys::nftnl_set_get_str(p, sys::NFTNL_SET_NAME as u16)),
+                key_len: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_KEY_LEN as u16),
+                flags: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_FLAGS as u16),
+            })
+        };
+        sys::nftnl_set_free(p);
+        out
+    }
+}
+
+/// The elements in one GETSETELEM answer: (key bytes, goto/jump chain if any).
+pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
+    let buf = aligned(msg);
+    let mut out = Vec::new();
+    // SAFETY: as parse_chain; the iterator borrows the set and is destroyed before the set is
+    // freed; element getters return pointers valid while the set lives, copied at once.
+    unsafe {
+        let Some(s) = NonNull::new(sys::nftnl_set_alloc()) else { return out };
+        let p = s.as_ptr();
+        if sys::nftnl_set_elems_nlmsg_parse(buf.as_ptr().cast(), p) >= 0 {
+            let it = sys::nftnl_set_elems_iter_create(p);
+            if !it.is_null() {
+                let mut e = sys::nftnl_set_elems_iter_next(it);
+                while !e.is_null() {
+                    let mut len = 0u32;
+                    let key = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
+                    let key = if key.is_null() {
+                        Vec::new()
+                    } else {
+                        std::slice::from_raw_parts(key.cast::<u8>(), len as usize).to_vec()
+                    };
+                    let chain = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16)
+                        .then(|| owned_str(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)));
+                    out.push((key, chain));
+                    e = sys::nftnl_set_elems_iter_next(it);
+                }
+                sys::nftnl_set_elems_iter_destroy(it);
+            }
+        }
+        sys::nftnl_set_free(p);
+    }
+    out
+}
+
+/// Grows a socket buffer past the `rmem_max`/`wmem_max` limits (needs CAP_NET_ADMIN).
+pub fn force_buffer(fd: i32, option: i32, bytes: usize) -> std::io::Result<()> {
+    let v: libc::c_int = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads sizeof(int) bytes from a valid int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Sets an integer netlink socket option.
+pub fn set_netlink_opt(fd: i32, option: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads sizeof(int) bytes from a valid int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_NETLINK,
+            option,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Receives without blocking; `Ok(0)` when nothing is queued.
+pub fn recv_nonblocking(fd: i32, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into a valid, exclusively borrowed buffer.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.kind() == std::io::ErrorKind::WouldBlock { Ok(0) } else { Err(err) }
+}
+
+/// The raw fd behind an mnl socket.
+pub fn socket_fd(sock: &mnl::Socket) -> i32 {
+    // SAFETY: the socket pointer is valid for as long as `sock` lives.
+    unsafe { mnl::mnl_sys::mnl_socket_get_fd(sock.as_raw_socket()) }
+}
+
+/// Views a u64 buffer (aligned for netlink headers) as bytes.
+pub fn as_bytes_mut(buf: &mut [u64]) -> &mut [u8] {
+    let len = std::mem::size_of_val(buf);
+    // SAFETY: u8 has no alignment or validity requirements; the view covers exactly the same
+    // memory and borrows it exclusively for as long as `buf` is borrowed.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) }
+}

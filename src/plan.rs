@@ -1,0 +1,222 @@
+//! Old vs new -> the smallest change. Pure: the kernel state comes in as a value read back by
+//! `nft::read_table`, the plan goes out as a list of operations for `nft::apply`.
+//!
+//! Granularity is the object: a chain whose rule comments differ is flushed and refilled, a set
+//! element that differs is deleted and added, untouched chains keep their handles. Operations
+//! are ordered so that every reference exists when it is made and is gone before its target is
+//! deleted; the whole plan is one kernel transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::ruleset::*;
+
+/// One chain as read from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelChain {
+    pub base: Option<BaseChain>,
+    /// The comment of each rule, in order ("" for a rule without one: not ours).
+    pub rules: Vec<String>,
+}
+
+/// One set as read from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSet {
+    pub key_len: u32,
+    pub is_map: bool,
+    pub elements: Vec<Element>,
+}
+
+/// Our table as the kernel has it; `Default` is "no table".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub table_exists: bool,
+    pub chains: BTreeMap<String, KernelChain>,
+    pub sets: BTreeMap<String, KernelSet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Deletes the table and everything in it (only to rebuild a table someone reshaped).
+    DelTable,
+    AddTable,
+    AddSet { name: String, kind: SetKind },
+    AddChain { name: String, base: Option<BaseChain> },
+    FlushChain(String),
+    AddRules { chain: String, rules: Vec<Rule> },
+    DelElements { set: String, kind: SetKind, elements: Vec<Element> },
+    AddElements { set: String, kind: SetKind, elements: Vec<Element> },
+    DelChain(String),
+    DelSet(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Number of netlink messages the plan becomes (one per rule and per op otherwise).
+    pub fn message_count(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::AddRules { rules, .. } => rules.len(),
+                _ => 1,
+            })
+            .sum()
+    }
+
+    /// Chains the plan creates, rewrites or deletes.
+    pub fn touched_chains(&self) -> BTreeSet<&str> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::AddChain { name, .. } | Op::FlushChain(name) | Op::DelChain(name) => Some(name.as_str()),
+                Op::AddRules { chain, .. } => Some(chain.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn set_shape_ok(want: &Set, have: &KernelSet) -> bool {
+    have.key_len == want.kind.key_len() && have.is_map == matches!(want.kind, SetKind::Dispatch(_))
+}
+
+fn comments(chain: &Chain) -> Vec<String> {
+    chain.rules.iter().map(Rule::comment).collect()
+}
+
+/// The operations that turn `have` into `want`.
+pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
+    // A base chain on the wrong hook or a set of the wrong shape cannot be fixed in place: rebuild
+    // the table in the same transaction (the hooks are re-registered at commit).
+    let reshaped = have.table_exists
+        && (want.sets.iter().any(|(n, s)| have.sets.get(n).is_some_and(|h| !set_shape_ok(s, h)))
+            || want.chains.iter().any(|(n, c)| have.chains.get(n).is_some_and(|h| h.base != c.base)));
+    let empty = KernelState::default();
+    let mut ops = Vec::new();
+    let have = if reshaped {
+        ops.push(Op::DelTable);
+        &empty
+    } else {
+        have
+    };
+    if !have.table_exists {
+        ops.push(Op::AddTable);
+    }
+    for (name, set) in &want.sets {
+        if !have.sets.contains_key(name) {
+            ops.push(Op::AddSet { name: name.clone(), kind: set.kind });
+        }
+    }
+    for (name, chain) in &want.chains {
+        if !have.chains.contains_key(name) {
+            ops.push(Op::AddChain { name: name.clone(), base: chain.base });
+        }
+    }
+    for (name, chain) in &want.chains {
+        match have.chains.get(name) {
+            Some(h) if h.rules == comments(chain) => {}
+            Some(_) => {
+                ops.push(Op::FlushChain(name.clone()));
+                ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() });
+            }
+            None if chain.rules.is_empty() => {}
+            None => ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() }),
+        }
+    }
+    let mut adds = Vec::new();
+    for (name, set) in &want.sets {
+        let have_elems: BTreeSet<&Element> =
+            have.sets.get(name).map(|s| s.elements.iter().collect()).unwrap_or_default();
+        let want_elems: BTreeSet<&Element> = set.elements.iter().collect();
+        let del: Vec<Element> = have_elems.difference(&want_elems).map(|e| (*e).clone()).collect();
+        let add: Vec<Element> = want_elems.difference(&have_elems).map(|e| (*e).clone()).collect();
+        if !del.is_empty() {
+            ops.push(Op::DelElements { set: name.clone(), kind: set.kind, elements: del });
+        }
+        if !add.is_empty() {
+            adds.push(Op::AddElements { set: name.clone(), kind: set.kind, elements: add });
+        }
+    }
+    // Deletions first: a changed element (same key, other verdict) is deleted, then added.
+    ops.extend(adds);
+    let gone: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
+    for name in &gone {
+        if !have.chains[*name].rules.is_empty() {
+            ops.push(Op::FlushChain((*name).clone()));
+        }
+    }
+    for name in gone {
+        ops.push(Op::DelChain(name.clone()));
+    }
+    for name in have.sets.keys().filter(|n| !want.sets.contains_key(*n)) {
+        ops.push(Op::DelSet(name.clone()));
+    }
+    Plan { ops }
+}
+
+impl fmt::Display for Plan {
+    /// The dry-run listing: `+` adds, `-` deletes, `~` rewrites.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ops.is_empty() {
+            return writeln!(f, "no change");
+        }
+        for op in &self.ops {
+            match op {
+                Op::DelTable => writeln!(f, "- table inet {TABLE} (rebuilt: its shape was changed)")?,
+                Op::AddTable => writeln!(f, "+ table inet {TABLE}")?,
+                Op::AddSet { name, kind } => writeln!(f, "+ set {name} ({kind:?})")?,
+                Op::AddChain { name, base: Some(b) } => {
+                    writeln!(f, "+ chain {name} (type nat hook {:?} priority {})", b.hook, b.priority)?
+                }
+                Op::AddChain { name, base: None } => writeln!(f, "+ chain {name}")?,
+                Op::FlushChain(name) => writeln!(f, "~ flush chain {name}")?,
+                Op::AddRules { chain, rules } => {
+                    for r in rules {
+                        writeln!(f, "+ rule {chain}: {r}")?;
+                    }
+                }
+                Op::DelElements { set, kind, elements } => {
+                    for e in elements {
+                        writeln!(f, "- element {set}: {}", e.describe(*kind))?;
+                    }
+                }
+                Op::AddElements { set, kind, elements } => {
+                    for e in elements {
+                        writeln!(f, "+ element {set}: {}", e.describe(*kind))?;
+                    }
+                }
+                Op::DelChain(name) => writeln!(f, "- chain {name}")?,
+                Op::DelSet(name) => writeln!(f, "- set {name}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the kernel would hold after a plan built from `want` is applied: `want` itself, as read back.
+pub fn as_kernel_state(want: &Ruleset) -> KernelState {
+    KernelState {
+        table_exists: true,
+        chains: want
+            .chains
+            .iter()
+            .map(|(n, c)| (n.clone(), KernelChain { base: c.base, rules: comments(c) }))
+            .collect(),
+        sets: want
+            .sets
+            .iter()
+            .map(|(n, s)| {
+                let is_map = matches!(s.kind, SetKind::Dispatch(_));
+                (n.clone(), KernelSet { key_len: s.kind.key_len(), is_map, elements: s.elements.clone() })
+            })
+            .collect(),
+    }
+}

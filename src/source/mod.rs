@@ -1,0 +1,47 @@
+//! Where desired state comes from. Manifest files (and later the Kubernetes API) produce the
+//! same [`Objects`], and [`resolve::resolve`] turns them into a [`crate::model::Snapshot`].
+
+pub mod manifest;
+pub mod resolve;
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// Where an object came from: `file.yaml (document 2)`, or `the API`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin(pub String);
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The Kubernetes objects nftproxy reads, each with its origin.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub services: Vec<(Origin, Service)>,
+    pub slices: Vec<(Origin, EndpointSlice)>,
+    pub endpoints: Vec<(Origin, Endpoints)>,
+    pub pods: Vec<(Origin, Pod)>,
+    pub namespaces: Vec<(Origin, Namespace)>,
+}
+
+/// Bad input: names the place, the object and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {object}: {field}: {message}")]
+pub struct InputError {
+    pub origin: String,
+    /// `Service default/web`
+    pub object: String,
+    /// `spec.ports[0].port`
+    pub field: String,
+    pub message: String,
+}
+
+/// All the input errors of one run (reported together, nothing applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct InputErrors(pub Vec<InputError>);
