@@ -64,15 +64,22 @@ fn fam_digit(family: Family) -> char {
 
 /// `svc4/default/web/tcp/80`: names the Service port an operator is looking at.
 pub fn service_chain(svc: &Service, port: &ServicePort, family: Family) -> String {
-    format!("svc{}/{}/{}/{}", fam_digit(family), svc.id, port.protocol, port.port)
+    format!(
+        "svc{}/{}/{}/{}",
+        fam_digit(family),
+        svc.id,
+        port.protocol,
+        port.port
+    )
 }
 
-/// `ep4/default/web/tcp/80/10.244.0.2:8080`
+/// `ep4/default/web/tcp/80/10.244.0.2/8080`. Names stay plain nft identifiers (letters, digits,
+/// `/-_.`) so that an operator can type them: IPv6 colons are written as `-`.
 pub fn endpoint_chain(service_chain: &str, ep: &Endpoint) -> String {
     let rest = &service_chain[5..];
     match ep.ip {
-        IpAddr::V4(a) => format!("ep4/{rest}/{a}:{}", ep.port),
-        IpAddr::V6(a) => format!("ep6/{rest}/[{a}]:{}", ep.port),
+        IpAddr::V4(a) => format!("ep4/{rest}/{a}/{}", ep.port),
+        IpAddr::V6(a) => format!("ep6/{rest}/{}/{}", a.to_string().replace(':', "-"), ep.port),
     }
 }
 
@@ -95,10 +102,19 @@ pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
 
 /// The base chains, the dispatch chain, the masquerade chains and the four sets.
 fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
-    let base = |hook, priority, rules| Chain { base: Some(BaseChain { hook, priority }), rules };
+    let base = |hook, priority, rules| Chain {
+        base: Some(BaseChain { hook, priority }),
+        rules,
+    };
     let to_services = || vec![rule(vec![Stmt::Jump(CHAIN_SERVICES.into())])];
-    rs.chains.insert(CHAIN_PREROUTING.into(), base(Hook::Prerouting, DSTNAT, to_services()));
-    rs.chains.insert(CHAIN_OUTPUT.into(), base(Hook::Output, DSTNAT, to_services()));
+    rs.chains.insert(
+        CHAIN_PREROUTING.into(),
+        base(Hook::Prerouting, DSTNAT, to_services()),
+    );
+    rs.chains.insert(
+        CHAIN_OUTPUT.into(),
+        base(Hook::Output, DSTNAT, to_services()),
+    );
     rs.chains.insert(
         CHAIN_POSTROUTING.into(),
         base(
@@ -116,26 +132,59 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
     for family in FAMILIES {
         services.push(rule(vec![
             Stmt::NfProto(family),
-            Stmt::DispatchVmap { family, map: dispatch_map(family) },
+            Stmt::DispatchVmap {
+                family,
+                map: dispatch_map(family),
+            },
         ]));
     }
     for family in FAMILIES {
-        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: cluster_ips_set(family) }];
+        let to_vip = || {
+            vec![
+                Stmt::NfProto(family),
+                Stmt::DaddrInSet {
+                    family,
+                    set: cluster_ips_set(family),
+                },
+            ]
+        };
         let mut tcp = to_vip();
-        tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
+        tcp.extend([
+            Stmt::L4Proto(crate::model::Protocol::Tcp),
+            Stmt::RejectTcpReset,
+        ]);
         services.push(rule(tcp));
         let mut other = to_vip();
         other.push(Stmt::RejectPortUnreachable);
         services.push(rule(other));
     }
-    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services });
+    rs.chains.insert(
+        CHAIN_SERVICES.into(),
+        Chain {
+            base: None,
+            rules: services,
+        },
+    );
 
     for family in FAMILIES {
         if let Some(rules) = masq_check_rules(family, opts) {
-            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules });
+            rs.chains
+                .insert(masq_check_chain(family), Chain { base: None, rules });
         }
-        rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
-        rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
+        rs.sets.insert(
+            dispatch_map(family),
+            Set {
+                kind: SetKind::Dispatch(family),
+                elements: vec![],
+            },
+        );
+        rs.sets.insert(
+            cluster_ips_set(family),
+            Set {
+                kind: SetKind::Addresses(family),
+                elements: vec![],
+            },
+        );
     }
 }
 
@@ -146,13 +195,18 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
     if opts.masquerade_all {
         return Some(vec![mark]);
     }
-    let cidrs: Vec<&IpNet> =
-        opts.cluster_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).collect();
+    let cidrs: Vec<&IpNet> = opts
+        .cluster_cidrs
+        .iter()
+        .filter(|c| Family::of(&c.addr()) == family)
+        .collect();
     if cidrs.is_empty() {
         return None;
     }
-    let mut rules: Vec<Rule> =
-        cidrs.into_iter().map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return])).collect();
+    let mut rules: Vec<Rule> = cidrs
+        .into_iter()
+        .map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return]))
+        .collect();
     rules.push(mark);
     Some(rules)
 }
@@ -160,7 +214,11 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
 fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
     let family = Family::of(&vip);
     let masq_check = rs.chains.contains_key(&masq_check_chain(family));
-    rs.sets.get_mut(&cluster_ips_set(family)).unwrap().elements.push(Element::address(vip));
+    rs.sets
+        .get_mut(&cluster_ips_set(family))
+        .unwrap()
+        .elements
+        .push(Element::address(vip));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
         let endpoints = port.usable_endpoints(family);
@@ -170,7 +228,10 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
         }
         if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
-                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
+                rules.push(rule(vec![
+                    Stmt::L4Proto(port.protocol),
+                    Stmt::RejectTcpReset,
+                ]));
             }
             rules.push(rule(vec![Stmt::RejectPortUnreachable]));
         }
@@ -180,7 +241,10 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
             let remaining = n - i as u32;
             if remaining > 1 {
                 rules.push(rule(vec![
-                    Stmt::NumgenBelow { modulus: remaining, below: 1 },
+                    Stmt::NumgenBelow {
+                        modulus: remaining,
+                        below: 1,
+                    },
                     Stmt::Goto(ep_chain.clone()),
                 ]));
             } else {
@@ -191,8 +255,15 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
                 Chain {
                     base: None,
                     rules: vec![
-                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
-                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
+                        rule(vec![
+                            Stmt::NfProto(family),
+                            Stmt::SaddrIs(ep.ip),
+                            Stmt::SetMarkBit(MASQ_MARK),
+                        ]),
+                        rule(vec![Stmt::Dnat {
+                            addr: ep.ip,
+                            port: ep.port,
+                        }]),
                     ],
                 },
             );
@@ -201,7 +272,12 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
             .get_mut(&dispatch_map(family))
             .unwrap()
             .elements
-            .push(Element::dispatch(vip, port.protocol, port.port, chain.clone()));
+            .push(Element::dispatch(
+                vip,
+                port.protocol,
+                port.port,
+                chain.clone(),
+            ));
         rs.chains.insert(chain, Chain { base: None, rules });
     }
 }
@@ -219,7 +295,9 @@ pub fn render(rs: &Ruleset) -> String {
     for (name, chain) in &rs.chains {
         out.push_str(&format!("  chain {name} {{\n"));
         if let Some(b) = chain.base {
-            out.push_str(&format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase());
+            out.push_str(
+                &format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase(),
+            );
         }
         for r in &chain.rules {
             out.push_str(&format!("    {r}\n"));

@@ -12,6 +12,7 @@ pub mod report;
 pub mod ruleset;
 pub mod source;
 pub mod sync;
+pub mod trace;
 
 /// Every way a sync can fail, one variant per step.
 #[derive(Debug, thiserror::Error)]

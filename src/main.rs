@@ -51,6 +51,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     match run(args) {
@@ -65,24 +66,40 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.cleanup {
         let removed = Netlink::open()?.delete_table()?;
-        println!("{}", if removed { "removed table inet nftproxy" } else { "nothing to remove" });
+        println!(
+            "{}",
+            if removed {
+                "removed table inet nftproxy"
+            } else {
+                "nothing to remove"
+            }
+        );
         return Ok(());
     }
     if args.manifests.is_empty() {
-        return Err("no --manifests given (reading from the Kubernetes API is not available yet)".into());
+        return Err(
+            "no --manifests given (reading from the Kubernetes API is not available yet)".into(),
+        );
     }
     let _node = args.node_name.clone().or_else(hostname);
     let cfg = Config {
         manifests: args.manifests.clone(),
-        resolve: ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() },
-        compile: Options { cluster_cidrs: args.cluster_cidrs.clone(), masquerade_all: args.masquerade_all },
+        resolve: ResolveOptions {
+            service_cidrs: args.service_cluster_ip_range.clone(),
+        },
+        compile: Options {
+            cluster_cidrs: args.cluster_cidrs.clone(),
+            masquerade_all: args.masquerade_all,
+        },
     };
     if args.dry_run {
         let (_, want) = sync::desired(&cfg)?;
-        let have = Netlink::open().and_then(|mut nl| nl.read_table()).unwrap_or_else(|e| {
-            tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
-            Default::default()
-        });
+        let have = Netlink::open()
+            .and_then(|mut nl| nl.read_table())
+            .unwrap_or_else(|e| {
+                tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
+                Default::default()
+            });
         print!("{}", plan::plan(&have, &want));
         return Ok(());
     }
@@ -103,13 +120,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             Ok((_, Err(e))) | Err(e) if args.sync_once => return Err(e.into()),
-            Ok((_, Err(e))) | Err(e) => tracing::error!("sync failed, keeping the rules in place: {e}"),
+            Ok((_, Err(e))) | Err(e) => {
+                tracing::error!("sync failed, keeping the rules in place: {e}")
+            }
         }
         std::thread::sleep(std::time::Duration::from_secs(args.sync_period));
     }
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
-

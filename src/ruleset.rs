@@ -52,9 +52,15 @@ pub enum Stmt {
     /// `ip saddr 10.244.0.0/16`
     SaddrIn(IpNet),
     /// `ip daddr @set`
-    DaddrInSet { family: Family, set: String },
+    DaddrInSet {
+        family: Family,
+        set: String,
+    },
     /// `ip daddr . meta l4proto . th dport vmap @map`: the Service dispatch.
-    DispatchVmap { family: Family, map: String },
+    DispatchVmap {
+        family: Family,
+        map: String,
+    },
     /// `meta mark & bit == 0`
     MarkBitClear(u32),
     /// `meta mark set meta mark | bit`
@@ -62,12 +68,18 @@ pub enum Stmt {
     /// `meta mark set meta mark & ~bit`
     ClearMarkBit(u32),
     /// `numgen random mod modulus < below`: true with probability below/modulus.
-    NumgenBelow { modulus: u32, below: u32 },
+    NumgenBelow {
+        modulus: u32,
+        below: u32,
+    },
     Jump(String),
     Goto(String),
     Return,
     /// `dnat ip to addr:port`
-    Dnat { addr: IpAddr, port: u16 },
+    Dnat {
+        addr: IpAddr,
+        port: u16,
+    },
     /// `masquerade fully-random`
     Masquerade,
     /// `reject with tcp reset` (the rule must match TCP first)
@@ -93,16 +105,25 @@ impl fmt::Display for Stmt {
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
             Stmt::DispatchVmap { family, map } => {
-                write!(f, "{} daddr . meta l4proto . th dport vmap @{map}", ip_kw(*family))
+                write!(
+                    f,
+                    "{} daddr . meta l4proto . th dport vmap @{map}",
+                    ip_kw(*family)
+                )
             }
             Stmt::MarkBitClear(bit) => write!(f, "meta mark & {bit:#x} == 0"),
             Stmt::SetMarkBit(bit) => write!(f, "meta mark set meta mark | {bit:#x}"),
             Stmt::ClearMarkBit(bit) => write!(f, "meta mark set meta mark & ~{bit:#x}"),
-            Stmt::NumgenBelow { modulus, below } => write!(f, "numgen random mod {modulus} < {below}"),
+            Stmt::NumgenBelow { modulus, below } => {
+                write!(f, "numgen random mod {modulus} < {below}")
+            }
             Stmt::Jump(c) => write!(f, "jump {c}"),
             Stmt::Goto(c) => write!(f, "goto {c}"),
             Stmt::Return => f.write_str("return"),
-            Stmt::Dnat { addr: a @ IpAddr::V4(_), port } => write!(f, "dnat ip to {a}:{port}"),
+            Stmt::Dnat {
+                addr: a @ IpAddr::V4(_),
+                port,
+            } => write!(f, "dnat ip to {a}:{port}"),
             Stmt::Dnat { addr, port } => write!(f, "dnat ip6 to [{addr}]:{port}"),
             Stmt::Masquerade => f.write_str("masquerade fully-random"),
             Stmt::RejectTcpReset => f.write_str("reject with tcp reset"),
@@ -135,7 +156,7 @@ impl Rule {
             return text;
         }
         let hash = fnv1a(text.as_bytes());
-        let mut cut = MAX_COMMENT - 20;
+        let mut cut = MAX_COMMENT - 21;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -201,11 +222,17 @@ impl Element {
         key.extend_from_slice(&[proto.number(), 0, 0, 0]);
         key.extend_from_slice(&port.to_be_bytes());
         key.extend_from_slice(&[0, 0]);
-        Element { key, goto: Some(chain) }
+        Element {
+            key,
+            goto: Some(chain),
+        }
     }
 
     pub fn address(ip: IpAddr) -> Self {
-        Element { key: ip_bytes(&ip), goto: None }
+        Element {
+            key: ip_bytes(&ip),
+            goto: None,
+        }
     }
 
     /// nft-like text of the element, for dry runs and error messages.
@@ -271,12 +298,23 @@ mod tests {
 
     #[test]
     fn dispatch_keys_are_padded_like_concatenated_registers() {
-        let e = Element::dispatch("10.96.0.10".parse().unwrap(), Protocol::Udp, 53, "svc".into());
+        let e = Element::dispatch(
+            "10.96.0.10".parse().unwrap(),
+            Protocol::Udp,
+            53,
+            "svc".into(),
+        );
         assert_eq!(e.key, vec![10, 96, 0, 10, 17, 0, 0, 0, 0, 53, 0, 0]);
         assert_eq!(e.key.len() as u32, SetKind::Dispatch(Family::V4).key_len());
-        assert_eq!(e.describe(SetKind::Dispatch(Family::V4)), "10.96.0.10 . udp . 53 : goto svc");
+        assert_eq!(
+            e.describe(SetKind::Dispatch(Family::V4)),
+            "10.96.0.10 . udp . 53 : goto svc"
+        );
         let e6 = Element::dispatch("fd00::a".parse().unwrap(), Protocol::Tcp, 443, "s".into());
         assert_eq!(e6.key.len() as u32, SetKind::Dispatch(Family::V6).key_len());
-        assert_eq!(e6.describe(SetKind::Dispatch(Family::V6)), "fd00::a . tcp . 443 : goto s");
+        assert_eq!(
+            e6.describe(SetKind::Dispatch(Family::V6)),
+            "fd00::a . tcp . 443 : goto s"
+        );
     }
 }

@@ -42,5 +42,10 @@ pub fn sync(nl: &mut Netlink, want: &Ruleset) -> crate::Result<Outcome> {
     let read_back = start.elapsed();
     let plan = plan::plan(&have, want);
     let stats = nl.apply(&plan)?;
-    Ok(Outcome { plan, stats, read_back, total: start.elapsed() })
+    Ok(Outcome {
+        plan,
+        stats,
+        read_back,
+        total: start.elapsed(),
+    })
 }

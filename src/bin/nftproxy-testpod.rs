@@ -47,7 +47,13 @@ enum Cmd {
 fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
-        Cmd::Probe { proto, addr, count, timeout_ms, full } => probe(&proto, addr, count, Duration::from_millis(timeout_ms), full),
+        Cmd::Probe {
+            proto,
+            addr,
+            count,
+            timeout_ms,
+            full,
+        } => probe(&proto, addr, count, Duration::from_millis(timeout_ms), full),
     }
 }
 
@@ -100,17 +106,25 @@ fn handle(mut conn: TcpStream, name: &str) {
 
 fn ask_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind().to_string())?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| e.kind().to_string())?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.kind().to_string())?;
     Ok(line)
 }
 
 fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.connect(addr).map_err(|e| e.kind().to_string())?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     s.send(b"hello").map_err(|e| e.kind().to_string())?;
     let mut buf = [0u8; 2048];
     let n = s.recv(&mut buf).map_err(|e| e.kind().to_string())?;

@@ -16,11 +16,23 @@ use crate::ruleset::*;
 const U: fn(u32) -> Attr<'static> = Attr::U32;
 
 fn meta_load(r: &mut RuleObj, key: u32, dreg: u32) {
-    r.expr(c"meta", &[(sys::NFTNL_EXPR_META_KEY, U(key)), (sys::NFTNL_EXPR_META_DREG, U(dreg))]);
+    r.expr(
+        c"meta",
+        &[
+            (sys::NFTNL_EXPR_META_KEY, U(key)),
+            (sys::NFTNL_EXPR_META_DREG, U(dreg)),
+        ],
+    );
 }
 
 fn meta_set(r: &mut RuleObj, key: u32, sreg: u32) {
-    r.expr(c"meta", &[(sys::NFTNL_EXPR_META_KEY, U(key)), (sys::NFTNL_EXPR_META_SREG, U(sreg))]);
+    r.expr(
+        c"meta",
+        &[
+            (sys::NFTNL_EXPR_META_KEY, U(key)),
+            (sys::NFTNL_EXPR_META_SREG, U(sreg)),
+        ],
+    );
 }
 
 fn payload(r: &mut RuleObj, base: u32, offset: u32, len: u32, dreg: u32) {
@@ -61,7 +73,10 @@ fn bitwise(r: &mut RuleObj, mask: &[u8], xor: &[u8]) {
 }
 
 fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
-    let mut attrs = vec![(sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)), (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32))];
+    let mut attrs = vec![
+        (sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)),
+        (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32)),
+    ];
     if let Some(c) = chain {
         attrs.push((sys::NFTNL_EXPR_IMM_CHAIN, Attr::Str(c)));
     }
@@ -69,7 +84,13 @@ fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
 }
 
 fn immediate(r: &mut RuleObj, dreg: u32, data: &[u8]) {
-    r.expr(c"immediate", &[(sys::NFTNL_EXPR_IMM_DREG, U(dreg)), (sys::NFTNL_EXPR_IMM_DATA, Attr::Data(data))]);
+    r.expr(
+        c"immediate",
+        &[
+            (sys::NFTNL_EXPR_IMM_DREG, U(dreg)),
+            (sys::NFTNL_EXPR_IMM_DATA, Attr::Data(data)),
+        ],
+    );
 }
 
 /// (offset, length) of the source and destination address in the network header.
@@ -122,7 +143,13 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
         Stmt::DaddrInSet { family, set } => {
             let (_, daddr, len) = addr_offsets(*family);
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG_1);
-            r.expr(c"lookup", &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))]);
+            r.expr(
+                c"lookup",
+                &[
+                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
+                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set)),
+                ],
+            );
         }
         Stmt::DispatchVmap { family, map } => {
             // ip daddr . meta l4proto . th dport, one 32-bit register per 4 bytes of key.
@@ -201,16 +228,28 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 ],
             );
         }
-        Stmt::Masquerade => r.expr(c"masq", &[(sys::NFTNL_EXPR_MASQ_FLAGS, U(NF_NAT_RANGE_PROTO_RANDOM_FULLY))]),
+        Stmt::Masquerade => r.expr(
+            c"masq",
+            &[(
+                sys::NFTNL_EXPR_MASQ_FLAGS,
+                U(NF_NAT_RANGE_PROTO_RANDOM_FULLY),
+            )],
+        ),
         Stmt::RejectTcpReset => r.expr(
             c"reject",
-            &[(sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_TCP_RST)), (sys::NFTNL_EXPR_REJECT_CODE, U(0))],
+            &[
+                (sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_TCP_RST)),
+                (sys::NFTNL_EXPR_REJECT_CODE, U(0)),
+            ],
         ),
         Stmt::RejectPortUnreachable => r.expr(
             c"reject",
             &[
                 (sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_ICMPX_UNREACH)),
-                (sys::NFTNL_EXPR_REJECT_CODE, U(NFT_REJECT_ICMPX_PORT_UNREACH)),
+                (
+                    sys::NFTNL_EXPR_REJECT_CODE,
+                    U(NFT_REJECT_ICMPX_PORT_UNREACH),
+                ),
             ],
         ),
     }
@@ -230,7 +269,9 @@ pub fn comment_udata(comment: &str) -> Vec<u8> {
 pub fn udata_comment(mut data: &[u8]) -> String {
     while data.len() >= 2 {
         let (kind, len) = (data[0], data[1] as usize);
-        let Some(value) = data.get(2..2 + len) else { break };
+        let Some(value) = data.get(2..2 + len) else {
+            break;
+        };
         if kind == UDATA_RULE_COMMENT {
             let text = value.split(|b| *b == 0).next().unwrap_or_default();
             return String::from_utf8_lossy(text).into_owned();
@@ -260,13 +301,25 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
         }
         SetKind::Addresses(_) => addr_type,
     };
-    SetSpec { key_type, key_len, is_map: matches!(kind, SetKind::Dispatch(_)), id }
+    SetSpec {
+        key_type,
+        key_len,
+        is_map: matches!(kind, SetKind::Dispatch(_)),
+        id,
+    }
 }
 
 /// Element messages stay well under the 64 KiB netlink attribute limit.
 const ELEMENT_BYTES_PER_MSG: usize = 32 * 1024;
 
-fn element_messages(buf: &mut MsgBuf, kind: u16, flags: u16, set: &str, elements: &[Element], tag: &mut dyn FnMut(u32, String)) {
+fn element_messages(
+    buf: &mut MsgBuf,
+    kind: u16,
+    flags: u16,
+    set: &str,
+    elements: &[Element],
+    tag: &mut dyn FnMut(u32, String),
+) {
     let mut i = 0;
     while i < elements.len() {
         let mut obj = SetObj::new(TABLE, set, None);
@@ -279,9 +332,20 @@ fn element_messages(buf: &mut MsgBuf, kind: u16, flags: u16, set: &str, elements
             i += 1;
         }
         let seq = buf.elements(kind, flags, &obj);
-        let what = if i - first == 1 { "element" } else { "elements" };
-        let names: Vec<&str> = elements[first..i].iter().filter_map(|e| e.goto.as_deref()).take(3).collect();
-        tag(seq, format!("{} {what} of set {set} {}", i - first, names.join(", ")));
+        let what = if i - first == 1 {
+            "element"
+        } else {
+            "elements"
+        };
+        let names: Vec<&str> = elements[first..i]
+            .iter()
+            .filter_map(|e| e.goto.as_deref())
+            .take(3)
+            .collect();
+        tag(
+            seq,
+            format!("{} {what} of set {set} {}", i - first, names.join(", ")),
+        );
     }
 }
 
@@ -302,12 +366,21 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
     let mut set_id = 1;
     for op in &plan.ops {
         match op {
-            Op::DelTable => tag(buf.table(NFT_MSG_DELTABLE, 0, TABLE), format!("table {TABLE}")),
-            Op::AddTable => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE), format!("table {TABLE}")),
+            Op::DelTable => tag(
+                buf.table(NFT_MSG_DELTABLE, 0, TABLE),
+                format!("table {TABLE}"),
+            ),
+            Op::AddTable => tag(
+                buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE),
+                format!("table {TABLE}"),
+            ),
             Op::AddSet { name, kind } => {
                 let obj = SetObj::new(TABLE, name, Some(&set_spec(*kind, set_id)));
                 set_id += 1;
-                tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), format!("set {name}"));
+                tag(
+                    buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj),
+                    format!("set {name}"),
+                );
             }
             Op::AddChain { name, base } => {
                 let hook = base.map(|b| {
@@ -318,21 +391,38 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                     };
                     (hooknum, b.priority)
                 });
-                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), format!("chain {name}"));
+                tag(
+                    buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook),
+                    format!("chain {name}"),
+                );
             }
-            Op::FlushChain(name) => tag(buf.flush_chain(TABLE, name), format!("flush of chain {name}")),
+            Op::FlushChain(name) => tag(
+                buf.flush_chain(TABLE, name),
+                format!("flush of chain {name}"),
+            ),
             Op::AddRules { chain, rules } => {
                 for rule in rules {
-                    tag(buf.rule(&rule_obj(chain, rule)), format!("rule \"{rule}\" in chain {chain}"));
+                    tag(
+                        buf.rule(&rule_obj(chain, rule)),
+                        format!("rule \"{rule}\" in chain {chain}"),
+                    );
                 }
             }
             Op::DelElements { set, elements, .. } => {
                 element_messages(&mut buf, NFT_MSG_DELSETELEM, 0, set, elements, &mut tag)
             }
-            Op::AddElements { set, elements, .. } => {
-                element_messages(&mut buf, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements, &mut tag)
-            }
-            Op::DelChain(name) => tag(buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None), format!("chain {name}")),
+            Op::AddElements { set, elements, .. } => element_messages(
+                &mut buf,
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                set,
+                elements,
+                &mut tag,
+            ),
+            Op::DelChain(name) => tag(
+                buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None),
+                format!("chain {name}"),
+            ),
             Op::DelSet(name) => {
                 let obj = SetObj::new(TABLE, name, None);
                 tag(buf.set(NFT_MSG_DELSET, 0, &obj), format!("set {name}"));
@@ -341,7 +431,11 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
     }
     buf.batch_end();
     let messages = owners.len();
-    Encoded { bytes: buf.bytes().to_vec(), owners, messages }
+    Encoded {
+        bytes: buf.bytes().to_vec(),
+        owners,
+        messages,
+    }
 }
 
 #[cfg(test)]
@@ -376,8 +470,12 @@ mod tests {
         let mut types = Vec::new();
         while off < enc.bytes.len() {
             let len = u32::from_ne_bytes(enc.bytes[off..off + 4].try_into().unwrap()) as usize;
-            types.push(u16::from_ne_bytes(enc.bytes[off + 4..off + 6].try_into().unwrap()));
-            seqs.push(u32::from_ne_bytes(enc.bytes[off + 8..off + 12].try_into().unwrap()));
+            types.push(u16::from_ne_bytes(
+                enc.bytes[off + 4..off + 6].try_into().unwrap(),
+            ));
+            seqs.push(u32::from_ne_bytes(
+                enc.bytes[off + 8..off + 12].try_into().unwrap(),
+            ));
             off += (len + 3) & !3;
         }
         assert_eq!(off, enc.bytes.len());

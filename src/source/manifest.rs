@@ -38,7 +38,12 @@ pub fn load(paths: &[PathBuf]) -> Result<Objects, InputErrors> {
             Ok(files) => {
                 for file in files {
                     match std::fs::read_to_string(&file) {
-                        Ok(text) => parse_into(&file.display().to_string(), &text, &mut objects, &mut errors),
+                        Ok(text) => parse_into(
+                            &file.display().to_string(),
+                            &text,
+                            &mut objects,
+                            &mut errors,
+                        ),
                         Err(e) => errors.push(InputError {
                             origin: file.display().to_string(),
                             object: "manifests".into(),
@@ -51,7 +56,11 @@ pub fn load(paths: &[PathBuf]) -> Result<Objects, InputErrors> {
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() { Ok(objects) } else { Err(InputErrors(errors)) }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(InputErrors(errors))
+    }
 }
 
 /// Parses one file's text (multi-document YAML) into `objects`.
@@ -84,7 +93,9 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
         return;
     }
     let kind = str_at(&value, &["kind"]).unwrap_or_default().to_string();
-    let api = str_at(&value, &["apiVersion"]).unwrap_or_default().to_string();
+    let api = str_at(&value, &["apiVersion"])
+        .unwrap_or_default()
+        .to_string();
     let ns = str_at(&value, &["metadata", "namespace"]).unwrap_or("default");
     let name = str_at(&value, &["metadata", "name"]).unwrap_or("<unnamed>");
     let object = format!("{kind} {ns}/{name}");
@@ -92,20 +103,35 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
         ("v1", "List") => {
             if let Some(Value::Sequence(items)) = value.get("items").cloned() {
                 for (i, item) in items.into_iter().enumerate() {
-                    add_value(&Origin(format!("{origin} items[{i}]")), item, objects, errors);
+                    add_value(
+                        &Origin(format!("{origin} items[{i}]")),
+                        item,
+                        objects,
+                        errors,
+                    );
                 }
             }
         }
         ("v1", "Service") => push(origin, object, value, &mut objects.services, errors),
-        ("discovery.k8s.io/v1", "EndpointSlice") => push(origin, object, value, &mut objects.slices, errors),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            push(origin, object, value, &mut objects.slices, errors)
+        }
         ("v1", "Endpoints") => push(origin, object, value, &mut objects.endpoints, errors),
         ("v1", "Pod") => push(origin, object, value, &mut objects.pods, errors),
         ("v1", "Namespace") => push(origin, object, value, &mut objects.namespaces, errors),
-        _ => tracing::warn!(%origin, api_version = %api, kind = %kind, "skipping object of a kind nftproxy does not read"),
+        _ => {
+            tracing::warn!(%origin, api_version = %api, kind = %kind, "skipping object of a kind nftproxy does not read")
+        }
     }
 }
 
-fn push<T: DeserializeOwned>(origin: &Origin, object: String, value: Value, into: &mut Vec<(Origin, T)>, errors: &mut Vec<InputError>) {
+fn push<T: DeserializeOwned>(
+    origin: &Origin,
+    object: String,
+    value: Value,
+    into: &mut Vec<(Origin, T)>,
+    errors: &mut Vec<InputError>,
+) {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(t) => into.push((origin.clone(), t)),
         Err(e) => errors.push(InputError {
@@ -143,7 +169,9 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_field() {
-        let (_, e) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n");
+        let (_, e) = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n",
+        );
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].object, "Service default/web");
         assert_eq!(e[0].field, "spec.ports[0].port");

@@ -27,7 +27,9 @@ pub struct ResolveOptions {
 
 impl Default for ResolveOptions {
     fn default() -> Self {
-        ResolveOptions { service_cidrs: vec!["10.96.0.0/12".parse().unwrap()] }
+        ResolveOptions {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        }
     }
 }
 
@@ -82,9 +84,21 @@ fn is_proxied(svc: &K8sService) -> bool {
     !(has(LABEL_HEADLESS) || has(LABEL_PROXY_NAME) || ty == "ExternalName" || none_ip)
 }
 
-fn accept<'a>(origin: &'a Origin, svc: &'a K8sService, errors: &mut Vec<InputError>, opts: &ResolveOptions) -> Option<Accepted<'a>> {
-    let id = ServiceId::new(ns_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: format!("Service {id}"), list: errors };
+fn accept<'a>(
+    origin: &'a Origin,
+    svc: &'a K8sService,
+    errors: &mut Vec<InputError>,
+    opts: &ResolveOptions,
+) -> Option<Accepted<'a>> {
+    let id = ServiceId::new(
+        ns_of(&svc.metadata),
+        svc.metadata.name.clone().unwrap_or_default(),
+    );
+    let mut errs = Errors {
+        origin,
+        object: format!("Service {id}"),
+        list: errors,
+    };
     let before = errs.list.len();
     if id.name.is_empty() {
         errs.add("metadata.name", "a Service needs a name");
@@ -93,15 +107,29 @@ fn accept<'a>(origin: &'a Origin, svc: &'a K8sService, errors: &mut Vec<InputErr
 
     let mut ips = Vec::new();
     let listed: Vec<(String, String)> = match &spec.cluster_ips {
-        Some(list) if !list.is_empty() => {
-            list.iter().enumerate().map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone())).collect()
-        }
-        _ => spec.cluster_ip.iter().filter(|s| !s.is_empty()).map(|s| ("spec.clusterIP".into(), s.clone())).collect(),
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()))
+            .collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| ("spec.clusterIP".into(), s.clone()))
+            .collect(),
     };
     for (field, text) in listed {
         match text.parse::<IpAddr>() {
-            Ok(ip) if ips.iter().any(|o: &IpAddr| Family::of(o) == Family::of(&ip)) => {
-                errs.add(field, format!("{ip} is a second address of the same family"))
+            Ok(ip)
+                if ips
+                    .iter()
+                    .any(|o: &IpAddr| Family::of(o) == Family::of(&ip)) =>
+            {
+                errs.add(
+                    field,
+                    format!("{ip} is a second address of the same family"),
+                )
             }
             Ok(ip) => ips.push(ip),
             Err(_) => errs.add(field, format!("{text:?} is not an IP address")),
@@ -112,21 +140,38 @@ fn accept<'a>(origin: &'a Origin, svc: &'a K8sService, errors: &mut Vec<InputErr
         match f.as_str() {
             "IPv4" => families.push(Family::V4),
             "IPv6" => families.push(Family::V6),
-            other => errs.add(format!("spec.ipFamilies[{i}]"), format!("unknown IP family {other:?}")),
+            other => errs.add(
+                format!("spec.ipFamilies[{i}]"),
+                format!("unknown IP family {other:?}"),
+            ),
         }
     }
     if families.is_empty() {
-        let dual = matches!(spec.ip_family_policy.as_deref(), Some("PreferDualStack" | "RequireDualStack"));
-        let mut cidr_families: Vec<Family> = opts.service_cidrs.iter().map(|c| Family::of(&c.addr())).collect();
+        let dual = matches!(
+            spec.ip_family_policy.as_deref(),
+            Some("PreferDualStack" | "RequireDualStack")
+        );
+        let mut cidr_families: Vec<Family> = opts
+            .service_cidrs
+            .iter()
+            .map(|c| Family::of(&c.addr()))
+            .collect();
         cidr_families.dedup();
         families = if ips.is_empty() {
-            if dual { cidr_families } else { cidr_families.into_iter().take(1).collect() }
+            if dual {
+                cidr_families
+            } else {
+                cidr_families.into_iter().take(1).collect()
+            }
         } else {
             ips.iter().map(Family::of).collect()
         };
     }
-    let to_allocate: Vec<Family> =
-        families.iter().copied().filter(|f| !ips.iter().any(|ip| Family::of(ip) == *f)).collect();
+    let to_allocate: Vec<Family> = families
+        .iter()
+        .copied()
+        .filter(|f| !ips.iter().any(|ip| Family::of(ip) == *f))
+        .collect();
 
     let mut ports = Vec::new();
     let mut names = BTreeSet::new();
@@ -159,14 +204,26 @@ fn accept<'a>(origin: &'a Origin, svc: &'a K8sService, errors: &mut Vec<InputErr
             if !keys.insert((port, protocol)) {
                 errs.add(field("port"), format!("duplicate port {port}/{protocol}"));
             }
-            let sp = ServicePort { name, port, protocol, endpoints: Vec::new() };
+            let sp = ServicePort {
+                name,
+                port,
+                protocol,
+                endpoints: Vec::new(),
+            };
             ports.push((sp, p.target_port.clone()));
         }
     }
     if errs.list.len() > before {
         return None;
     }
-    Some(Accepted { origin, svc, id, ips, to_allocate, ports })
+    Some(Accepted {
+        origin,
+        svc,
+        id,
+        ips,
+        to_allocate,
+        ports,
+    })
 }
 
 /// Picks a stable address in `cidr` for `id`: a hash of the name, probed past used addresses.
@@ -203,8 +260,16 @@ fn slice_endpoints(
     port: &ServicePort,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let name = format!("EndpointSlice {}/{}", ns_of(&slice.metadata), slice.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: name, list: errors };
+    let name = format!(
+        "EndpointSlice {}/{}",
+        ns_of(&slice.metadata),
+        slice.metadata.name.clone().unwrap_or_default()
+    );
+    let mut errs = Errors {
+        origin,
+        object: name,
+        list: errors,
+    };
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -215,8 +280,13 @@ fn slice_endpoints(
         p.name.clone().unwrap_or_default() == port.name
             && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(port.protocol)
     });
-    let Some((pi, slice_port)) = matching else { return Vec::new() };
-    let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs)) else {
+    let Some((pi, slice_port)) = matching else {
+        return Vec::new();
+    };
+    let Some(target) = slice_port
+        .port
+        .and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs))
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -236,17 +306,36 @@ fn slice_endpoints(
                     terminating,
                     node_name: ep.node_name.clone(),
                 }),
-                Ok(ip) => errs.add(format!("endpoints[{i}].addresses[{j}]"), format!("{ip} is not of addressType {family:?}")),
-                Err(_) => errs.add(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IP address")),
+                Ok(ip) => errs.add(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{ip} is not of addressType {family:?}"),
+                ),
+                Err(_) => errs.add(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IP address"),
+                ),
             }
         }
     }
     out
 }
 
-fn legacy_endpoints(origin: &Origin, eps: &Endpoints, port: &ServicePort, errors: &mut Vec<InputError>) -> Vec<Endpoint> {
-    let name = format!("Endpoints {}/{}", ns_of(&eps.metadata), eps.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: name, list: errors };
+fn legacy_endpoints(
+    origin: &Origin,
+    eps: &Endpoints,
+    port: &ServicePort,
+    errors: &mut Vec<InputError>,
+) -> Vec<Endpoint> {
+    let name = format!(
+        "Endpoints {}/{}",
+        ns_of(&eps.metadata),
+        eps.metadata.name.clone().unwrap_or_default()
+    );
+    let mut errs = Errors {
+        origin,
+        object: name,
+        list: errors,
+    };
     let mut out = Vec::new();
     for (si, subset) in eps.subsets.iter().flatten().enumerate() {
         let Some(p) = subset.ports.iter().flatten().find(|p| {
@@ -255,8 +344,13 @@ fn legacy_endpoints(origin: &Origin, eps: &Endpoints, port: &ServicePort, errors
         }) else {
             continue;
         };
-        let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else { continue };
-        let lists = [(true, "addresses", &subset.addresses), (false, "notReadyAddresses", &subset.not_ready_addresses)];
+        let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else {
+            continue;
+        };
+        let lists = [
+            (true, "addresses", &subset.addresses),
+            (false, "notReadyAddresses", &subset.not_ready_addresses),
+        ];
         for (ready, field, list) in lists {
             for (i, a) in list.iter().flatten().enumerate() {
                 match a.ip.parse::<IpAddr>() {
@@ -268,7 +362,10 @@ fn legacy_endpoints(origin: &Origin, eps: &Endpoints, port: &ServicePort, errors
                         terminating: false,
                         node_name: a.node_name.clone(),
                     }),
-                    Err(_) => errs.add(format!("subsets[{si}].{field}[{i}].ip"), format!("{:?} is not an IP address", a.ip)),
+                    Err(_) => errs.add(
+                        format!("subsets[{si}].{field}[{i}].ip"),
+                        format!("{:?} is not an IP address", a.ip),
+                    ),
                 }
             }
         }
@@ -301,10 +398,16 @@ fn pod_endpoints(
         let number = match target {
             None => Some(port.port),
             Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-            Some(IntOrString::String(name)) => pod.spec.iter().flat_map(|s| &s.containers).flat_map(|c| c.ports.iter().flatten()).find(|cp| {
-                cp.name.as_deref() == Some(name.as_str())
-                    && Protocol::from_k8s(cp.protocol.as_deref()).ok() == Some(port.protocol)
-            }).and_then(|cp| u16::try_from(cp.container_port).ok()),
+            Some(IntOrString::String(name)) => pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|cp| {
+                    cp.name.as_deref() == Some(name.as_str())
+                        && Protocol::from_k8s(cp.protocol.as_deref()).ok() == Some(port.protocol)
+                })
+                .and_then(|cp| u16::try_from(cp.container_port).ok()),
         };
         // A pod without the named port is not an endpoint of this port (as in Kubernetes).
         let Some(number) = number else { continue };
@@ -314,11 +417,19 @@ fn pod_endpoints(
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True");
         let terminating = pod.metadata.deletion_timestamp.is_some();
-        let mut addrs: Vec<String> = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).collect();
+        let mut addrs: Vec<String> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|p| p.ip.clone())
+            .collect();
         if addrs.is_empty() {
             addrs.extend(status.pod_ip.clone());
         }
-        let name = format!("Pod {namespace}/{}", pod.metadata.name.clone().unwrap_or_default());
+        let name = format!(
+            "Pod {namespace}/{}",
+            pod.metadata.name.clone().unwrap_or_default()
+        );
         for (i, a) in addrs.iter().enumerate() {
             match a.parse::<IpAddr>() {
                 Ok(ip) => out.push(Endpoint {
@@ -345,7 +456,11 @@ fn pod_endpoints(
 pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, InputErrors> {
     let mut errors = Vec::new();
     let declared: Option<BTreeSet<String>> = (!objects.namespaces.is_empty()).then(|| {
-        let mut set: BTreeSet<String> = objects.namespaces.iter().filter_map(|(_, n)| n.metadata.name.clone()).collect();
+        let mut set: BTreeSet<String> = objects
+            .namespaces
+            .iter()
+            .filter_map(|(_, n)| n.metadata.name.clone())
+            .collect();
         set.extend(["default".to_string(), "kube-system".to_string()]);
         set
     });
@@ -356,7 +471,9 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         if !is_proxied(svc) {
             continue;
         }
-        let Some(a) = accept(origin, svc, &mut errors, opts) else { continue };
+        let Some(a) = accept(origin, svc, &mut errors, opts) else {
+            continue;
+        };
         if let Some(declared) = &declared
             && !declared.contains(&a.id.namespace)
         {
@@ -364,7 +481,10 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
                 origin: origin.to_string(),
                 object: format!("Service {}", a.id),
                 field: "metadata.namespace".into(),
-                message: format!("namespace {:?} is not declared by any Namespace object", a.id.namespace),
+                message: format!(
+                    "namespace {:?} is not declared by any Namespace object",
+                    a.id.namespace
+                ),
             });
             continue;
         }
@@ -383,6 +503,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
 
     // ClusterIPs: explicit ones first (each must be unique), then stable allocations.
     let mut used: HashMap<IpAddr, ServiceId> = HashMap::new();
+    let mut first_origin: HashMap<IpAddr, &Origin> = HashMap::new();
     for a in &accepted {
         for ip in &a.ips {
             if let Some(other) = used.get(ip) {
@@ -390,16 +511,23 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
                     origin: a.origin.to_string(),
                     object: format!("Service {}", a.id),
                     field: "spec.clusterIP".into(),
-                    message: format!("ClusterIP {ip} is already used by Service {other}; every ClusterIP must be unique"),
+                    message: format!(
+                        "ClusterIP {ip} is already used by Service {other} ({}); every ClusterIP must be unique",
+                        first_origin[ip]
+                    ),
                 });
             } else {
                 used.insert(*ip, a.id.clone());
+                first_origin.insert(*ip, a.origin);
             }
         }
     }
     for a in &mut accepted {
         for family in a.to_allocate.clone() {
-            let cidr = opts.service_cidrs.iter().find(|c| Family::of(&c.addr()) == family);
+            let cidr = opts
+                .service_cidrs
+                .iter()
+                .find(|c| Family::of(&c.addr()) == family);
             match cidr.and_then(|c| allocate(c, &a.id, &used)) {
                 Some(ip) => {
                     used.insert(ip, a.id.clone());
@@ -416,7 +544,8 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         a.ips.sort_by_key(|ip| Family::of(ip));
     }
 
-    let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> = HashMap::new();
+    let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> =
+        HashMap::new();
     for entry in &objects.slices {
         let (origin, slice) = entry;
         let ns = ns_of(&slice.metadata);
@@ -425,13 +554,24 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         {
             errors.push(InputError {
                 origin: origin.to_string(),
-                object: format!("EndpointSlice {ns}/{}", slice.metadata.name.clone().unwrap_or_default()),
+                object: format!(
+                    "EndpointSlice {ns}/{}",
+                    slice.metadata.name.clone().unwrap_or_default()
+                ),
                 field: "metadata.namespace".into(),
                 message: format!("namespace {ns:?} is not declared by any Namespace object"),
             });
         }
-        if let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
-            slices_by_service.entry((ns, svc.clone())).or_default().push(entry);
+        if let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        {
+            slices_by_service
+                .entry((ns, svc.clone()))
+                .or_default()
+                .push(entry);
         }
     }
 
@@ -439,26 +579,51 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     for a in accepted {
         let key = (a.id.namespace.clone(), a.id.name.clone());
         let slices = slices_by_service.get(&key);
-        let legacy = objects
-            .endpoints
-            .iter()
-            .find(|(_, e)| ns_of(&e.metadata) == a.id.namespace && e.metadata.name.as_deref() == Some(&a.id.name));
-        let selector = a.svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
+        let legacy = objects.endpoints.iter().find(|(_, e)| {
+            ns_of(&e.metadata) == a.id.namespace && e.metadata.name.as_deref() == Some(&a.id.name)
+        });
+        let selector = a
+            .svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
         let mut ports = Vec::new();
         for (mut port, target) in a.ports {
             port.endpoints = if let Some(slices) = slices {
-                slices.iter().flat_map(|(o, s)| slice_endpoints(o, s, &port, &mut errors)).collect()
+                slices
+                    .iter()
+                    .flat_map(|(o, s)| slice_endpoints(o, s, &port, &mut errors))
+                    .collect()
             } else if let Some((o, e)) = legacy {
                 legacy_endpoints(o, e, &port, &mut errors)
             } else if !selector.is_empty() {
-                pod_endpoints(&selector, &a.id.namespace, &objects.pods, &port, &target, &mut errors)
+                pod_endpoints(
+                    &selector,
+                    &a.id.namespace,
+                    &objects.pods,
+                    &port,
+                    &target,
+                    &mut errors,
+                )
             } else {
                 Vec::new()
             };
             port.endpoints.sort();
             ports.push(port);
         }
-        snapshot.services.insert(a.id.clone(), Service { id: a.id, cluster_ips: a.ips, ports });
+        snapshot.services.insert(
+            a.id.clone(),
+            Service {
+                id: a.id,
+                cluster_ips: a.ips,
+                ports,
+            },
+        );
     }
-    if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
+    if errors.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(InputErrors(errors))
+    }
 }
