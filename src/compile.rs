@@ -16,6 +16,7 @@
 //! Only chains and rules scale with the number of Services; there are four sets in total. The
 //! kernel cost of many sets is what makes kube-proxy's nftables mode slow (see docs/).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -90,14 +91,46 @@ fn rule(stmts: Vec<Stmt>) -> Rule {
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
 pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
-    let mut rs = Ruleset::default();
-    add_skeleton(&mut rs, opts);
+    let mut rs = skeleton(opts);
     for svc in snapshot.services.values() {
-        for vip in &svc.cluster_ips {
-            add_service_ip(&mut rs, svc, *vip);
-        }
+        merge(&mut rs, &compile_service(svc, opts));
     }
     rs
+}
+
+/// The objects one Service contributes: its chains and its elements in the shared sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceObjects {
+    pub chains: BTreeMap<String, Chain>,
+    /// (set name, element)
+    pub elements: Vec<(String, Element)>,
+}
+
+/// Adds one Service's objects to a ruleset that has the skeleton's sets.
+pub fn merge(rs: &mut Ruleset, objs: &ServiceObjects) {
+    for (name, chain) in &objs.chains {
+        rs.chains.insert(name.clone(), chain.clone());
+    }
+    for (set, e) in &objs.elements {
+        if let Some(s) = rs.sets.get_mut(set) {
+            s.elements.push(e.clone());
+        }
+    }
+}
+
+/// Everything that does not depend on the Services.
+pub fn skeleton(opts: &Options) -> Ruleset {
+    let mut rs = Ruleset::default();
+    add_skeleton(&mut rs, opts);
+    rs
+}
+
+pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
+    let mut objs = ServiceObjects::default();
+    for vip in &svc.cluster_ips {
+        add_service_ip(&mut objs, svc, *vip, opts);
+    }
+    objs
 }
 
 /// The base chains, the dispatch chain, the masquerade chains and the four sets.
@@ -211,14 +244,10 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
     Some(rules)
 }
 
-fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
+fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
-    let masq_check = rs.chains.contains_key(&masq_check_chain(family));
-    rs.sets
-        .get_mut(&cluster_ips_set(family))
-        .unwrap()
-        .elements
-        .push(Element::address(vip));
+    let masq_check = masq_check_rules(family, opts).is_some();
+    objs.elements.push((cluster_ips_set(family), Element::address(vip)));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
         let endpoints = port.usable_endpoints(family);
@@ -228,10 +257,7 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
         }
         if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
-                rules.push(rule(vec![
-                    Stmt::L4Proto(port.protocol),
-                    Stmt::RejectTcpReset,
-                ]));
+                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
             }
             rules.push(rule(vec![Stmt::RejectPortUnreachable]));
         }
@@ -241,44 +267,25 @@ fn add_service_ip(rs: &mut Ruleset, svc: &Service, vip: IpAddr) {
             let remaining = n - i as u32;
             if remaining > 1 {
                 rules.push(rule(vec![
-                    Stmt::NumgenBelow {
-                        modulus: remaining,
-                        below: 1,
-                    },
+                    Stmt::NumgenBelow { modulus: remaining, below: 1 },
                     Stmt::Goto(ep_chain.clone()),
                 ]));
             } else {
                 rules.push(rule(vec![Stmt::Goto(ep_chain.clone())]));
             }
-            rs.chains.insert(
+            objs.chains.insert(
                 ep_chain,
                 Chain {
                     base: None,
                     rules: vec![
-                        rule(vec![
-                            Stmt::NfProto(family),
-                            Stmt::SaddrIs(ep.ip),
-                            Stmt::SetMarkBit(MASQ_MARK),
-                        ]),
-                        rule(vec![Stmt::Dnat {
-                            addr: ep.ip,
-                            port: ep.port,
-                        }]),
+                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
+                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
                     ],
                 },
             );
         }
-        rs.sets
-            .get_mut(&dispatch_map(family))
-            .unwrap()
-            .elements
-            .push(Element::dispatch(
-                vip,
-                port.protocol,
-                port.port,
-                chain.clone(),
-            ));
-        rs.chains.insert(chain, Chain { base: None, rules });
+        objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
+        objs.chains.insert(chain, Chain { base: None, rules });
     }
 }
 

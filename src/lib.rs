@@ -4,7 +4,9 @@
 //! (model -> nftables objects), [`plan`] (kernel objects vs wanted objects -> smallest change),
 //! [`report`]. I/O at the edge: [`nft`] (netlink), [`sync`] (one pass from input to kernel).
 
+pub mod agent;
 pub mod compile;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod plan;

@@ -1,24 +1,44 @@
 //! The `nftproxy` binary: parses flags and wires the pieces together.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
+use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
+use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::nft::Netlink;
-use nftproxy::source::resolve::ResolveOptions;
-use nftproxy::sync::{self, Config};
-use nftproxy::{plan, report};
+use nftproxy::source::kube::KubeSource;
+use nftproxy::source::resolve::{self, ResolveOptions};
+use nftproxy::source::{Manifests, Source, manifest};
+use nftproxy::sync::Engine;
+use nftproxy::{compile, plan, report};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Kubernetes ClusterIP Services on nftables, programmed over netlink.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Kubernetes YAML manifests (file or directory; repeatable): Services, EndpointSlices,
-    /// Endpoints, Pods, Namespaces.
+    /// Read Kubernetes YAML manifests instead of the API (file or directory; repeatable):
+    /// Services, EndpointSlices, Endpoints, Pods, Namespaces.
     #[arg(long, value_name = "PATH")]
     manifests: Vec<PathBuf>,
+    /// With --manifests: re-read the files when they change.
+    #[arg(long, requires = "manifests")]
+    watch: bool,
+    /// Kubeconfig for the API (default: in-cluster configuration).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Program the kernel once, print what is served, and exit.
     #[arg(long)]
     sync_once: bool,
@@ -34,27 +54,42 @@ struct Args {
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     masquerade_all: bool,
-    /// This node's name (endpoint locality); defaults to the hostname.
+    /// This node's name; defaults to the hostname.
     #[arg(long)]
     node_name: Option<String>,
-    /// Ranges ClusterIPs are allocated from when a Service names none (comma-separated, one per family).
+    /// Ranges ClusterIPs are allocated from when a Service names none (manifest mode;
+    /// comma-separated, one per family).
     #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/12")]
     service_cluster_ip_range: Vec<IpNet>,
-    /// Seconds between full resyncs when running continuously.
-    #[arg(long, default_value_t = 30)]
-    sync_period: u64,
+    /// Periodic check: the kernel is verified (and repaired if anything drifted) this often.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+    /// Minimum time between syncs; changes in between are applied together.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_sync_period: Duration,
+    /// healthz (`/healthz`, `/livez`) address.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Prometheus `/metrics` address.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
-    match run(args) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let result = runtime.map_err(BoxError::from).and_then(|rt| rt.block_on(run(args)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nftproxy: {e}");
@@ -63,73 +98,87 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
         let removed = Netlink::open()?.delete_table()?;
-        println!(
-            "{}",
-            if removed {
-                "removed table inet nftproxy"
-            } else {
-                "nothing to remove"
-            }
-        );
+        println!("{}", if removed { "removed table inet nftproxy" } else { "nothing to remove" });
         return Ok(());
     }
-    if args.manifests.is_empty() {
-        return Err(
-            "no --manifests given (reading from the Kubernetes API is not available yet)".into(),
-        );
-    }
-    let _node = args.node_name.clone().or_else(hostname);
-    let cfg = Config {
-        manifests: args.manifests.clone(),
-        resolve: ResolveOptions {
-            service_cidrs: args.service_cluster_ip_range.clone(),
-        },
-        compile: Options {
-            cluster_cidrs: args.cluster_cidrs.clone(),
-            masquerade_all: args.masquerade_all,
-        },
+    let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
+    let resolve_opts = ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() };
+    let opts = Options { cluster_cidrs: args.cluster_cidrs.clone(), masquerade_all: args.masquerade_all };
+    let (tx, rx) = mpsc::channel(1);
+    let source: Arc<dyn Source> = if args.manifests.is_empty() {
+        let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;
+        let kube = KubeSource::start(client, &node, tx.clone());
+        tracing::info!("waiting for Services and EndpointSlices to be listed");
+        kube.wait_ready().await;
+        Arc::new(kube)
+    } else {
+        if args.watch {
+            tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
+        }
+        Arc::new(Manifests(args.manifests.clone()))
     };
-    if args.dry_run {
-        let (_, want) = sync::desired(&cfg)?;
-        let have = Netlink::open()
-            .and_then(|mut nl| nl.read_table())
-            .unwrap_or_else(|e| {
+
+    if args.sync_once {
+        let snapshot = resolve::resolve(&source.objects()?, &resolve_opts)?;
+        if args.dry_run {
+            let want = compile::compile(&snapshot, &opts);
+            let have = Netlink::open().and_then(|mut nl| nl.read_table()).unwrap_or_else(|e| {
                 tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
                 Default::default()
             });
-        print!("{}", plan::plan(&have, &want));
+            print!("{}", plan::plan(&have, &want));
+            return Ok(());
+        }
+        let mut engine = Engine::new(Netlink::open()?, opts);
+        let outcome = engine.sync(&snapshot)?;
+        tracing::info!(
+            kind = ?outcome.kind,
+            messages = outcome.stats.messages,
+            bytes = outcome.stats.bytes,
+            read_back_ms = outcome.read_back.as_secs_f64() * 1e3,
+            total_ms = outcome.total.as_secs_f64() * 1e3,
+            "synced"
+        );
+        print!("{}", report::served_table(&snapshot));
         return Ok(());
     }
-    let mut nl = Netlink::open()?;
-    loop {
-        match sync::desired(&cfg).map(|(snap, want)| (snap, sync::sync(&mut nl, &want))) {
-            Ok((snapshot, Ok(outcome))) => {
-                tracing::info!(
-                    messages = outcome.stats.messages,
-                    bytes = outcome.stats.bytes,
-                    read_back_ms = outcome.read_back.as_secs_f64() * 1e3,
-                    total_ms = outcome.total.as_secs_f64() * 1e3,
-                    "synced"
-                );
-                if args.sync_once {
-                    print!("{}", report::served_table(&snapshot));
-                    return Ok(());
-                }
-            }
-            Ok((_, Err(e))) | Err(e) if args.sync_once => return Err(e.into()),
-            Ok((_, Err(e))) | Err(e) => {
-                tracing::error!("sync failed, keeping the rules in place: {e}")
-            }
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(args.sync_period));
+    let (maddr, haddr) = (args.metrics_bind_address, args.healthz_bind_address);
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve_metrics(maddr, m).await {
+            tracing::error!(%maddr, error = %e, "metrics server failed");
         }
-        std::thread::sleep(std::time::Duration::from_secs(args.sync_period));
+    });
+    let h = health.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve_health(haddr, h).await {
+            tracing::error!(%haddr, error = %e, "healthz server failed");
+        }
+    });
+    let engine = Engine::new(Netlink::open()?, opts);
+    let timing = Timing { min_sync_period: args.min_sync_period, sync_period: args.sync_period };
+    agent::run(engine, source, resolve_opts, rx, timing, metrics, health, shutdown_signal()).await;
+    Ok(())
+}
+
+/// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
 }

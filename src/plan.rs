@@ -308,3 +308,25 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
             .collect(),
     }
 }
+
+/// A partial sync: the change from `old` to `new` objects of some Services, trusting that the
+/// kernel holds exactly `old` for them (checked with the ruleset generation beforehand).
+pub fn plan_services<'a>(
+    old: impl IntoIterator<Item = &'a crate::compile::ServiceObjects>,
+    new: impl IntoIterator<Item = &'a crate::compile::ServiceObjects>,
+    skeleton: &Ruleset,
+) -> Plan {
+    let empty_sets = || -> BTreeMap<String, Set> {
+        skeleton.sets.iter().map(|(n, s)| (n.clone(), Set { kind: s.kind, elements: vec![] })).collect()
+    };
+    let collect = |objs: &mut dyn Iterator<Item = &'a crate::compile::ServiceObjects>| {
+        let mut rs = Ruleset { chains: BTreeMap::new(), sets: empty_sets() };
+        for o in objs {
+            crate::compile::merge(&mut rs, o);
+        }
+        rs
+    };
+    let have = as_kernel_state(&collect(&mut old.into_iter()));
+    let want = collect(&mut new.into_iter());
+    plan(&have, &want)
+}

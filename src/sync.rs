@@ -1,11 +1,17 @@
-//! One pass from input to kernel: read manifests, resolve, compile, read the kernel back, plan,
-//! apply. The continuous loop (watching, debouncing, metrics) builds on this.
+//! The sync engine: brings the kernel to a snapshot with the smallest transaction.
+//!
+//! - Full sync (first run, after any failure, or when the ruleset generation moved because
+//!   someone else committed): read our table back, diff everything, repair whatever drifted.
+//! - Partial sync (the generation is the one our last commit left): the kernel still holds what
+//!   we last wrote, so only the Services whose model changed are compiled and diffed.
+//! - Unchanged: no Service changed and the generation did not move: one GETGEN round trip.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::compile::{self, Options};
-use crate::model::Snapshot;
+use crate::compile::{self, Options, ServiceObjects};
+use crate::model::{Service, ServiceId, Snapshot};
 use crate::nft::{ApplyStats, Netlink};
 use crate::plan::{self, Plan};
 use crate::ruleset::Ruleset;
@@ -18,7 +24,7 @@ pub struct Config {
     pub compile: Options,
 }
 
-/// What the node should serve and the objects that do it.
+/// What the node should serve (from manifests) and the objects that do it.
 pub fn desired(cfg: &Config) -> crate::Result<(Snapshot, Ruleset)> {
     let objects = manifest::load(&cfg.manifests)?;
     let snapshot = resolve::resolve(&objects, &cfg.resolve)?;
@@ -26,26 +32,141 @@ pub fn desired(cfg: &Config) -> crate::Result<(Snapshot, Ruleset)> {
     Ok((snapshot, rules))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Read back and diffed everything.
+    Full,
+    /// Diffed only the changed Services against what we last committed.
+    Partial,
+    /// Nothing changed anywhere; nothing was read or sent.
+    Unchanged,
+}
+
 /// The outcome of one sync.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    pub kind: SyncKind,
     pub plan: Plan,
     pub stats: ApplyStats,
+    pub services_changed: usize,
+    pub endpoints_changed: usize,
     pub read_back: Duration,
     pub total: Duration,
 }
 
-/// Brings the kernel to `want` with the smallest transaction (none if nothing differs).
-pub fn sync(nl: &mut Netlink, want: &Ruleset) -> crate::Result<Outcome> {
-    let start = Instant::now();
-    let have = nl.read_table()?;
-    let read_back = start.elapsed();
-    let plan = plan::plan(&have, want);
-    let stats = nl.apply(&plan)?;
-    Ok(Outcome {
-        plan,
-        stats,
-        read_back,
-        total: start.elapsed(),
-    })
+pub struct Engine {
+    nl: Netlink,
+    opts: Options,
+    skeleton: Ruleset,
+    /// What we last committed, per Service.
+    services: BTreeMap<ServiceId, (Service, ServiceObjects)>,
+    /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
+    generation: Option<u32>,
+}
+
+fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
+    let set = |s: Option<&Service>| -> BTreeSet<String> {
+        s.into_iter()
+            .flat_map(|s| s.ports.iter().flat_map(move |p| p.endpoints.iter().map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol))))
+            .collect()
+    };
+    set(old).symmetric_difference(&set(new)).count()
+}
+
+impl Engine {
+    pub fn new(nl: Netlink, opts: Options) -> Self {
+        let skeleton = compile::skeleton(&opts);
+        Engine { nl, opts, skeleton, services: BTreeMap::new(), generation: None }
+    }
+
+    /// Forgets what the kernel holds: the next sync is a full one.
+    pub fn distrust(&mut self) {
+        self.generation = None;
+    }
+
+    pub fn sync(&mut self, snapshot: &Snapshot) -> crate::Result<Outcome> {
+        let result = self.try_sync(snapshot);
+        if result.is_err() {
+            self.generation = None;
+        }
+        result
+    }
+
+    fn try_sync(&mut self, snapshot: &Snapshot) -> crate::Result<Outcome> {
+        let start = Instant::now();
+        let generation = self.nl.generation()?;
+        let mut changed: Vec<ServiceId> = Vec::new();
+        let mut endpoints_changed = 0;
+        for (id, svc) in &snapshot.services {
+            let old = self.services.get(id).map(|(s, _)| s);
+            if old != Some(svc) {
+                endpoints_changed += endpoint_changes(old, Some(svc));
+                changed.push(id.clone());
+            }
+        }
+        for (id, (old, _)) in &self.services {
+            if !snapshot.services.contains_key(id) {
+                endpoints_changed += endpoint_changes(Some(old), None);
+                changed.push(id.clone());
+            }
+        }
+        let compiled: BTreeMap<ServiceId, ServiceObjects> = changed
+            .iter()
+            .filter_map(|id| snapshot.services.get(id).map(|s| (id.clone(), compile::compile_service(s, &self.opts))))
+            .collect();
+
+        let trusted = self.generation == Some(generation);
+        let (kind, plan, read_back) = if trusted {
+            if changed.is_empty() {
+                return Ok(self.outcome(SyncKind::Unchanged, Plan::default(), ApplyStats::default(), 0, 0, Duration::ZERO, start));
+            }
+            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o)| o));
+            let plan = plan::plan_services(old, compiled.values(), &self.skeleton);
+            (SyncKind::Partial, plan, Duration::ZERO)
+        } else {
+            let have = self.nl.read_table()?;
+            let read_back = start.elapsed();
+            let mut want = self.skeleton.clone();
+            for id in snapshot.services.keys() {
+                match compiled.get(id) {
+                    Some(objs) => compile::merge(&mut want, objs),
+                    None => compile::merge(&mut want, &self.services[id].1),
+                }
+            }
+            (SyncKind::Full, plan::plan(&have, &want), read_back)
+        };
+        let stats = self.nl.apply(&plan)?;
+        self.generation = if plan.is_empty() {
+            Some(generation)
+        } else {
+            let after = self.nl.generation()?;
+            // Another commit slipped in between ours and the check: trust nothing.
+            (after == generation.wrapping_add(1)).then_some(after)
+        };
+        for id in &changed {
+            match (snapshot.services.get(id), compiled.get(id)) {
+                (Some(svc), Some(objs)) => {
+                    self.services.insert(id.clone(), (svc.clone(), objs.clone()));
+                }
+                _ => {
+                    self.services.remove(id);
+                }
+            }
+        }
+        Ok(self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn outcome(
+        &self,
+        kind: SyncKind,
+        plan: Plan,
+        stats: ApplyStats,
+        services_changed: usize,
+        endpoints_changed: usize,
+        read_back: Duration,
+        start: Instant,
+    ) -> Outcome {
+        Outcome { kind, plan, stats, services_changed, endpoints_changed, read_back, total: start.elapsed() }
+    }
 }

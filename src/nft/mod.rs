@@ -85,6 +85,23 @@ fn error_of(msg: &NlMsg<'_>) -> Option<(i32, u32)> {
     Some((errno, seq))
 }
 
+/// NFTA_GEN_ID (attribute 1, big-endian u32) of a NEWGEN message.
+fn gen_id(msg: &[u8]) -> Option<u32> {
+    let mut attrs = msg.get(20..)?;
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == 1 && len >= 8 {
+            return Some(u32::from_be_bytes(attrs[4..8].try_into().ok()?));
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    None
+}
+
 /// What a commit cost, for logs, metrics and tests.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyStats {
@@ -311,6 +328,16 @@ impl Netlink {
             );
         }
         Ok(state)
+    }
+
+    /// The nf_tables ruleset generation: it moves with every commit by anyone, so an unchanged
+    /// value means nobody touched nftables since we last looked.
+    pub fn generation(&mut self) -> Result<u32> {
+        let answers = self.request("generation", |b| b.get_gen())?;
+        answers
+            .iter()
+            .find_map(|m| gen_id(m))
+            .ok_or_else(|| NftError::ReadBack { what: "generation", source: io::Error::other("no NFTA_GEN_ID in answer") })
     }
 
     /// Deletes our table and everything in it. `Ok(false)` when there was none.

@@ -157,6 +157,13 @@ impl MsgBuf {
     }
 }
 
+impl MsgBuf {
+    /// A GETGEN request (no attributes): the kernel answers with the ruleset generation id.
+    pub fn get_gen(&mut self) -> u32 {
+        self.put_obj(NFT_MSG_GETGEN, NLM_F_ACK, |_| {})
+    }
+}
+
 struct Table(NonNull<sys::nftnl_table>);
 
 impl Table {

@@ -45,3 +45,31 @@ pub struct InputError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct InputErrors(pub Vec<InputError>);
+
+/// Something changed in the input; `at` is when the object changed (or when we heard of it).
+#[derive(Debug, Clone, Copy)]
+pub struct Change {
+    pub at: std::time::SystemTime,
+}
+
+impl Change {
+    pub fn now() -> Self {
+        Change { at: std::time::SystemTime::now() }
+    }
+}
+
+/// Where the agent's loop reads the current objects from.
+pub trait Source: Send + Sync {
+    fn objects(&self) -> Result<Objects, InputErrors>;
+}
+
+/// Manifest files, read afresh on every sync.
+pub struct Manifests(pub Vec<std::path::PathBuf>);
+
+impl Source for Manifests {
+    fn objects(&self) -> Result<Objects, InputErrors> {
+        manifest::load(&self.0)
+    }
+}
+
+pub mod kube;

@@ -1,0 +1,108 @@
+//! The continuous loop: wait for a change or the periodic resync, debounce, read the source,
+//! sync, record metrics and health. A failure keeps the rules in place and retries with a
+//! full sync; the same error is logged once, not on every retry.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+
+use crate::metrics::{Health, Metrics};
+use crate::source::resolve::{self, ResolveOptions};
+use crate::source::{Change, Source};
+use crate::sync::{Engine, SyncKind};
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Minimum time between two syncs (events in between are coalesced).
+    pub min_sync_period: Duration,
+    /// Time between periodic checks (a generation check; a full resync if anything drifted).
+    pub sync_period: Duration,
+}
+
+/// Most change times kept for the programming-latency metric between two syncs.
+const MAX_CHANGE_TIMES: usize = 1024;
+
+pub async fn run(
+    mut engine: Engine,
+    source: Arc<dyn Source>,
+    resolve_opts: ResolveOptions,
+    mut changes: mpsc::Receiver<Change>,
+    timing: Timing,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut changed_at: Vec<SystemTime> = vec![SystemTime::now()];
+    let mut last_sync: Option<Instant> = None;
+    let mut next_check = tokio::time::Instant::now();
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(change) = changes.recv() => {
+                health.queued();
+                if changed_at.len() < MAX_CHANGE_TIMES { changed_at.push(change.at); }
+            }
+            _ = sleep_until(next_check) => {}
+        }
+        if let Some(last) = last_sync {
+            let earliest = tokio::time::Instant::from_std(last + timing.min_sync_period);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = sleep_until(earliest) => {}
+            }
+        }
+        while let Ok(change) = changes.try_recv() {
+            if changed_at.len() < MAX_CHANGE_TIMES {
+                changed_at.push(change.at);
+            }
+        }
+        last_sync = Some(Instant::now());
+        let result = source
+            .objects()
+            .and_then(|o| resolve::resolve(&o, &resolve_opts))
+            .map_err(crate::Error::from)
+            .and_then(|snapshot| {
+                let n = snapshot.services.len();
+                tokio::task::block_in_place(|| engine.sync(&snapshot)).map(|o| (o, n))
+            });
+        match result {
+            Ok((outcome, services)) => {
+                metrics.synced(&outcome, services, &changed_at);
+                health.synced();
+                changed_at.clear();
+                if last_error.take().is_some() {
+                    tracing::info!("sync recovered");
+                }
+                if outcome.kind != SyncKind::Unchanged {
+                    tracing::info!(
+                        kind = ?outcome.kind,
+                        services_changed = outcome.services_changed,
+                        endpoints_changed = outcome.endpoints_changed,
+                        messages = outcome.stats.messages,
+                        ms = outcome.total.as_secs_f64() * 1e3,
+                        "synced"
+                    );
+                }
+                next_check = tokio::time::Instant::now() + timing.sync_period;
+            }
+            Err(e) => {
+                metrics.failed();
+                health.queued();
+                engine.distrust();
+                let text = e.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, "sync failed; the previous rules stay in place, retrying");
+                    last_error = Some(text);
+                }
+                next_check = tokio::time::Instant::now() + timing.min_sync_period.max(Duration::from_secs(1));
+            }
+        }
+    }
+    tracing::info!("shutting down; the rules stay in place");
+}

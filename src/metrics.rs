@@ -1,0 +1,171 @@
+//! Prometheus metrics with kube-proxy's names, the healthz state, and their HTTP servers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::sync::{Outcome, SyncKind};
+
+pub struct Metrics {
+    registry: Registry,
+    sync: Histogram,
+    sync_full: Histogram,
+    sync_partial: Histogram,
+    programming: Histogram,
+    last_timestamp: Gauge<f64, AtomicU64>,
+    endpoint_changes: Counter,
+    service_changes: Counter,
+    failures: Counter,
+    messages: Counter,
+    unchanged: Counter,
+    services: Gauge,
+}
+
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            sync: seconds(),
+            sync_full: seconds(),
+            sync_partial: seconds(),
+            programming: seconds(),
+            last_timestamp: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            failures: Counter::default(),
+            messages: Counter::default(),
+            unchanged: Counter::default(),
+            services: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        registry.register("kubeproxy_sync_proxy_rules_duration_seconds", "Sync latency (any sync)", m.sync.clone());
+        registry.register("kubeproxy_sync_full_proxy_rules_duration_seconds", "Full sync latency", m.sync_full.clone());
+        registry.register("kubeproxy_sync_partial_proxy_rules_duration_seconds", "Partial sync latency", m.sync_partial.clone());
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an object's change to the rules being committed",
+            m.programming.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the rules were last synced successfully (unix seconds)",
+            m.last_timestamp.clone(),
+        );
+        registry.register("kubeproxy_sync_proxy_rules_endpoint_changes", "Endpoint changes applied", m.endpoint_changes.clone());
+        registry.register("kubeproxy_sync_proxy_rules_service_changes", "Service changes applied", m.service_changes.clone());
+        registry.register("kubeproxy_sync_proxy_rules_nftables_sync_failures", "Failed syncs", m.failures.clone());
+        registry.register("nftproxy_transaction_messages", "Netlink messages sent in nf_tables transactions", m.messages.clone());
+        registry.register(
+            "nftproxy_sync_unchanged",
+            "Syncs that found nothing changed (one generation check, nothing read or sent)",
+            m.unchanged.clone(),
+        );
+        registry.register("nftproxy_services", "Services programmed", m.services.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Records a successful sync; `changed_at` are the change times it made effective.
+    pub fn synced(&self, o: &Outcome, services: usize, changed_at: &[SystemTime]) {
+        let secs = o.total.as_secs_f64();
+        self.sync.observe(secs);
+        match o.kind {
+            SyncKind::Full => self.sync_full.observe(secs),
+            SyncKind::Partial => self.sync_partial.observe(secs),
+            SyncKind::Unchanged => {
+                self.unchanged.inc();
+            }
+        }
+        let now = SystemTime::now();
+        for t in changed_at {
+            self.programming.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
+        }
+        self.last_timestamp.set(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        self.endpoint_changes.inc_by(o.endpoints_changed as u64);
+        self.service_changes.inc_by(o.services_changed as u64);
+        self.messages.inc_by(o.stats.messages as u64);
+        self.services.set(services as i64);
+    }
+
+    pub fn failed(&self) {
+        self.failures.inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// kube-proxy's healthz rule: unhealthy when a change has waited more than 2 x sync-period.
+pub struct Health {
+    sync_period: Duration,
+    pending_since: Mutex<Option<Instant>>,
+    last_synced: Mutex<Option<SystemTime>>,
+}
+
+impl Health {
+    pub fn new(sync_period: Duration) -> Self {
+        Health { sync_period, pending_since: Mutex::new(Some(Instant::now())), last_synced: Mutex::new(None) }
+    }
+
+    pub fn queued(&self) {
+        self.pending_since.lock().unwrap().get_or_insert_with(Instant::now);
+    }
+
+    pub fn synced(&self) {
+        *self.pending_since.lock().unwrap() = None;
+        *self.last_synced.lock().unwrap() = Some(SystemTime::now());
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.pending_since.lock().unwrap().is_none_or(|t| t.elapsed() <= 2 * self.sync_period)
+    }
+
+    fn body(&self) -> String {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let last = self.last_synced.lock().unwrap().map(secs);
+        format!(
+            "{{\"lastUpdated\": {}, \"currentTime\": {:.3}, \"healthy\": {}}}\n",
+            last.map_or("null".to_string(), |t| format!("{t:.3}")),
+            secs(SystemTime::now()),
+            self.healthy()
+        )
+    }
+}
+
+/// Serves `/metrics` on `addr`.
+pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new().route("/metrics", get(move || async move { metrics.encode() }));
+    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+}
+
+/// Serves `/healthz` and `/livez` on `addr`.
+pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
+    let handler = move || {
+        let health = health.clone();
+        async move {
+            let code = if health.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (code, health.body())
+        }
+    };
+    let app = Router::new().route("/healthz", get(handler.clone())).route("/livez", get(handler));
+    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+}
