@@ -100,7 +100,8 @@ pub async fn run(
                     tracing::error!(error = %text, "sync failed; the previous rules stay in place, retrying");
                     last_error = Some(text);
                 }
-                next_check = tokio::time::Instant::now() + timing.min_sync_period.max(Duration::from_secs(1));
+                next_check = tokio::time::Instant::now()
+                    + timing.min_sync_period.max(Duration::from_secs(1));
             }
         }
     }

@@ -247,7 +247,8 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
     let masq_check = masq_check_rules(family, opts).is_some();
-    objs.elements.push((cluster_ips_set(family), Element::address(vip)));
+    objs.elements
+        .push((cluster_ips_set(family), Element::address(vip)));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
         let endpoints = port.usable_endpoints(family);
@@ -257,7 +258,10 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
         }
         if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
-                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
+                rules.push(rule(vec![
+                    Stmt::L4Proto(port.protocol),
+                    Stmt::RejectTcpReset,
+                ]));
             }
             rules.push(rule(vec![Stmt::RejectPortUnreachable]));
         }
@@ -267,7 +271,10 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
             let remaining = n - i as u32;
             if remaining > 1 {
                 rules.push(rule(vec![
-                    Stmt::NumgenBelow { modulus: remaining, below: 1 },
+                    Stmt::NumgenBelow {
+                        modulus: remaining,
+                        below: 1,
+                    },
                     Stmt::Goto(ep_chain.clone()),
                 ]));
             } else {
@@ -278,13 +285,23 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
                 Chain {
                     base: None,
                     rules: vec![
-                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
-                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
+                        rule(vec![
+                            Stmt::NfProto(family),
+                            Stmt::SaddrIs(ep.ip),
+                            Stmt::SetMarkBit(MASQ_MARK),
+                        ]),
+                        rule(vec![Stmt::Dnat {
+                            addr: ep.ip,
+                            port: ep.port,
+                        }]),
                     ],
                 },
             );
         }
-        objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
+        objs.elements.push((
+            dispatch_map(family),
+            Element::dispatch(vip, port.protocol, port.port, chain.clone()),
+        ));
         objs.chains.insert(chain, Chain { base: None, rules });
     }
 }

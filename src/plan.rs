@@ -317,10 +317,25 @@ pub fn plan_services<'a>(
     skeleton: &Ruleset,
 ) -> Plan {
     let empty_sets = || -> BTreeMap<String, Set> {
-        skeleton.sets.iter().map(|(n, s)| (n.clone(), Set { kind: s.kind, elements: vec![] })).collect()
+        skeleton
+            .sets
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    Set {
+                        kind: s.kind,
+                        elements: vec![],
+                    },
+                )
+            })
+            .collect()
     };
     let collect = |objs: &mut dyn Iterator<Item = &'a crate::compile::ServiceObjects>| {
-        let mut rs = Ruleset { chains: BTreeMap::new(), sets: empty_sets() };
+        let mut rs = Ruleset {
+            chains: BTreeMap::new(),
+            sets: empty_sets(),
+        };
         for o in objs {
             crate::compile::merge(&mut rs, o);
         }

@@ -67,7 +67,13 @@ pub struct Engine {
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
     let set = |s: Option<&Service>| -> BTreeSet<String> {
         s.into_iter()
-            .flat_map(|s| s.ports.iter().flat_map(move |p| p.endpoints.iter().map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol))))
+            .flat_map(|s| {
+                s.ports.iter().flat_map(move |p| {
+                    p.endpoints
+                        .iter()
+                        .map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol))
+                })
+            })
             .collect()
     };
     set(old).symmetric_difference(&set(new)).count()
@@ -76,7 +82,13 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 impl Engine {
     pub fn new(nl: Netlink, opts: Options) -> Self {
         let skeleton = compile::skeleton(&opts);
-        Engine { nl, opts, skeleton, services: BTreeMap::new(), generation: None }
+        Engine {
+            nl,
+            opts,
+            skeleton,
+            services: BTreeMap::new(),
+            generation: None,
+        }
     }
 
     /// Forgets what the kernel holds: the next sync is a full one.
@@ -112,15 +124,30 @@ impl Engine {
         }
         let compiled: BTreeMap<ServiceId, ServiceObjects> = changed
             .iter()
-            .filter_map(|id| snapshot.services.get(id).map(|s| (id.clone(), compile::compile_service(s, &self.opts))))
+            .filter_map(|id| {
+                snapshot
+                    .services
+                    .get(id)
+                    .map(|s| (id.clone(), compile::compile_service(s, &self.opts)))
+            })
             .collect();
 
         let trusted = self.generation == Some(generation);
         let (kind, plan, read_back) = if trusted {
             if changed.is_empty() {
-                return Ok(self.outcome(SyncKind::Unchanged, Plan::default(), ApplyStats::default(), 0, 0, Duration::ZERO, start));
+                return Ok(self.outcome(
+                    SyncKind::Unchanged,
+                    Plan::default(),
+                    ApplyStats::default(),
+                    0,
+                    0,
+                    Duration::ZERO,
+                    start,
+                ));
             }
-            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o)| o));
+            let old = changed
+                .iter()
+                .filter_map(|id| self.services.get(id).map(|(_, o)| o));
             let plan = plan::plan_services(old, compiled.values(), &self.skeleton);
             (SyncKind::Partial, plan, Duration::ZERO)
         } else {
@@ -146,14 +173,23 @@ impl Engine {
         for id in &changed {
             match (snapshot.services.get(id), compiled.get(id)) {
                 (Some(svc), Some(objs)) => {
-                    self.services.insert(id.clone(), (svc.clone(), objs.clone()));
+                    self.services
+                        .insert(id.clone(), (svc.clone(), objs.clone()));
                 }
                 _ => {
                     self.services.remove(id);
                 }
             }
         }
-        Ok(self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start))
+        Ok(self.outcome(
+            kind,
+            plan,
+            stats,
+            changed.len(),
+            endpoints_changed,
+            read_back,
+            start,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -167,6 +203,14 @@ impl Engine {
         read_back: Duration,
         start: Instant,
     ) -> Outcome {
-        Outcome { kind, plan, stats, services_changed, endpoints_changed, read_back, total: start.elapsed() }
+        Outcome {
+            kind,
+            plan,
+            stats,
+            services_changed,
+            endpoints_changed,
+            read_back,
+            total: start.elapsed(),
+        }
     }
 }

@@ -42,11 +42,29 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// Holds one TCP connection open, sending a line every interval and expecting it echoed;
+    /// prints `NAME held N round trips` or `NAME broken after N round trips: why`.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Hold {
+            addr,
+            seconds,
+            interval_ms,
+        } => hold(
+            addr,
+            Duration::from_secs(seconds),
+            Duration::from_millis(interval_ms),
+        ),
         Cmd::Probe {
             proto,
             addr,
@@ -152,5 +170,52 @@ fn probe(proto: &str, addr: SocketAddr, count: usize, timeout: Duration, full: b
     for (k, n) in &tally {
         println!("{n:5}  {k}");
     }
+    ExitCode::SUCCESS
+}
+
+fn hold(addr: SocketAddr, total: Duration, interval: Duration) -> ExitCode {
+    let start = std::time::Instant::now();
+    let conn = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("? broken after 0 round trips: connect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut writer = conn;
+    let mut hello = String::new();
+    let _ = reader.read_line(&mut hello);
+    let name = hello.split_whitespace().next().unwrap_or("?").to_string();
+    let mut n = 0u64;
+    while start.elapsed() < total {
+        let line = format!("ping {n}\n");
+        let mut back = String::new();
+        let result = writer
+            .write_all(line.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                reader
+                    .read_line(&mut back)
+                    .map_err(|e| e.to_string())
+                    .and_then(|k| {
+                        if k == 0 {
+                            Err("closed".to_string())
+                        } else if back != line {
+                            Err(format!("got {back:?}"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+            });
+        if let Err(why) = result {
+            println!("{name} broken after {n} round trips: {why}");
+            return ExitCode::FAILURE;
+        }
+        n += 1;
+        std::thread::sleep(interval);
+    }
+    println!("{name} held {n} round trips");
     ExitCode::SUCCESS
 }

@@ -337,7 +337,10 @@ impl Netlink {
         answers
             .iter()
             .find_map(|m| gen_id(m))
-            .ok_or_else(|| NftError::ReadBack { what: "generation", source: io::Error::other("no NFTA_GEN_ID in answer") })
+            .ok_or_else(|| NftError::ReadBack {
+                what: "generation",
+                source: io::Error::other("no NFTA_GEN_ID in answer"),
+            })
     }
 
     /// Deletes our table and everything in it. `Ok(false)` when there was none.

@@ -199,7 +199,11 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::System
 }
 
 /// Polls the manifests and sends a change whenever a file appears, disappears or is modified.
-pub async fn watch(paths: Vec<PathBuf>, every: std::time::Duration, tx: tokio::sync::mpsc::Sender<super::Change>) {
+pub async fn watch(
+    paths: Vec<PathBuf>,
+    every: std::time::Duration,
+    tx: tokio::sync::mpsc::Sender<super::Change>,
+) {
     let mut last = fingerprint(&paths);
     loop {
         tokio::time::sleep(every).await;

@@ -54,7 +54,9 @@ pub struct Change {
 
 impl Change {
     pub fn now() -> Self {
-        Change { at: std::time::SystemTime::now() }
+        Change {
+            at: std::time::SystemTime::now(),
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! fixture the demo uses), torn down on drop even when the test panics.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -296,4 +298,92 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     })
     .join()
     .expect("netns thread panicked")
+}
+
+/// A running `nftproxy` agent in the node namespace; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Cluster {
+    /// Starts `nftproxy ARGS` (a long-running agent) in the node namespace.
+    pub fn start_agent(&self, name: &str, args: &[&str]) -> Agent {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.node(), NFTPROXY])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Agent { child, log }
+    }
+
+    /// HTTP GET from inside the node namespace: (status code, body).
+    pub fn http_get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        let (addr, path) = (addr.to_string(), path.to_string());
+        in_netns(&self.node(), move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr).ok()?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let code = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Some((code, body))
+        })
+    }
+}
+
+/// Polls `f` every 100 ms until it is true or `secs` pass.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// The value of a metric line `name value` (first sample without labels).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
 }
