@@ -63,14 +63,13 @@ pub async fn run(
             }
         }
         last_sync = Some(Instant::now());
-        let result = source
-            .objects()
-            .and_then(|o| resolve::resolve(&o, &resolve_opts))
-            .map_err(crate::Error::from)
-            .and_then(|snapshot| {
-                let n = snapshot.services.len();
-                tokio::task::block_in_place(|| engine.sync(&snapshot)).map(|o| (o, n))
-            });
+        let result =
+            source.objects().and_then(|o| resolve::resolve(&o, &resolve_opts)).map_err(crate::Error::from).and_then(
+                |snapshot| {
+                    let n = snapshot.services.len();
+                    tokio::task::block_in_place(|| engine.sync(&snapshot)).map(|o| (o, n))
+                },
+            );
         match result {
             Ok((outcome, services)) => {
                 metrics.synced(&outcome, services, &changed_at);
@@ -100,8 +99,7 @@ pub async fn run(
                     tracing::error!(error = %text, "sync failed; the previous rules stay in place, retrying");
                     last_error = Some(text);
                 }
-                next_check = tokio::time::Instant::now()
-                    + timing.min_sync_period.max(Duration::from_secs(1));
+                next_check = tokio::time::Instant::now() + timing.min_sync_period.max(Duration::from_secs(1));
             }
         }
     }

@@ -65,13 +65,7 @@ fn fam_digit(family: Family) -> char {
 
 /// `svc4/default/web/tcp/80`: names the Service port an operator is looking at.
 pub fn service_chain(svc: &Service, port: &ServicePort, family: Family) -> String {
-    format!(
-        "svc{}/{}/{}/{}",
-        fam_digit(family),
-        svc.id,
-        port.protocol,
-        port.port
-    )
+    format!("svc{}/{}/{}/{}", fam_digit(family), svc.id, port.protocol, port.port)
 }
 
 /// `ep4/default/web/tcp/80/10.244.0.2/8080`. Names stay plain nft identifiers (letters, digits,
@@ -135,19 +129,10 @@ pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
 
 /// The base chains, the dispatch chain, the masquerade chains and the four sets.
 fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
-    let base = |hook, priority, rules| Chain {
-        base: Some(BaseChain { hook, priority }),
-        rules,
-    };
+    let base = |hook, priority, rules| Chain { base: Some(BaseChain { hook, priority }), rules };
     let to_services = || vec![rule(vec![Stmt::Jump(CHAIN_SERVICES.into())])];
-    rs.chains.insert(
-        CHAIN_PREROUTING.into(),
-        base(Hook::Prerouting, DSTNAT, to_services()),
-    );
-    rs.chains.insert(
-        CHAIN_OUTPUT.into(),
-        base(Hook::Output, DSTNAT, to_services()),
-    );
+    rs.chains.insert(CHAIN_PREROUTING.into(), base(Hook::Prerouting, DSTNAT, to_services()));
+    rs.chains.insert(CHAIN_OUTPUT.into(), base(Hook::Output, DSTNAT, to_services()));
     rs.chains.insert(
         CHAIN_POSTROUTING.into(),
         base(
@@ -163,61 +148,25 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
 
     let mut services = Vec::new();
     for family in FAMILIES {
-        services.push(rule(vec![
-            Stmt::NfProto(family),
-            Stmt::DispatchVmap {
-                family,
-                map: dispatch_map(family),
-            },
-        ]));
+        services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: dispatch_map(family) }]));
     }
     for family in FAMILIES {
-        let to_vip = || {
-            vec![
-                Stmt::NfProto(family),
-                Stmt::DaddrInSet {
-                    family,
-                    set: cluster_ips_set(family),
-                },
-            ]
-        };
+        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: cluster_ips_set(family) }];
         let mut tcp = to_vip();
-        tcp.extend([
-            Stmt::L4Proto(crate::model::Protocol::Tcp),
-            Stmt::RejectTcpReset,
-        ]);
+        tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
         services.push(rule(tcp));
         let mut other = to_vip();
         other.push(Stmt::RejectPortUnreachable);
         services.push(rule(other));
     }
-    rs.chains.insert(
-        CHAIN_SERVICES.into(),
-        Chain {
-            base: None,
-            rules: services,
-        },
-    );
+    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services });
 
     for family in FAMILIES {
         if let Some(rules) = masq_check_rules(family, opts) {
-            rs.chains
-                .insert(masq_check_chain(family), Chain { base: None, rules });
+            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules });
         }
-        rs.sets.insert(
-            dispatch_map(family),
-            Set {
-                kind: SetKind::Dispatch(family),
-                elements: vec![],
-            },
-        );
-        rs.sets.insert(
-            cluster_ips_set(family),
-            Set {
-                kind: SetKind::Addresses(family),
-                elements: vec![],
-            },
-        );
+        rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
+        rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
     }
 }
 
@@ -228,18 +177,12 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
     if opts.masquerade_all {
         return Some(vec![mark]);
     }
-    let cidrs: Vec<&IpNet> = opts
-        .cluster_cidrs
-        .iter()
-        .filter(|c| Family::of(&c.addr()) == family)
-        .collect();
+    let cidrs: Vec<&IpNet> = opts.cluster_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).collect();
     if cidrs.is_empty() {
         return None;
     }
-    let mut rules: Vec<Rule> = cidrs
-        .into_iter()
-        .map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return]))
-        .collect();
+    let mut rules: Vec<Rule> =
+        cidrs.into_iter().map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return])).collect();
     rules.push(mark);
     Some(rules)
 }
@@ -247,8 +190,7 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
     let masq_check = masq_check_rules(family, opts).is_some();
-    objs.elements
-        .push((cluster_ips_set(family), Element::address(vip)));
+    objs.elements.push((cluster_ips_set(family), Element::address(vip)));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
         let endpoints = port.usable_endpoints(family);
@@ -258,10 +200,7 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
         }
         if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
-                rules.push(rule(vec![
-                    Stmt::L4Proto(port.protocol),
-                    Stmt::RejectTcpReset,
-                ]));
+                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
             }
             rules.push(rule(vec![Stmt::RejectPortUnreachable]));
         }
@@ -270,13 +209,8 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
             let ep_chain = endpoint_chain(&chain, ep);
             let remaining = n - i as u32;
             if remaining > 1 {
-                rules.push(rule(vec![
-                    Stmt::NumgenBelow {
-                        modulus: remaining,
-                        below: 1,
-                    },
-                    Stmt::Goto(ep_chain.clone()),
-                ]));
+                rules
+                    .push(rule(vec![Stmt::NumgenBelow { modulus: remaining, below: 1 }, Stmt::Goto(ep_chain.clone())]));
             } else {
                 rules.push(rule(vec![Stmt::Goto(ep_chain.clone())]));
             }
@@ -285,23 +219,13 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
                 Chain {
                     base: None,
                     rules: vec![
-                        rule(vec![
-                            Stmt::NfProto(family),
-                            Stmt::SaddrIs(ep.ip),
-                            Stmt::SetMarkBit(MASQ_MARK),
-                        ]),
-                        rule(vec![Stmt::Dnat {
-                            addr: ep.ip,
-                            port: ep.port,
-                        }]),
+                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
+                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
                     ],
                 },
             );
         }
-        objs.elements.push((
-            dispatch_map(family),
-            Element::dispatch(vip, port.protocol, port.port, chain.clone()),
-        ));
+        objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
         objs.chains.insert(chain, Chain { base: None, rules });
     }
 }
@@ -319,9 +243,7 @@ pub fn render(rs: &Ruleset) -> String {
     for (name, chain) in &rs.chains {
         out.push_str(&format!("  chain {name} {{\n"));
         if let Some(b) = chain.base {
-            out.push_str(
-                &format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase(),
-            );
+            out.push_str(&format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase());
         }
         for r in &chain.rules {
             out.push_str(&format!("    {r}\n"));

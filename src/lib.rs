@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod compile;
+pub mod conntrack;
 pub mod metrics;
 pub mod model;
 pub mod nft;

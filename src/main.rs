@@ -81,24 +81,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build();
-    let result = runtime
-        .map_err(BoxError::from)
-        .and_then(|rt| rt.block_on(run(args)));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let result = runtime.map_err(BoxError::from).and_then(|rt| rt.block_on(run(args)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -111,24 +101,12 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
         let removed = Netlink::open()?.delete_table()?;
-        println!(
-            "{}",
-            if removed {
-                "removed table inet nftproxy"
-            } else {
-                "nothing to remove"
-            }
-        );
+        println!("{}", if removed { "removed table inet nftproxy" } else { "nothing to remove" });
         return Ok(());
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
-    let resolve_opts = ResolveOptions {
-        service_cidrs: args.service_cluster_ip_range.clone(),
-    };
-    let opts = Options {
-        cluster_cidrs: args.cluster_cidrs.clone(),
-        masquerade_all: args.masquerade_all,
-    };
+    let resolve_opts = ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() };
+    let opts = Options { cluster_cidrs: args.cluster_cidrs.clone(), masquerade_all: args.masquerade_all };
     let (tx, rx) = mpsc::channel(1);
     let source: Arc<dyn Source> = if args.manifests.is_empty() {
         let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;
@@ -138,11 +116,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         Arc::new(kube)
     } else {
         if args.watch {
-            tokio::spawn(manifest::watch(
-                args.manifests.clone(),
-                Duration::from_millis(500),
-                tx.clone(),
-            ));
+            tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
         Arc::new(Manifests(args.manifests.clone()))
     };
@@ -151,12 +125,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let snapshot = resolve::resolve(&source.objects()?, &resolve_opts)?;
         if args.dry_run {
             let want = compile::compile(&snapshot, &opts);
-            let have = Netlink::open()
-                .and_then(|mut nl| nl.read_table())
-                .unwrap_or_else(|e| {
-                    tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
-                    Default::default()
-                });
+            let have = Netlink::open().and_then(|mut nl| nl.read_table()).unwrap_or_else(|e| {
+                tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
+                Default::default()
+            });
             print!("{}", plan::plan(&have, &want));
             return Ok(());
         }
@@ -190,31 +162,15 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     });
     let engine = Engine::new(Netlink::open()?, opts);
-    let timing = Timing {
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
-    };
-    agent::run(
-        engine,
-        source,
-        resolve_opts,
-        rx,
-        timing,
-        metrics,
-        health,
-        shutdown_signal(),
-    )
-    .await;
+    let timing = Timing { min_sync_period: args.min_sync_period, sync_period: args.sync_period };
+    agent::run(engine, source, resolve_opts, rx, timing, metrics, health, shutdown_signal()).await;
     Ok(())
 }
 
 /// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -224,7 +180,5 @@ async fn shutdown_signal() {
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string())
 }

@@ -29,6 +29,8 @@ pub struct Metrics {
     messages: Counter,
     unchanged: Counter,
     services: Gauge,
+    conntrack_deleted: Counter,
+    conntrack_time: Histogram,
 }
 
 fn seconds() -> Histogram {
@@ -50,19 +52,13 @@ impl Default for Metrics {
             messages: Counter::default(),
             unchanged: Counter::default(),
             services: Gauge::default(),
+            conntrack_deleted: Counter::default(),
+            conntrack_time: seconds(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
-        registry.register(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "Sync latency (any sync)",
-            m.sync.clone(),
-        );
-        registry.register(
-            "kubeproxy_sync_full_proxy_rules_duration_seconds",
-            "Full sync latency",
-            m.sync_full.clone(),
-        );
+        registry.register("kubeproxy_sync_proxy_rules_duration_seconds", "Sync latency (any sync)", m.sync.clone());
+        registry.register("kubeproxy_sync_full_proxy_rules_duration_seconds", "Full sync latency", m.sync_full.clone());
         registry.register(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
             "Partial sync latency",
@@ -88,11 +84,7 @@ impl Default for Metrics {
             "Service changes applied",
             m.service_changes.clone(),
         );
-        registry.register(
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
-            "Failed syncs",
-            m.failures.clone(),
-        );
+        registry.register("kubeproxy_sync_proxy_rules_nftables_sync_failures", "Failed syncs", m.failures.clone());
         registry.register(
             "nftproxy_transaction_messages",
             "Netlink messages sent in nf_tables transactions",
@@ -103,11 +95,7 @@ impl Default for Metrics {
             "Syncs that found nothing changed (one generation check, nothing read or sent)",
             m.unchanged.clone(),
         );
-        registry.register(
-            "nftproxy_services",
-            "Services programmed",
-            m.services.clone(),
-        );
+        registry.register("nftproxy_services", "Services programmed", m.services.clone());
         Metrics { registry, ..m }
     }
 }
@@ -126,18 +114,17 @@ impl Metrics {
         }
         let now = SystemTime::now();
         for t in changed_at {
-            self.programming
-                .observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
+            self.programming.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
         }
-        self.last_timestamp.set(
-            now.duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-        );
+        self.last_timestamp.set(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         self.endpoint_changes.inc_by(o.endpoints_changed as u64);
         self.service_changes.inc_by(o.services_changed as u64);
         self.messages.inc_by(o.stats.messages as u64);
         self.services.set(services as i64);
+        self.conntrack_deleted.inc_by(o.conntrack_deleted as u64);
+        if o.conntrack_time > Duration::ZERO {
+            self.conntrack_time.observe(o.conntrack_time.as_secs_f64());
+        }
     }
 
     pub fn failed(&self) {
@@ -160,18 +147,11 @@ pub struct Health {
 
 impl Health {
     pub fn new(sync_period: Duration) -> Self {
-        Health {
-            sync_period,
-            pending_since: Mutex::new(Some(Instant::now())),
-            last_synced: Mutex::new(None),
-        }
+        Health { sync_period, pending_since: Mutex::new(Some(Instant::now())), last_synced: Mutex::new(None) }
     }
 
     pub fn queued(&self) {
-        self.pending_since
-            .lock()
-            .unwrap()
-            .get_or_insert_with(Instant::now);
+        self.pending_since.lock().unwrap().get_or_insert_with(Instant::now);
     }
 
     pub fn synced(&self) {
@@ -180,18 +160,11 @@ impl Health {
     }
 
     pub fn healthy(&self) -> bool {
-        self.pending_since
-            .lock()
-            .unwrap()
-            .is_none_or(|t| t.elapsed() <= 2 * self.sync_period)
+        self.pending_since.lock().unwrap().is_none_or(|t| t.elapsed() <= 2 * self.sync_period)
     }
 
     fn body(&self) -> String {
-        let secs = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64()
-        };
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let last = self.last_synced.lock().unwrap().map(secs);
         format!(
             "{{\"lastUpdated\": {}, \"currentTime\": {:.3}, \"healthy\": {}}}\n",
@@ -213,16 +186,10 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Res
     let handler = move || {
         let health = health.clone();
         async move {
-            let code = if health.healthy() {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let code = if health.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (code, health.body())
         }
     };
-    let app = Router::new()
-        .route("/healthz", get(handler.clone()))
-        .route("/livez", get(handler));
+    let app = Router::new().route("/healthz", get(handler.clone())).route("/livez", get(handler));
     axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
 }

@@ -16,10 +16,7 @@ pub struct ServiceId {
 
 impl ServiceId {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -60,9 +57,7 @@ impl Protocol {
             None | Some("TCP") => Ok(Protocol::Tcp),
             Some("UDP") => Ok(Protocol::Udp),
             Some("SCTP") => Ok(Protocol::Sctp),
-            Some(other) => Err(format!(
-                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
-            )),
+            Some(other) => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
         }
     }
 }
@@ -98,14 +93,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn ready(ip: IpAddr, port: u16) -> Self {
-        Endpoint {
-            ip,
-            port,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-        }
+        Endpoint { ip, port, ready: true, serving: true, terminating: false, node_name: None }
     }
 }
 
@@ -122,17 +110,10 @@ impl ServicePort {
     /// The endpoints new connections may go to, as kube-proxy picks them: the ready ones, or if
     /// none is ready, the ones still serving while terminating.
     pub fn usable_endpoints(&self, family: Family) -> Vec<&Endpoint> {
-        let of_family = || {
-            self.endpoints
-                .iter()
-                .filter(move |e| Family::of(&e.ip) == family)
-        };
+        let of_family = || self.endpoints.iter().filter(move |e| Family::of(&e.ip) == family);
         let ready: Vec<&Endpoint> = of_family().filter(|e| e.ready).collect();
-        let mut chosen = if ready.is_empty() {
-            of_family().filter(|e| e.serving && e.terminating).collect()
-        } else {
-            ready
-        };
+        let mut chosen =
+            if ready.is_empty() { of_family().filter(|e| e.serving && e.terminating).collect() } else { ready };
         chosen.sort();
         chosen.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         chosen
@@ -158,52 +139,22 @@ mod tests {
     use super::*;
 
     fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
-        Endpoint {
-            ip: ip.parse().unwrap(),
-            port: 80,
-            ready,
-            serving,
-            terminating,
-            node_name: None,
-        }
+        Endpoint { ip: ip.parse().unwrap(), port: 80, ready, serving, terminating, node_name: None }
     }
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
-        ServicePort {
-            name: "http".into(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            endpoints,
-        }
+        ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints }
     }
 
     #[test]
     fn usable_endpoints_follow_kube_proxy_rules() {
         // (endpoints, expected usable IPs)
         let cases: Vec<(Vec<Endpoint>, Vec<&str>)> = vec![
-            (
-                vec![
-                    ep("10.0.0.1", true, true, false),
-                    ep("10.0.0.2", false, false, false),
-                ],
-                vec!["10.0.0.1"],
-            ),
+            (vec![ep("10.0.0.1", true, true, false), ep("10.0.0.2", false, false, false)], vec!["10.0.0.1"]),
             // no ready endpoint: fall back to serving+terminating
-            (
-                vec![
-                    ep("10.0.0.1", false, true, true),
-                    ep("10.0.0.2", false, false, true),
-                ],
-                vec!["10.0.0.1"],
-            ),
+            (vec![ep("10.0.0.1", false, true, true), ep("10.0.0.2", false, false, true)], vec!["10.0.0.1"]),
             // a ready one exists: terminating ones get no new connections
-            (
-                vec![
-                    ep("10.0.0.1", false, true, true),
-                    ep("10.0.0.2", true, true, false),
-                ],
-                vec!["10.0.0.2"],
-            ),
+            (vec![ep("10.0.0.1", false, true, true), ep("10.0.0.2", true, true, false)], vec!["10.0.0.2"]),
             (vec![ep("10.0.0.1", false, false, false)], vec![]),
             // other family is ignored, duplicates collapse
             (
@@ -217,11 +168,7 @@ mod tests {
         ];
         for (endpoints, want) in cases {
             let p = port(endpoints.clone());
-            let got: Vec<String> = p
-                .usable_endpoints(Family::V4)
-                .iter()
-                .map(|e| e.ip.to_string())
-                .collect();
+            let got: Vec<String> = p.usable_endpoints(Family::V4).iter().map(|e| e.ip.to_string()).collect();
             assert_eq!(got, want, "endpoints {endpoints:?}");
         }
     }

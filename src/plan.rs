@@ -93,9 +93,7 @@ impl Plan {
         self.ops
             .iter()
             .filter_map(|op| match op {
-                Op::AddChain { name, .. } | Op::FlushChain(name) | Op::DelChain(name) => {
-                    Some(name.as_str())
-                }
+                Op::AddChain { name, .. } | Op::FlushChain(name) | Op::DelChain(name) => Some(name.as_str()),
                 Op::AddRules { chain, .. } => Some(chain.as_str()),
                 _ => None,
             })
@@ -116,14 +114,8 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
     // A base chain on the wrong hook or a set of the wrong shape cannot be fixed in place: rebuild
     // the table in the same transaction (the hooks are re-registered at commit).
     let reshaped = have.table_exists
-        && (want
-            .sets
-            .iter()
-            .any(|(n, s)| have.sets.get(n).is_some_and(|h| !set_shape_ok(s, h)))
-            || want
-                .chains
-                .iter()
-                .any(|(n, c)| have.chains.get(n).is_some_and(|h| h.base != c.base)));
+        && (want.sets.iter().any(|(n, s)| have.sets.get(n).is_some_and(|h| !set_shape_ok(s, h)))
+            || want.chains.iter().any(|(n, c)| have.chains.get(n).is_some_and(|h| h.base != c.base)));
     let empty = KernelState::default();
     let mut ops = Vec::new();
     let have = if reshaped {
@@ -137,18 +129,12 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
     }
     for (name, set) in &want.sets {
         if !have.sets.contains_key(name) {
-            ops.push(Op::AddSet {
-                name: name.clone(),
-                kind: set.kind,
-            });
+            ops.push(Op::AddSet { name: name.clone(), kind: set.kind });
         }
     }
     for (name, chain) in &want.chains {
         if !have.chains.contains_key(name) {
-            ops.push(Op::AddChain {
-                name: name.clone(),
-                base: chain.base,
-            });
+            ops.push(Op::AddChain { name: name.clone(), base: chain.base });
         }
     }
     for (name, chain) in &want.chains {
@@ -156,56 +142,29 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
             Some(h) if h.rules == comments(chain) => {}
             Some(_) => {
                 ops.push(Op::FlushChain(name.clone()));
-                ops.push(Op::AddRules {
-                    chain: name.clone(),
-                    rules: chain.rules.clone(),
-                });
+                ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() });
             }
             None if chain.rules.is_empty() => {}
-            None => ops.push(Op::AddRules {
-                chain: name.clone(),
-                rules: chain.rules.clone(),
-            }),
+            None => ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() }),
         }
     }
     let mut adds = Vec::new();
     for (name, set) in &want.sets {
-        let have_elems: BTreeSet<&Element> = have
-            .sets
-            .get(name)
-            .map(|s| s.elements.iter().collect())
-            .unwrap_or_default();
+        let have_elems: BTreeSet<&Element> =
+            have.sets.get(name).map(|s| s.elements.iter().collect()).unwrap_or_default();
         let want_elems: BTreeSet<&Element> = set.elements.iter().collect();
-        let del: Vec<Element> = have_elems
-            .difference(&want_elems)
-            .map(|e| (*e).clone())
-            .collect();
-        let add: Vec<Element> = want_elems
-            .difference(&have_elems)
-            .map(|e| (*e).clone())
-            .collect();
+        let del: Vec<Element> = have_elems.difference(&want_elems).map(|e| (*e).clone()).collect();
+        let add: Vec<Element> = want_elems.difference(&have_elems).map(|e| (*e).clone()).collect();
         if !del.is_empty() {
-            ops.push(Op::DelElements {
-                set: name.clone(),
-                kind: set.kind,
-                elements: del,
-            });
+            ops.push(Op::DelElements { set: name.clone(), kind: set.kind, elements: del });
         }
         if !add.is_empty() {
-            adds.push(Op::AddElements {
-                set: name.clone(),
-                kind: set.kind,
-                elements: add,
-            });
+            adds.push(Op::AddElements { set: name.clone(), kind: set.kind, elements: add });
         }
     }
     // Deletions first: a changed element (same key, other verdict) is deleted, then added.
     ops.extend(adds);
-    let gone: Vec<&String> = have
-        .chains
-        .keys()
-        .filter(|n| !want.chains.contains_key(*n))
-        .collect();
+    let gone: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
     for name in &gone {
         if !have.chains[*name].rules.is_empty() {
             ops.push(Op::FlushChain((*name).clone()));
@@ -228,19 +187,12 @@ impl fmt::Display for Plan {
         }
         for op in &self.ops {
             match op {
-                Op::DelTable => {
-                    writeln!(f, "- table inet {TABLE} (rebuilt: its shape was changed)")?
-                }
+                Op::DelTable => writeln!(f, "- table inet {TABLE} (rebuilt: its shape was changed)")?,
                 Op::AddTable => writeln!(f, "+ table inet {TABLE}")?,
                 Op::AddSet { name, kind } => writeln!(f, "+ set {name} ({kind:?})")?,
-                Op::AddChain {
-                    name,
-                    base: Some(b),
-                } => writeln!(
-                    f,
-                    "+ chain {name} (type nat hook {:?} priority {})",
-                    b.hook, b.priority
-                )?,
+                Op::AddChain { name, base: Some(b) } => {
+                    writeln!(f, "+ chain {name} (type nat hook {:?} priority {})", b.hook, b.priority)?
+                }
                 Op::AddChain { name, base: None } => writeln!(f, "+ chain {name}")?,
                 Op::FlushChain(name) => writeln!(f, "~ flush chain {name}")?,
                 Op::AddRules { chain, rules } => {
@@ -248,20 +200,12 @@ impl fmt::Display for Plan {
                         writeln!(f, "+ rule {chain}: {r}")?;
                     }
                 }
-                Op::DelElements {
-                    set,
-                    kind,
-                    elements,
-                } => {
+                Op::DelElements { set, kind, elements } => {
                     for e in elements {
                         writeln!(f, "- element {set}: {}", e.describe(*kind))?;
                     }
                 }
-                Op::AddElements {
-                    set,
-                    kind,
-                    elements,
-                } => {
+                Op::AddElements { set, kind, elements } => {
                     for e in elements {
                         writeln!(f, "+ element {set}: {}", e.describe(*kind))?;
                     }
@@ -281,29 +225,14 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
         chains: want
             .chains
             .iter()
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    KernelChain {
-                        base: c.base,
-                        rules: comments(c),
-                    },
-                )
-            })
+            .map(|(n, c)| (n.clone(), KernelChain { base: c.base, rules: comments(c) }))
             .collect(),
         sets: want
             .sets
             .iter()
             .map(|(n, s)| {
                 let is_map = matches!(s.kind, SetKind::Dispatch(_));
-                (
-                    n.clone(),
-                    KernelSet {
-                        key_len: s.kind.key_len(),
-                        is_map,
-                        elements: s.elements.clone(),
-                    },
-                )
+                (n.clone(), KernelSet { key_len: s.kind.key_len(), is_map, elements: s.elements.clone() })
             })
             .collect(),
     }
@@ -317,25 +246,10 @@ pub fn plan_services<'a>(
     skeleton: &Ruleset,
 ) -> Plan {
     let empty_sets = || -> BTreeMap<String, Set> {
-        skeleton
-            .sets
-            .iter()
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    Set {
-                        kind: s.kind,
-                        elements: vec![],
-                    },
-                )
-            })
-            .collect()
+        skeleton.sets.iter().map(|(n, s)| (n.clone(), Set { kind: s.kind, elements: vec![] })).collect()
     };
     let collect = |objs: &mut dyn Iterator<Item = &'a crate::compile::ServiceObjects>| {
-        let mut rs = Ruleset {
-            chains: BTreeMap::new(),
-            sets: empty_sets(),
-        };
+        let mut rs = Ruleset { chains: BTreeMap::new(), sets: empty_sets() };
         for o in objs {
             crate::compile::merge(&mut rs, o);
         }

@@ -30,18 +30,8 @@ pub fn served_table(snapshot: &Snapshot) -> String {
             }
         }
     }
-    let w0 = rows
-        .iter()
-        .map(|r| r[0].len())
-        .max()
-        .unwrap_or(0)
-        .max("SERVICE".len());
-    let w1 = rows
-        .iter()
-        .map(|r| r[1].len())
-        .max()
-        .unwrap_or(0)
-        .max("CLUSTER-IP".len());
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max("SERVICE".len());
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0).max("CLUSTER-IP".len());
     let mut out = String::new();
     let _ = writeln!(out, "{:w0$}  {:w1$}  ENDPOINTS", "SERVICE", "CLUSTER-IP");
     for r in rows {

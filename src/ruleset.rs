@@ -105,11 +105,7 @@ impl fmt::Display for Stmt {
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
             Stmt::DispatchVmap { family, map } => {
-                write!(
-                    f,
-                    "{} daddr . meta l4proto . th dport vmap @{map}",
-                    ip_kw(*family)
-                )
+                write!(f, "{} daddr . meta l4proto . th dport vmap @{map}", ip_kw(*family))
             }
             Stmt::MarkBitClear(bit) => write!(f, "meta mark & {bit:#x} == 0"),
             Stmt::SetMarkBit(bit) => write!(f, "meta mark set meta mark | {bit:#x}"),
@@ -120,10 +116,7 @@ impl fmt::Display for Stmt {
             Stmt::Jump(c) => write!(f, "jump {c}"),
             Stmt::Goto(c) => write!(f, "goto {c}"),
             Stmt::Return => f.write_str("return"),
-            Stmt::Dnat {
-                addr: a @ IpAddr::V4(_),
-                port,
-            } => write!(f, "dnat ip to {a}:{port}"),
+            Stmt::Dnat { addr: a @ IpAddr::V4(_), port } => write!(f, "dnat ip to {a}:{port}"),
             Stmt::Dnat { addr, port } => write!(f, "dnat ip6 to [{addr}]:{port}"),
             Stmt::Masquerade => f.write_str("masquerade fully-random"),
             Stmt::RejectTcpReset => f.write_str("reject with tcp reset"),
@@ -222,17 +215,11 @@ impl Element {
         key.extend_from_slice(&[proto.number(), 0, 0, 0]);
         key.extend_from_slice(&port.to_be_bytes());
         key.extend_from_slice(&[0, 0]);
-        Element {
-            key,
-            goto: Some(chain),
-        }
+        Element { key, goto: Some(chain) }
     }
 
     pub fn address(ip: IpAddr) -> Self {
-        Element {
-            key: ip_bytes(&ip),
-            goto: None,
-        }
+        Element { key: ip_bytes(&ip), goto: None }
     }
 
     /// nft-like text of the element, for dry runs and error messages.
@@ -298,23 +285,12 @@ mod tests {
 
     #[test]
     fn dispatch_keys_are_padded_like_concatenated_registers() {
-        let e = Element::dispatch(
-            "10.96.0.10".parse().unwrap(),
-            Protocol::Udp,
-            53,
-            "svc".into(),
-        );
+        let e = Element::dispatch("10.96.0.10".parse().unwrap(), Protocol::Udp, 53, "svc".into());
         assert_eq!(e.key, vec![10, 96, 0, 10, 17, 0, 0, 0, 0, 53, 0, 0]);
         assert_eq!(e.key.len() as u32, SetKind::Dispatch(Family::V4).key_len());
-        assert_eq!(
-            e.describe(SetKind::Dispatch(Family::V4)),
-            "10.96.0.10 . udp . 53 : goto svc"
-        );
+        assert_eq!(e.describe(SetKind::Dispatch(Family::V4)), "10.96.0.10 . udp . 53 : goto svc");
         let e6 = Element::dispatch("fd00::a".parse().unwrap(), Protocol::Tcp, 443, "s".into());
         assert_eq!(e6.key.len() as u32, SetKind::Dispatch(Family::V6).key_len());
-        assert_eq!(
-            e6.describe(SetKind::Dispatch(Family::V6)),
-            "fd00::a . tcp . 443 : goto s"
-        );
+        assert_eq!(e6.describe(SetKind::Dispatch(Family::V6)), "fd00::a . tcp . 443 : goto s");
     }
 }

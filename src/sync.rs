@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::compile::{self, Options, ServiceObjects};
+use crate::conntrack::Conntrack;
+use crate::conntrack::stale::UdpTargets;
 use crate::model::{Service, ServiceId, Snapshot};
 use crate::nft::{ApplyStats, Netlink};
 use crate::plan::{self, Plan};
@@ -51,6 +53,9 @@ pub struct Outcome {
     pub services_changed: usize,
     pub endpoints_changed: usize,
     pub read_back: Duration,
+    /// Stale UDP conntrack entries deleted after the commit, and the time that took.
+    pub conntrack_deleted: usize,
+    pub conntrack_time: Duration,
     pub total: Duration,
 }
 
@@ -62,17 +67,17 @@ pub struct Engine {
     services: BTreeMap<ServiceId, (Service, ServiceObjects)>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
     generation: Option<u32>,
+    /// Opened on first use; `None` after it failed to open (conntrack cleanup is then skipped).
+    conntrack: Option<Result<Conntrack, ()>>,
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
     let set = |s: Option<&Service>| -> BTreeSet<String> {
         s.into_iter()
             .flat_map(|s| {
-                s.ports.iter().flat_map(move |p| {
-                    p.endpoints
-                        .iter()
-                        .map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol))
-                })
+                s.ports
+                    .iter()
+                    .flat_map(move |p| p.endpoints.iter().map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol)))
             })
             .collect()
     };
@@ -82,13 +87,7 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 impl Engine {
     pub fn new(nl: Netlink, opts: Options) -> Self {
         let skeleton = compile::skeleton(&opts);
-        Engine {
-            nl,
-            opts,
-            skeleton,
-            services: BTreeMap::new(),
-            generation: None,
-        }
+        Engine { nl, opts, skeleton, services: BTreeMap::new(), generation: None, conntrack: None }
     }
 
     /// Forgets what the kernel holds: the next sync is a full one.
@@ -124,12 +123,7 @@ impl Engine {
         }
         let compiled: BTreeMap<ServiceId, ServiceObjects> = changed
             .iter()
-            .filter_map(|id| {
-                snapshot
-                    .services
-                    .get(id)
-                    .map(|s| (id.clone(), compile::compile_service(s, &self.opts)))
-            })
+            .filter_map(|id| snapshot.services.get(id).map(|s| (id.clone(), compile::compile_service(s, &self.opts))))
             .collect();
 
         let trusted = self.generation == Some(generation);
@@ -145,9 +139,7 @@ impl Engine {
                     start,
                 ));
             }
-            let old = changed
-                .iter()
-                .filter_map(|id| self.services.get(id).map(|(_, o)| o));
+            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o)| o));
             let plan = plan::plan_services(old, compiled.values(), &self.skeleton);
             (SyncKind::Partial, plan, Duration::ZERO)
         } else {
@@ -170,26 +162,68 @@ impl Engine {
             // Another commit slipped in between ours and the check: trust nothing.
             (after == generation.wrapping_add(1)).then_some(after)
         };
+        // Stale UDP flows go after the commit, so that new packets already meet the new rules.
+        let mut targets = UdpTargets::default();
+        for id in &changed {
+            if let Some((old, _)) = self.services.get(id)
+                && !snapshot.services.contains_key(id)
+            {
+                targets.add(old, true);
+            }
+        }
+        let reconcile: Box<dyn Iterator<Item = &Service>> = match kind {
+            SyncKind::Full => Box::new(snapshot.services.values()),
+            _ => Box::new(changed.iter().filter_map(|id| snapshot.services.get(id))),
+        };
+        for svc in reconcile {
+            targets.add(svc, false);
+        }
+        let ct_start = Instant::now();
+        let conntrack_deleted = if targets.is_empty() { 0 } else { self.clean_conntrack(&targets) };
+        let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
         for id in &changed {
             match (snapshot.services.get(id), compiled.get(id)) {
                 (Some(svc), Some(objs)) => {
-                    self.services
-                        .insert(id.clone(), (svc.clone(), objs.clone()));
+                    self.services.insert(id.clone(), (svc.clone(), objs.clone()));
                 }
                 _ => {
                     self.services.remove(id);
                 }
             }
         }
-        Ok(self.outcome(
-            kind,
-            plan,
-            stats,
-            changed.len(),
-            endpoints_changed,
-            read_back,
-            start,
-        ))
+        let mut outcome = self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start);
+        outcome.conntrack_deleted = conntrack_deleted;
+        outcome.conntrack_time = conntrack_time;
+        Ok(outcome)
+    }
+
+    /// Deletes the stale UDP entries for `targets`; failures are logged, never fatal (the rules
+    /// are already committed).
+    fn clean_conntrack(&mut self, targets: &UdpTargets) -> usize {
+        let ct = self.conntrack.get_or_insert_with(|| {
+            Conntrack::open()
+                .map_err(|e| tracing::warn!(error = %e, "conntrack unavailable; stale UDP flows will not be cleared"))
+        });
+        let Ok(ct) = ct else { return 0 };
+        let flows = match ct.udp_flows() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "dumping conntrack failed");
+                return 0;
+            }
+        };
+        let mut deleted = 0;
+        for f in flows.iter().filter(|f| targets.is_stale(&f.key)) {
+            match ct.delete(f) {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, flow = ?f.key, "deleting a stale conntrack entry failed"),
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted stale UDP conntrack entries");
+        }
+        deleted
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -210,6 +244,8 @@ impl Engine {
             services_changed,
             endpoints_changed,
             read_back,
+            conntrack_deleted: 0,
+            conntrack_time: Duration::ZERO,
             total: start.elapsed(),
         }
     }

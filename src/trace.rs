@@ -60,22 +60,10 @@ impl Ratio {
 
 /// Every possible fate with its probability (probabilities add up to one).
 pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<(Fate, Ratio)> {
-    let start = if pkt.local {
-        CHAIN_OUTPUT
-    } else {
-        CHAIN_PREROUTING
-    };
+    let start = if pkt.local { CHAIN_OUTPUT } else { CHAIN_PREROUTING };
     let mut out: Vec<(Fate, Ratio)> = Vec::new();
     let mut branches = Vec::new();
-    run_chain(
-        rs,
-        pkt,
-        start,
-        0,
-        Ratio::ONE,
-        &mut Vec::new(),
-        &mut branches,
-    );
+    run_chain(rs, pkt, start, 0, Ratio::ONE, &mut Vec::new(), &mut branches);
     for (fate, p) in branches {
         match out.iter_mut().find(|(f, _)| *f == fate) {
             Some((_, q)) => *q = q.add(p),
@@ -87,12 +75,7 @@ pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<(Fate, Ratio)> {
 }
 
 fn key_matches(rs: &Ruleset, set: &str, key: &[u8]) -> Option<Element> {
-    rs.sets
-        .get(set)?
-        .elements
-        .iter()
-        .find(|e| e.key == key)
-        .cloned()
+    rs.sets.get(set)?.elements.iter().find(|e| e.key == key).cloned()
 }
 
 /// Runs `chain`; on falling off its end, continues with the caller frames in `stack`.
@@ -120,11 +103,7 @@ fn run_from(
     out: &mut Vec<(Fate, Ratio)>,
 ) {
     let family = Family::of(&pkt.dst);
-    let rules = rs
-        .chains
-        .get(chain)
-        .map(|c| c.rules.as_slice())
-        .unwrap_or_default();
+    let rules = rs.chains.get(chain).map(|c| c.rules.as_slice()).unwrap_or_default();
     'rules: for (ri, rule) in rules.iter().enumerate().skip(first_rule) {
         for stmt in &rule.0 {
             match stmt {
@@ -143,10 +122,7 @@ fn run_from(
                 }
                 Stmt::DispatchVmap { map, .. } => {
                     let probe = Element::dispatch(pkt.dst, pkt.proto, pkt.dport, String::new());
-                    debug_assert!(matches!(
-                        rs.sets.get(map).map(|s| s.kind),
-                        Some(SetKind::Dispatch(_))
-                    ));
+                    debug_assert!(matches!(rs.sets.get(map).map(|s| s.kind), Some(SetKind::Dispatch(_))));
                     match key_matches(rs, map, &probe.key).and_then(|e| e.goto) {
                         Some(target) => return run_from(rs, pkt, &target, 0, mark, p, stack, out),
                         None => continue 'rules,
@@ -157,22 +133,10 @@ fn run_from(
                 Stmt::SetMarkBit(bit) => mark |= bit,
                 Stmt::ClearMarkBit(bit) => mark &= !bit,
                 Stmt::NumgenBelow { modulus, below } => {
-                    let (m, b) = (
-                        u128::from(*modulus),
-                        u128::from(*below).min(u128::from(*modulus)),
-                    );
+                    let (m, b) = (u128::from(*modulus), u128::from(*below).min(u128::from(*modulus)));
                     // The branch where the rule does not match continues with the next rule.
                     if b < m {
-                        run_from(
-                            rs,
-                            pkt,
-                            chain,
-                            ri + 1,
-                            mark,
-                            p.mul(m - b, m),
-                            &mut stack.clone(),
-                            out,
-                        );
+                        run_from(rs, pkt, chain, ri + 1, mark, p.mul(m - b, m), &mut stack.clone(), out);
                     }
                     if b == 0 {
                         return;
@@ -186,14 +150,7 @@ fn run_from(
                 Stmt::Goto(target) => return run_from(rs, pkt, target, 0, mark, p, stack, out),
                 Stmt::Return => break 'rules,
                 Stmt::Dnat { addr, port } => {
-                    out.push((
-                        Fate::Dnat {
-                            addr: *addr,
-                            port: *port,
-                            masquerade: mark & MASQ_MARK != 0,
-                        },
-                        p,
-                    ));
+                    out.push((Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 }, p));
                     return;
                 }
                 Stmt::Masquerade => {}

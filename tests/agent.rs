@@ -26,10 +26,7 @@ fn setup() -> Option<Setup> {
     let api = ApiServer::start_in(&c.node(), PORT);
     api.apply(Kind::Node, node("node-1"));
     api.apply(Kind::Service, service("web", "10.96.0.80", 80, 8080));
-    api.apply(
-        Kind::EndpointSlice,
-        slice("web", 8080, &["10.244.1.2", "10.244.1.3", "10.244.1.4"]),
-    );
+    api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2", "10.244.1.3", "10.244.1.4"]));
     let kubeconfig = api.kubeconfig(&c.dir).to_str().unwrap().to_string();
     Some(Setup { c, api, kubeconfig })
 }
@@ -37,16 +34,7 @@ fn setup() -> Option<Setup> {
 fn agent(s: &Setup, name: &str) -> Agent {
     s.c.start_agent(
         name,
-        &[
-            "--kubeconfig",
-            &s.kubeconfig,
-            "--node-name",
-            "node-1",
-            "--min-sync-period",
-            "100ms",
-            "--sync-period",
-            "2s",
-        ],
+        &["--kubeconfig", &s.kubeconfig, "--node-name", "node-1", "--min-sync-period", "100ms", "--sync-period", "2s"],
     )
 }
 
@@ -55,92 +43,52 @@ fn only_web(got: &std::collections::BTreeMap<String, usize>) -> bool {
 }
 
 fn listing(c: &Cluster) -> String {
-    if c.has_table() {
-        c.nft_list("inet nftproxy")
-    } else {
-        String::new()
-    }
+    if c.has_table() { c.nft_list("inet nftproxy") } else { String::new() }
 }
 
 #[test]
 fn agent_follows_the_api_and_keeps_serving_through_outages() {
     let Some(mut s) = setup() else { return };
     let a = agent(&s, "agent");
-    assert!(
-        wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 3))),
-        "never served:\n{}",
-        a.log_text()
-    );
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 3))), "never served:\n{}", a.log_text());
     assert!(
         s.api
             .requests()
             .iter()
-            .any(|r| r.starts_with("/api/v1/services?")
-                && r.contains("service.kubernetes.io%2Fheadless")),
+            .any(|r| r.starts_with("/api/v1/services?") && r.contains("service.kubernetes.io%2Fheadless")),
         "Services must be filtered server-side: {:?}",
         s.api.requests()
     );
 
     // An endpoint removed stops receiving new connections.
-    s.api.apply(
-        Kind::EndpointSlice,
-        slice("web", 8080, &["10.244.1.2", "10.244.1.3"]),
-    );
-    assert!(
-        wait_until(10, || !listing(&s.c).contains("10.244.1.4")),
-        "{}",
-        a.log_text()
-    );
+    s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2", "10.244.1.3"]));
+    assert!(wait_until(10, || !listing(&s.c).contains("10.244.1.4")), "{}", a.log_text());
     let got = s.c.probe("client", "tcp", VIP, 60);
     assert!(only_web(&got) && !got.contains_key("web-c"), "{got:?}");
 
     // A Service created through the API becomes reachable; deleted, it is gone.
-    s.api
-        .apply(Kind::Service, service("api2", "10.96.0.81", 80, 8080));
-    s.api
-        .apply(Kind::EndpointSlice, slice("api2", 8080, &["10.244.1.4"]));
-    assert!(wait_until(10, || s
-        .c
-        .probe("client", "tcp", "10.96.0.81:80", 1)
-        .contains_key("web-c")));
+    s.api.apply(Kind::Service, service("api2", "10.96.0.81", 80, 8080));
+    s.api.apply(Kind::EndpointSlice, slice("api2", 8080, &["10.244.1.4"]));
+    assert!(wait_until(10, || s.c.probe("client", "tcp", "10.96.0.81:80", 1).contains_key("web-c")));
     s.api.delete(Kind::Service, "default", "api2");
-    assert!(
-        wait_until(10, || !listing(&s.c).contains("10.96.0.81")),
-        "{}",
-        a.log_text()
-    );
-    assert!(
-        !s.c.probe("client", "tcp", "10.96.0.81:80", 1)
-            .contains_key("web-c")
-    );
+    assert!(wait_until(10, || !listing(&s.c).contains("10.96.0.81")), "{}", a.log_text());
+    assert!(!s.c.probe("client", "tcp", "10.96.0.81:80", 1).contains_key("web-c"));
 
     // The API goes away: nothing is removed, traffic keeps flowing.
     s.api.stop();
     std::thread::sleep(std::time::Duration::from_secs(5));
     assert!(only_web(&s.c.probe("client", "tcp", VIP, 20)));
     // Changes made meanwhile are applied when it comes back (watch resumes or re-lists).
-    s.api.apply(
-        Kind::EndpointSlice,
-        slice("web", 8080, &["10.244.1.2", "10.244.1.3", "10.244.1.4"]),
-    );
+    s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2", "10.244.1.3", "10.244.1.4"]));
     s.api.restart();
-    assert!(
-        wait_until(30, || listing(&s.c).contains("10.244.1.4")),
-        "{}",
-        a.log_text()
-    );
+    assert!(wait_until(30, || listing(&s.c).contains("10.244.1.4")), "{}", a.log_text());
 
     // 410 Gone on re-watch: the agent re-lists and still converges.
     s.api.stop();
     s.api.gone_next_watches(5);
-    s.api
-        .apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2"]));
+    s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2"]));
     s.api.restart();
-    assert!(
-        wait_until(30, || !listing(&s.c).contains("10.244.1.3")),
-        "{}",
-        a.log_text()
-    );
+    assert!(wait_until(30, || !listing(&s.c).contains("10.244.1.3")), "{}", a.log_text());
     assert_eq!(s.c.probe("client", "tcp", VIP, 10).get("web-a"), Some(&10));
 
     // Someone deletes our table: the next periodic check restores it.
@@ -151,71 +99,31 @@ fn agent_follows_the_api_and_keeps_serving_through_outages() {
     // Outages were logged, once each per watch, not in a loop.
     let log = a.log_text();
     let failures = log.matches("Kubernetes API watch failed").count();
-    assert!(
-        (1..=6).contains(&failures),
-        "{failures} failure lines:\n{log}"
-    );
+    assert!((1..=6).contains(&failures), "{failures} failure lines:\n{log}");
 }
 
 #[test]
 fn metrics_and_healthz_move_with_syncs() {
     let Some(s) = setup() else { return };
     let a = agent(&s, "agent");
-    assert!(
-        wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 1))),
-        "{}",
-        a.log_text()
-    );
-    let get = || {
-        s.c.http_get("127.0.0.1:10249", "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    };
-    assert!(wait_until(10, || metric(
-        &get(),
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds"
-    )
-    .is_some()));
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 1))), "{}", a.log_text());
+    let get = || s.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(wait_until(10, || metric(&get(), "kubeproxy_sync_proxy_rules_last_timestamp_seconds").is_some()));
     let first = get();
     let ts1 = metric(&first, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap();
-    assert!(
-        metric(
-            &first,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
-        ) >= Some(1.0),
-        "{first}"
-    );
-    assert!(
-        metric(&first, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(3.0),
-        "{first}"
-    );
-    assert_eq!(
-        metric(
-            &first,
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
-        ),
-        Some(0.0)
-    );
+    assert!(metric(&first, "kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= Some(1.0), "{first}");
+    assert!(metric(&first, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(3.0), "{first}");
+    assert_eq!(metric(&first, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"), Some(0.0));
     assert!(first.contains("kubeproxy_network_programming_duration_seconds_bucket"));
     // A change: a partial sync, the timestamp and the counters move.
-    s.api
-        .apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2"]));
-    assert!(wait_until(10, || metric(
-        &get(),
-        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
-    ) >= Some(1.0)));
+    s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2"]));
+    assert!(wait_until(10, || metric(&get(), "kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= Some(1.0)));
     let second = get();
     assert!(metric(&second, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > ts1);
-    assert!(
-        metric(&second, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(5.0),
-        "{second}"
-    );
+    assert!(metric(&second, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(5.0), "{second}");
     assert!(metric(&second, "nftproxy_transaction_messages_total") > Some(0.0));
     // Periodic checks of an untouched kernel read and send nothing.
-    assert!(wait_until(10, || metric(
-        &get(),
-        "nftproxy_sync_unchanged_total"
-    ) >= Some(1.0)));
+    assert!(wait_until(10, || metric(&get(), "nftproxy_sync_unchanged_total") >= Some(1.0)));
     let (code, body) = s.c.http_get("127.0.0.1:10256", "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
     let (code, _) = s.c.http_get("127.0.0.1:10256", "/livez").unwrap();
@@ -228,35 +136,19 @@ fn metrics_and_healthz_move_with_syncs() {
 fn a_restart_breaks_no_connection_and_sends_no_change() {
     let Some(s) = setup() else { return };
     let a = agent(&s, "agent-1");
-    assert!(
-        wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 1))),
-        "{}",
-        a.log_text()
-    );
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 1))), "{}", a.log_text());
     let ns = s.c.ns("client");
-    let hold = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, TESTPOD, "hold", VIP, "--seconds", "6"])
-        .output();
+    let hold =
+        std::process::Command::new("ip").args(["netns", "exec", &ns, TESTPOD, "hold", VIP, "--seconds", "6"]).output();
     let holder = std::thread::spawn(move || hold.unwrap());
     std::thread::sleep(std::time::Duration::from_secs(1));
     let before = s.c.nft_list("inet nftproxy");
     assert!(a.terminate().success());
-    assert_eq!(
-        s.c.nft_list("inet nftproxy"),
-        before,
-        "exiting must not touch the rules"
-    );
+    assert_eq!(s.c.nft_list("inet nftproxy"), before, "exiting must not touch the rules");
     let b = agent(&s, "agent-2");
-    let get = || {
-        s.c.http_get("127.0.0.1:10249", "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    };
+    let get = || s.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
     assert!(
-        wait_until(30, || metric(
-            &get(),
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
-        ) >= Some(1.0)),
+        wait_until(30, || metric(&get(), "kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= Some(1.0)),
         "{}",
         b.log_text()
     );
@@ -265,17 +157,10 @@ fn a_restart_breaks_no_connection_and_sends_no_change() {
         Some(0.0),
         "restart with unchanged state sent changes"
     );
-    assert_eq!(
-        s.c.nft_list("inet nftproxy"),
-        before,
-        "handles changed across the restart"
-    );
+    assert_eq!(s.c.nft_list("inet nftproxy"), before, "handles changed across the restart");
     let out = holder.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(" held "),
-        "the long-lived connection broke: {text}"
-    );
+    assert!(out.status.success() && text.contains(" held "), "the long-lived connection broke: {text}");
 }
 
 #[test]
@@ -295,24 +180,9 @@ apiVersion: v1\nkind: Endpoints\nmetadata: {{name: web}}\nsubsets: [{{addresses:
     };
     let m = c.write("web.yaml", &yaml("10.244.1.2"));
     let dir = m.parent().unwrap().to_str().unwrap().to_string();
-    let a = c.start_agent(
-        "agent",
-        &["--manifests", &dir, "--watch", "--min-sync-period", "100ms"],
-    );
-    assert!(
-        wait_until(20, || c
-            .probe("client", "tcp", VIP, 1)
-            .contains_key("web-a")),
-        "{}",
-        a.log_text()
-    );
+    let a = c.start_agent("agent", &["--manifests", &dir, "--watch", "--min-sync-period", "100ms"]);
+    assert!(wait_until(20, || c.probe("client", "tcp", VIP, 1).contains_key("web-a")), "{}", a.log_text());
     c.write("web.yaml", &yaml("10.244.1.3"));
-    assert!(
-        wait_until(20, || c
-            .probe("client", "tcp", VIP, 1)
-            .contains_key("web-b")),
-        "{}",
-        a.log_text()
-    );
+    assert!(wait_until(20, || c.probe("client", "tcp", VIP, 1).contains_key("web-b")), "{}", a.log_text());
     assert_eq!(c.probe("client", "tcp", VIP, 10).get("web-b"), Some(&10));
 }

@@ -17,29 +17,16 @@ fn demo(opts: &Options) -> Ruleset {
 }
 
 fn pkt(src: &str, dst: &str, proto: Protocol, dport: u16) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        proto,
-        dport,
-        local: false,
-    }
+    Packet { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto, dport, local: false }
 }
 
 fn dnat(addr: &str, port: u16, masquerade: bool) -> Fate {
-    Fate::Dnat {
-        addr: addr.parse::<IpAddr>().unwrap(),
-        port,
-        masquerade,
-    }
+    Fate::Dnat { addr: addr.parse::<IpAddr>().unwrap(), port, masquerade }
 }
 
 #[test]
 fn golden_listing_of_the_demo_cluster() {
-    let opts = Options {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        masquerade_all: false,
-    };
+    let opts = Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false };
     let got = render(&demo(&opts));
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/demo-cluster.txt");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -52,27 +39,16 @@ fn golden_listing_of_the_demo_cluster() {
 #[test]
 fn each_endpoint_gets_exactly_a_third() {
     let rs = demo(&Options::default());
-    for (dst, proto, port, target) in [
-        ("10.96.0.80", Protocol::Tcp, 80, 8080),
-        ("10.96.0.80", Protocol::Udp, 53, 5353),
-    ] {
+    for (dst, proto, port, target) in [("10.96.0.80", Protocol::Tcp, 80, 8080), ("10.96.0.80", Protocol::Udp, 53, 5353)]
+    {
         let got = trace(&rs, &pkt("10.244.1.10", dst, proto, port));
-        let want: Vec<(Fate, Ratio)> = ["10.244.1.2", "10.244.1.3", "10.244.1.4"]
-            .iter()
-            .map(|a| (dnat(a, target, false), Ratio(1, 3)))
-            .collect();
+        let want: Vec<(Fate, Ratio)> =
+            ["10.244.1.2", "10.244.1.3", "10.244.1.4"].iter().map(|a| (dnat(a, target, false), Ratio(1, 3))).collect();
         assert_eq!(got, want);
     }
-    let got = trace(
-        &rs,
-        &pkt("fd00:10:244:1::10", "fd00:10:96::80", Protocol::Tcp, 80),
-    );
+    let got = trace(&rs, &pkt("fd00:10:244:1::10", "fd00:10:96::80", Protocol::Tcp, 80));
     assert_eq!(got.len(), 3);
-    assert!(
-        got.iter()
-            .all(|(f, p)| matches!(f, Fate::Dnat { port: 8080, .. }) && *p == Ratio(1, 3)),
-        "{got:?}"
-    );
+    assert!(got.iter().all(|(f, p)| matches!(f, Fate::Dnat { port: 8080, .. }) && *p == Ratio(1, 3)), "{got:?}");
 }
 
 #[test]
@@ -80,31 +56,13 @@ fn rejections_and_traffic_that_is_not_ours() {
     let rs = demo(&Options::default());
     let one = |p: Packet| trace(&rs, &p);
     // No endpoints, or a port the Service does not have: rejected.
-    assert_eq!(
-        one(pkt("10.244.1.10", "10.96.0.99", Protocol::Tcp, 80)),
-        [(Fate::Rejected, Ratio::ONE)]
-    );
-    assert_eq!(
-        one(pkt("10.244.1.10", "10.96.0.80", Protocol::Tcp, 81)),
-        [(Fate::Rejected, Ratio::ONE)]
-    );
-    assert_eq!(
-        one(pkt("10.244.1.10", "10.96.0.80", Protocol::Sctp, 80)),
-        [(Fate::Rejected, Ratio::ONE)]
-    );
-    assert_eq!(
-        one(pkt("fd00::1", "fd00:10:96::80", Protocol::Udp, 54)),
-        [(Fate::Rejected, Ratio::ONE)]
-    );
+    assert_eq!(one(pkt("10.244.1.10", "10.96.0.99", Protocol::Tcp, 80)), [(Fate::Rejected, Ratio::ONE)]);
+    assert_eq!(one(pkt("10.244.1.10", "10.96.0.80", Protocol::Tcp, 81)), [(Fate::Rejected, Ratio::ONE)]);
+    assert_eq!(one(pkt("10.244.1.10", "10.96.0.80", Protocol::Sctp, 80)), [(Fate::Rejected, Ratio::ONE)]);
+    assert_eq!(one(pkt("fd00::1", "fd00:10:96::80", Protocol::Udp, 54)), [(Fate::Rejected, Ratio::ONE)]);
     // Not a ClusterIP: untouched.
-    assert_eq!(
-        one(pkt("10.244.1.10", "10.244.1.2", Protocol::Tcp, 8080)),
-        [(Fate::Untouched, Ratio::ONE)]
-    );
-    assert_eq!(
-        one(pkt("10.244.1.10", "10.96.0.81", Protocol::Tcp, 80)),
-        [(Fate::Untouched, Ratio::ONE)]
-    );
+    assert_eq!(one(pkt("10.244.1.10", "10.244.1.2", Protocol::Tcp, 8080)), [(Fate::Untouched, Ratio::ONE)]);
+    assert_eq!(one(pkt("10.244.1.10", "10.96.0.81", Protocol::Tcp, 80)), [(Fate::Untouched, Ratio::ONE)]);
 }
 
 #[test]
@@ -112,26 +70,12 @@ fn masquerade_decisions() {
     let masq_of = |opts: &Options, src: &str, dst: &str| -> Vec<bool> {
         trace(&demo(opts), &pkt(src, dst, Protocol::Tcp, 80))
             .into_iter()
-            .map(|(f, _)| {
-                matches!(
-                    f,
-                    Fate::Dnat {
-                        masquerade: true,
-                        ..
-                    }
-                )
-            })
+            .map(|(f, _)| matches!(f, Fate::Dnat { masquerade: true, .. }))
             .collect()
     };
     let none = Options::default();
-    let cidr = Options {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        masquerade_all: false,
-    };
-    let all = Options {
-        cluster_cidrs: vec![],
-        masquerade_all: true,
-    };
+    let cidr = Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false };
+    let all = Options { cluster_cidrs: vec![], masquerade_all: true };
     assert_eq!(masq_of(&none, "192.0.2.2", "10.96.0.80"), [false; 3]);
     assert_eq!(masq_of(&cidr, "192.0.2.2", "10.96.0.80"), [true; 3]);
     assert_eq!(masq_of(&cidr, "10.244.1.10", "10.96.0.80"), [false; 3]);
@@ -139,10 +83,7 @@ fn masquerade_decisions() {
     assert_eq!(masq_of(&cidr, "2001:db8::2", "fd00:10:96::80"), [false; 3]);
     assert_eq!(masq_of(&all, "10.244.1.10", "10.96.0.80"), [true; 3]);
     // Hairpin: web-a reaching its own Service is masqueraded only when it lands on itself.
-    assert_eq!(
-        masq_of(&none, "10.244.1.2", "10.96.0.80"),
-        [true, false, false]
-    );
+    assert_eq!(masq_of(&none, "10.244.1.2", "10.96.0.80"), [true, false, false]);
 }
 
 #[test]

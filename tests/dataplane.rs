@@ -24,43 +24,23 @@ fn tcp_connections_are_balanced_uniformly_over_three_pods() {
     let Some(c) = demo() else { return };
     c.sync(&demo_manifests(), &["--cluster-cidr", "10.244.0.0/16"]);
     let got = c.probe("client", "tcp", "10.96.0.80:80", 600);
-    let counts: Vec<usize> = ["web-a", "web-b", "web-c"]
-        .iter()
-        .map(|p| got.get(*p).copied().unwrap_or(0))
-        .collect();
-    assert_eq!(
-        counts.iter().sum::<usize>(),
-        600,
-        "every connection answered by a web pod: {got:?}"
-    );
+    let counts: Vec<usize> = ["web-a", "web-b", "web-c"].iter().map(|p| got.get(*p).copied().unwrap_or(0)).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 600, "every connection answered by a web pod: {got:?}");
     let chi2 = chi_square_uniform(&counts);
-    assert!(
-        chi2 < CHI2_CRIT_0001[1],
-        "not uniform at p=0.001: {counts:?}, chi2={chi2:.2}"
-    );
+    assert!(chi2 < CHI2_CRIT_0001[1], "not uniform at p=0.001: {counts:?}, chi2={chi2:.2}");
 }
 
 #[test]
 fn udp_and_ipv6_and_named_target_ports_reach_every_pod() {
     let Some(c) = demo() else { return };
     c.sync(&demo_manifests(), &[]);
-    for (proto, addr) in [
-        ("udp", "10.96.0.80:53"),
-        ("tcp", "[fd00:10:96::80]:80"),
-        ("udp", "[fd00:10:96::80]:53"),
-    ] {
+    for (proto, addr) in [("udp", "10.96.0.80:53"), ("tcp", "[fd00:10:96::80]:80"), ("udp", "[fd00:10:96::80]:53")] {
         let got = c.probe("client", proto, addr, 60);
         assert_eq!(total(&got), 60);
         for pod in ["web-a", "web-b", "web-c"] {
-            assert!(
-                got.get(pod).copied().unwrap_or(0) > 0,
-                "{proto} {addr}: {pod} never answered: {got:?}"
-            );
+            assert!(got.get(pod).copied().unwrap_or(0) > 0, "{proto} {addr}: {pod} never answered: {got:?}");
         }
-        assert!(
-            got.keys().all(|k| k.starts_with("web-")),
-            "{proto} {addr}: {got:?}"
-        );
+        assert!(got.keys().all(|k| k.starts_with("web-")), "{proto} {addr}: {got:?}");
     }
 }
 
@@ -79,11 +59,7 @@ fn no_endpoints_and_unknown_ports_are_refused_at_once() {
         ("udp", "[fd00:10:96::80]:54"),
     ] {
         let got = c.probe("client", proto, addr, 2);
-        assert_eq!(
-            got.get("error: connection refused"),
-            Some(&2),
-            "{proto} {addr}: {got:?}"
-        );
+        assert_eq!(got.get("error: connection refused"), Some(&2), "{proto} {addr}: {got:?}");
     }
     // From the node itself too.
     let got = c.probe("node", "tcp", "10.96.0.99:80", 1);
@@ -133,21 +109,10 @@ fn masquerade_outside_cluster_cidr_and_masquerade_all() {
     assert_eq!(peers(&c, "ext", "10.96.0.80:80"), ["192.0.2.2"]);
     assert_eq!(peers(&c, "client", "10.96.0.80:80"), ["10.244.1.10"]);
     // With a cluster CIDR: outside sources are masqueraded to the node, pods are not.
-    c.sync(
-        &demo_manifests(),
-        &[
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--cluster-cidr",
-            "fd00:10:244::/48",
-        ],
-    );
+    c.sync(&demo_manifests(), &["--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/48"]);
     assert_eq!(peers(&c, "ext", "10.96.0.80:80"), ["169.254.1.1"]);
     assert_eq!(peers(&c, "client", "10.96.0.80:80"), ["10.244.1.10"]);
-    assert_eq!(
-        peers(&c, "client", "[fd00:10:96::80]:80"),
-        ["fd00:10:244:1::10"]
-    );
+    assert_eq!(peers(&c, "client", "[fd00:10:96::80]:80"), ["fd00:10:244:1::10"]);
     // --masquerade-all: everybody is.
     c.sync(&demo_manifests(), &["--masquerade-all"]);
     assert_eq!(peers(&c, "client", "10.96.0.80:80"), ["169.254.1.1"]);
@@ -157,11 +122,7 @@ fn masquerade_outside_cluster_cidr_and_masquerade_all() {
 
 #[test]
 fn hairpin_a_pod_reaching_itself_through_its_service() {
-    let Some(mut c) = (if can_run_netns_tests() {
-        Some(Cluster::new(DEMO_PODS))
-    } else {
-        None
-    }) else {
+    let Some(mut c) = (if can_run_netns_tests() { Some(Cluster::new(DEMO_PODS)) } else { None }) else {
         return;
     };
     c.serve("web-a", "web-a", &[8080], &[]);
@@ -207,22 +168,11 @@ endpoints: [{addresses: [10.244.1.2], conditions: {ready: true}}]
 "#,
     );
     c.sync(&m, &[]);
-    assert_eq!(
-        c.probe("client", "tcp", "10.96.0.10:53", 5)
-            .get("dns-over-tcp"),
-        Some(&5)
-    );
-    assert_eq!(
-        c.probe("client", "udp", "10.96.0.10:53", 5)
-            .get("dns-over-udp"),
-        Some(&5)
-    );
+    assert_eq!(c.probe("client", "tcp", "10.96.0.10:53", 5).get("dns-over-tcp"), Some(&5));
+    assert_eq!(c.probe("client", "udp", "10.96.0.10:53", 5).get("dns-over-udp"), Some(&5));
     // This kernel has no SCTP sockets: check what the kernel was given instead.
     let listing = c.nft_list("inet nftproxy");
-    assert!(
-        listing.contains("10.96.0.10 . sctp . 53 : goto svc4/default/dns/sctp/53"),
-        "{listing}"
-    );
+    assert!(listing.contains("10.96.0.10 . sctp . 53 : goto svc4/default/dns/sctp/53"), "{listing}");
     assert!(listing.contains("dnat ip to 10.244.1.2:5302"), "{listing}");
 }
 
@@ -265,23 +215,9 @@ fn services_kube_proxy_skips_are_not_programmed() {
     c.sync(&c.dir, &[]);
     let listing = c.nft_list("inet nftproxy");
     assert!(listing.contains("svc4/default/kept/tcp/80"), "{listing}");
-    for skipped in [
-        "headless",
-        "/none/",
-        "default/ext/",
-        "other-proxy",
-        "10.96.1.1 ",
-        "10.96.1.4",
-    ] {
-        assert!(
-            !listing.contains(skipped),
-            "{skipped} should not be programmed:\n{listing}"
-        );
+    for skipped in ["headless", "/none/", "default/ext/", "other-proxy", "10.96.1.1 ", "10.96.1.4"] {
+        assert!(!listing.contains(skipped), "{skipped} should not be programmed:\n{listing}");
     }
-    assert!(
-        c.probe("client", "tcp", "10.96.1.5:80", 5)
-            .keys()
-            .all(|k| k.starts_with("web-"))
-    );
+    assert!(c.probe("client", "tcp", "10.96.1.5:80", 5).keys().all(|k| k.starts_with("web-")));
     let _ = m;
 }

@@ -21,14 +21,7 @@ fn eps(s: &Snapshot, name: &str) -> Vec<(String, bool, bool, bool)> {
     s.services[&ServiceId::new("default", name)].ports[0]
         .endpoints
         .iter()
-        .map(|e| {
-            (
-                format!("{}:{}", e.ip, e.port),
-                e.ready,
-                e.serving,
-                e.terminating,
-            )
-        })
+        .map(|e| (format!("{}:{}", e.ip, e.port), e.ready, e.serving, e.terminating))
         .collect()
 }
 
@@ -97,36 +90,26 @@ fn slices_win_over_endpoints_which_win_over_pods() {
     let from_legacy = ok(&format!("{PODS}{svc}{legacy}"));
     assert_eq!(
         eps(&from_legacy, "web"),
-        [
-            ("10.1.0.1:81".into(), true, true, false),
-            ("10.1.0.2:81".into(), false, false, false)
-        ]
+        [("10.1.0.1:81".into(), true, true, false), ("10.1.0.2:81".into(), false, false, false)]
     );
     let from_slice = ok(&format!("{PODS}{svc}{legacy}{slice}"));
     assert_eq!(
         eps(&from_slice, "web"),
-        [
-            ("10.2.0.1:82".into(), false, true, true),
-            ("10.2.0.2:82".into(), true, true, false)
-        ]
+        [("10.2.0.1:82".into(), false, true, true), ("10.2.0.2:82".into(), true, true, false)]
     );
 }
 
 #[test]
 fn cluster_ips_are_allocated_stably_and_uniquely() {
     let yaml: String = (0..200)
-        .map(|i| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"))
+        .map(|i| {
+            format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        })
         .collect();
     let a = ok(&yaml);
     let b = ok(&yaml);
     let ips: Vec<_> = a.services.values().map(|s| s.cluster_ips.clone()).collect();
-    assert_eq!(
-        ips,
-        b.services
-            .values()
-            .map(|s| s.cluster_ips.clone())
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(ips, b.services.values().map(|s| s.cluster_ips.clone()).collect::<Vec<_>>());
     let cidr: ipnet::IpNet = "10.96.0.0/12".parse().unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for ip in ips.iter().flatten() {
@@ -143,23 +126,14 @@ fn cluster_ips_are_allocated_stably_and_uniquely() {
 
 #[test]
 fn dual_stack_allocation_follows_ip_family_policy() {
-    let opts = ResolveOptions {
-        service_cidrs: vec![
-            "10.96.0.0/16".parse().unwrap(),
-            "fd00:96::/112".parse().unwrap(),
-        ],
-    };
+    let opts =
+        ResolveOptions { service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()] };
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: single}\nspec: {ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: dual}\nspec: {ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec: {ipFamilies: [IPv6], ports: [{port: 80}]}\n";
     let s = load(yaml, &opts).unwrap();
-    let fams = |n: &str| {
-        s.services[&ServiceId::new("default", n)]
-            .cluster_ips
-            .iter()
-            .map(Family::of)
-            .collect::<Vec<_>>()
-    };
+    let fams =
+        |n: &str| s.services[&ServiceId::new("default", n)].cluster_ips.iter().map(Family::of).collect::<Vec<_>>();
     assert_eq!(fams("single"), [Family::V4]);
     assert_eq!(fams("dual"), [Family::V4, Family::V6]);
     assert_eq!(fams("six"), [Family::V6]);
@@ -168,44 +142,19 @@ apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec: {ipFamilies: [IPv6],
 #[test]
 fn invalid_objects_name_the_field() {
     let cases = [
-        (
-            "spec: {ports: [{port: 80, targetPort: 0}]}",
-            "spec.ports[0].targetPort",
-        ),
+        ("spec: {ports: [{port: 80, targetPort: 0}]}", "spec.ports[0].targetPort"),
         ("spec: {ports: []}", "spec.ports"),
-        (
-            "spec: {ports: [{port: 80}, {port: 81}]}",
-            "spec.ports[0].name",
-        ),
-        (
-            "spec: {clusterIPs: [10.96.0.1, 10.96.0.2], ports: [{port: 80}]}",
-            "spec.clusterIPs[1]",
-        ),
-        (
-            "spec: {ipFamilies: [IPv5], ports: [{port: 80}]}",
-            "spec.ipFamilies[0]",
-        ),
-        (
-            "spec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}",
-            "spec.ports[1].port",
-        ),
+        ("spec: {ports: [{port: 80}, {port: 81}]}", "spec.ports[0].name"),
+        ("spec: {clusterIPs: [10.96.0.1, 10.96.0.2], ports: [{port: 80}]}", "spec.clusterIPs[1]"),
+        ("spec: {ipFamilies: [IPv5], ports: [{port: 80}]}", "spec.ipFamilies[0]"),
+        ("spec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1].port"),
     ];
     for (spec, field) in cases {
         let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\n{spec}\n");
-        let err = load(&yaml, &ResolveOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&format!("Service default/bad: {field}")),
-            "{spec}: {err}"
-        );
+        let err = load(&yaml, &ResolveOptions::default()).unwrap_err().to_string();
+        assert!(err.contains(&format!("Service default/bad: {field}")), "{spec}: {err}");
     }
     let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.999]}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
-    let err = load(slice, &ResolveOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("EndpointSlice default/s: endpoints[0].addresses[0]"),
-        "{err}"
-    );
+    let err = load(slice, &ResolveOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("EndpointSlice default/s: endpoints[0].addresses[0]"), "{err}");
 }

@@ -12,11 +12,7 @@ use common::*;
 fn many_services(n: usize, changed: Option<usize>) -> String {
     let mut y = String::new();
     for i in 0..n {
-        let second = if Some(i) == changed {
-            "10.244.1.4"
-        } else {
-            "10.244.1.3"
-        };
+        let second = if Some(i) == changed { "10.244.1.4" } else { "10.244.1.3" };
         y.push_str(&format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports: [{{name: http, port: 80}}]\n\
 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i}-1, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
@@ -38,14 +34,7 @@ fn chain_blocks(listing: &str) -> BTreeMap<String, String> {
             if let Some((n, b)) = current.take() {
                 out.insert(n, b);
             }
-            current = Some((
-                rest.split(" {")
-                    .next()
-                    .unwrap()
-                    .trim_matches('"')
-                    .to_string(),
-                String::new(),
-            ));
+            current = Some((rest.split(" {").next().unwrap().trim_matches('"').to_string(), String::new()));
         } else if t == "}" {
             if let Some((n, b)) = current.take() {
                 out.insert(n, b);
@@ -72,21 +61,8 @@ fn an_unchanged_input_changes_nothing_in_the_kernel() {
     c.sync(&m, &[]);
     let before = c.nft_list("inet nftproxy");
     c.sync(&m, &[]);
-    assert_eq!(
-        c.nft_list("inet nftproxy"),
-        before,
-        "a second sync must not touch the kernel"
-    );
-    let dry = c.exec_ok(
-        "node",
-        &[
-            NFTPROXY,
-            "--sync-once",
-            "--dry-run",
-            "--manifests",
-            m.to_str().unwrap(),
-        ],
-    );
+    assert_eq!(c.nft_list("inet nftproxy"), before, "a second sync must not touch the kernel");
+    let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
     assert_eq!(dry.trim(), "no change");
 }
 
@@ -97,21 +73,9 @@ fn one_changed_endpoint_rewrites_only_that_service() {
     c.sync(&m, &[]);
     let before = chain_blocks(&c.nft_list("inet nftproxy"));
     c.write("m.yaml", &many_services(50, Some(17)));
-    let dry = c.exec_ok(
-        "node",
-        &[
-            NFTPROXY,
-            "--sync-once",
-            "--dry-run",
-            "--manifests",
-            m.to_str().unwrap(),
-        ],
-    );
+    let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
     for line in dry.lines() {
-        assert!(
-            line.contains("/default/svc-17/"),
-            "change outside svc-17: {line}\n{dry}"
-        );
+        assert!(line.contains("/default/svc-17/"), "change outside svc-17: {line}\n{dry}");
     }
     c.sync(&m, &[]);
     let after = chain_blocks(&c.nft_list("inet nftproxy"));
@@ -142,58 +106,23 @@ fn objects_someone_changed_or_deleted_are_put_back() {
     }
     let m = demo_manifests();
     c.sync(&m, &[]);
-    let pristine = c
-        .nft_list("inet nftproxy")
-        .lines()
-        .filter(|l| !l.contains("# handle"))
-        .count();
+    let pristine = c.nft_list("inet nftproxy").lines().filter(|l| !l.contains("# handle")).count();
     c.nft("delete element inet nftproxy service-ips-v4 { 10.96.0.80 . tcp . 80 }");
     c.nft("flush chain inet nftproxy svc4/default/web/udp/53");
     c.nft("add rule inet nftproxy ep4/default/web/tcp/80/10.244.1.2/8080 drop");
     c.nft("add chain inet nftproxy intruder");
     c.nft("delete element inet nftproxy cluster-ips-v4 { 10.96.0.99 }");
-    assert!(
-        c.probe("client", "tcp", "10.96.0.80:80", 3)
-            .keys()
-            .all(|k| k.starts_with("error"))
-    );
+    assert!(c.probe("client", "tcp", "10.96.0.80:80", 3).keys().all(|k| k.starts_with("error")));
     c.sync(&m, &[]);
     let listing = c.nft_list("inet nftproxy");
-    assert!(
-        !listing.contains("intruder") && !listing.contains(" drop "),
-        "{listing}"
-    );
-    let dry = c.exec_ok(
-        "node",
-        &[
-            NFTPROXY,
-            "--sync-once",
-            "--dry-run",
-            "--manifests",
-            m.to_str().unwrap(),
-        ],
-    );
+    assert!(!listing.contains("intruder") && !listing.contains(" drop "), "{listing}");
+    let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
     assert_eq!(dry.trim(), "no change");
-    assert_eq!(
-        listing.lines().filter(|l| !l.contains("# handle")).count(),
-        pristine
-    );
+    assert_eq!(listing.lines().filter(|l| !l.contains("# handle")).count(), pristine);
     let got = c.probe("client", "tcp", "10.96.0.80:80", 30);
-    assert!(
-        got.keys().all(|k| k.starts_with("web-")) && got.len() == 3,
-        "{got:?}"
-    );
-    assert_eq!(
-        c.probe("client", "udp", "10.96.0.80:53", 30)
-            .values()
-            .sum::<usize>(),
-        30
-    );
-    assert_eq!(
-        c.probe("client", "tcp", "10.96.0.99:80", 1)
-            .get("error: connection refused"),
-        Some(&1)
-    );
+    assert!(got.keys().all(|k| k.starts_with("web-")) && got.len() == 3, "{got:?}");
+    assert_eq!(c.probe("client", "udp", "10.96.0.80:53", 30).values().sum::<usize>(), 30);
+    assert_eq!(c.probe("client", "tcp", "10.96.0.99:80", 1).get("error: connection refused"), Some(&1));
 }
 
 #[test]
@@ -209,31 +138,19 @@ fn a_rejected_transaction_leaves_the_previous_rules_in_place() {
     let m2 = c.write("m2.yaml", &many_services(5, Some(3)));
     let node = c.node();
     let err = in_netns(&node, move || {
-        let cfg = nftproxy::sync::Config {
-            manifests: vec![m2],
-            ..Default::default()
-        };
+        let cfg = nftproxy::sync::Config { manifests: vec![m2], ..Default::default() };
         let (_, want) = nftproxy::sync::desired(&cfg).unwrap();
         let mut nl = nftproxy::nft::Netlink::open().unwrap();
         let mut plan = nftproxy::plan::plan(&nl.read_table().unwrap(), &want);
         assert!(plan.touched_chains().iter().any(|c| c.contains("svc-3")));
         plan.ops.push(Op::AddRules {
             chain: "svc4/default/svc-3/tcp/80".into(),
-            rules: vec![Rule(vec![Stmt::Goto(
-                "ep4/default/svc-3/tcp/80/missing".into(),
-            )])],
+            rules: vec![Rule(vec![Stmt::Goto("ep4/default/svc-3/tcp/80/missing".into())])],
         });
         nl.apply(&plan).unwrap_err().to_string()
     });
-    assert!(
-        err.contains("svc4/default/svc-3/tcp/80") && err.contains("nothing was changed"),
-        "{err}"
-    );
-    assert_eq!(
-        c.nft_list("inet nftproxy"),
-        before,
-        "the kernel kept the previous rules"
-    );
+    assert!(err.contains("svc4/default/svc-3/tcp/80") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(c.nft_list("inet nftproxy"), before, "the kernel kept the previous rules");
 }
 
 const FOREIGN: &str = r#"
@@ -264,12 +181,7 @@ fn other_tables_are_never_touched_and_cleanup_removes_only_ours() {
     let Some(c) = cluster() else { return };
     let f = c.write("foreign.nft", FOREIGN);
     c.exec_ok("node", &["nft", "-f", f.to_str().unwrap()]);
-    let foreign = || {
-        (
-            c.nft_list("ip foreign"),
-            c.nft_list("inet nftproxy-lookalike"),
-        )
-    };
+    let foreign = || (c.nft_list("ip foreign"), c.nft_list("inet nftproxy-lookalike"));
     let before = foreign();
     c.sync(&demo_manifests(), &["--cluster-cidr", "10.244.0.0/16"]);
     assert_eq!(foreign(), before);
@@ -283,7 +195,8 @@ fn other_tables_are_never_touched_and_cleanup_removes_only_ours() {
     assert!(out.contains("nothing to remove"), "{out}");
 }
 
-const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
+const GOOD: &str =
+    "apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
 
 #[test]
 fn bad_manifests_are_reported_and_nothing_is_applied() {
@@ -291,9 +204,7 @@ fn bad_manifests_are_reported_and_nothing_is_applied() {
     let good = c.write("good.yaml", GOOD);
     c.sync(&good, &[]);
     let before = c.nft_list("inet nftproxy");
-    let svc = |spec: &str| {
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {spec}\n")
-    };
+    let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {spec}\n");
     let cases: Vec<(String, Vec<&str>)> = vec![
         (svc("{clusterIP: 10.96.0.300, ports: [{port: 80}]}"), vec!["Service default/bad", "spec.clusterIP", "not an IP address"]),
         (svc("{ports: [{port: 0}]}"), vec!["Service default/bad", "spec.ports[0].port", "port 0 is out of range"]),
@@ -310,44 +221,21 @@ fn bad_manifests_are_reported_and_nothing_is_applied() {
     ];
     for (yaml, expect) in cases {
         let bad = c.write("bad.yaml", &yaml);
-        let out = c.nftproxy(&[
-            "--sync-once",
-            "--manifests",
-            good.to_str().unwrap(),
-            "--manifests",
-            bad.to_str().unwrap(),
-        ]);
+        let out =
+            c.nftproxy(&["--sync-once", "--manifests", good.to_str().unwrap(), "--manifests", bad.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "accepted:\n{yaml}");
-        assert!(
-            stderr.contains("bad.yaml (document"),
-            "no file named: {stderr}"
-        );
+        assert!(stderr.contains("bad.yaml (document"), "no file named: {stderr}");
         for e in expect {
-            assert!(
-                stderr.contains(e),
-                "expected {e:?} in:\n{stderr}\nfor:\n{yaml}"
-            );
+            assert!(stderr.contains(e), "expected {e:?} in:\n{stderr}\nfor:\n{yaml}");
         }
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert_eq!(
-            c.nft_list("inet nftproxy"),
-            before,
-            "nothing may be applied from invalid input:\n{yaml}"
-        );
+        assert_eq!(c.nft_list("inet nftproxy"), before, "nothing may be applied from invalid input:\n{yaml}");
     }
     // An unknown kind is skipped with a warning, the rest is applied.
-    let other = c.write(
-        "other.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
-    );
-    let out = c.nftproxy(&[
-        "--sync-once",
-        "--manifests",
-        good.to_str().unwrap(),
-        "--manifests",
-        other.to_str().unwrap(),
-    ]);
+    let other = c.write("other.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+    let out =
+        c.nftproxy(&["--sync-once", "--manifests", good.to_str().unwrap(), "--manifests", other.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping object of a kind"));
 }

@@ -56,22 +56,12 @@ enum Cmd {
 fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
-        Cmd::Hold {
-            addr,
-            seconds,
-            interval_ms,
-        } => hold(
-            addr,
-            Duration::from_secs(seconds),
-            Duration::from_millis(interval_ms),
-        ),
-        Cmd::Probe {
-            proto,
-            addr,
-            count,
-            timeout_ms,
-            full,
-        } => probe(&proto, addr, count, Duration::from_millis(timeout_ms), full),
+        Cmd::Hold { addr, seconds, interval_ms } => {
+            hold(addr, Duration::from_secs(seconds), Duration::from_millis(interval_ms))
+        }
+        Cmd::Probe { proto, addr, count, timeout_ms, full } => {
+            probe(&proto, addr, count, Duration::from_millis(timeout_ms), full)
+        }
     }
 }
 
@@ -124,25 +114,17 @@ fn handle(mut conn: TcpStream, name: &str) {
 
 fn ask_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind().to_string())?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.kind().to_string())?;
+    BufReader::new(s).read_line(&mut line).map_err(|e| e.kind().to_string())?;
     Ok(line)
 }
 
 fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.connect(addr).map_err(|e| e.kind().to_string())?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     s.send(b"hello").map_err(|e| e.kind().to_string())?;
     let mut buf = [0u8; 2048];
     let n = s.recv(&mut buf).map_err(|e| e.kind().to_string())?;
@@ -192,23 +174,17 @@ fn hold(addr: SocketAddr, total: Duration, interval: Duration) -> ExitCode {
     while start.elapsed() < total {
         let line = format!("ping {n}\n");
         let mut back = String::new();
-        let result = writer
-            .write_all(line.as_bytes())
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                reader
-                    .read_line(&mut back)
-                    .map_err(|e| e.to_string())
-                    .and_then(|k| {
-                        if k == 0 {
-                            Err("closed".to_string())
-                        } else if back != line {
-                            Err(format!("got {back:?}"))
-                        } else {
-                            Ok(())
-                        }
-                    })
-            });
+        let result = writer.write_all(line.as_bytes()).map_err(|e| e.to_string()).and_then(|_| {
+            reader.read_line(&mut back).map_err(|e| e.to_string()).and_then(|k| {
+                if k == 0 {
+                    Err("closed".to_string())
+                } else if back != line {
+                    Err(format!("got {back:?}"))
+                } else {
+                    Ok(())
+                }
+            })
+        });
         if let Err(why) = result {
             println!("{name} broken after {n} round trips: {why}");
             return ExitCode::FAILURE;

@@ -16,23 +16,11 @@ use crate::ruleset::*;
 const U: fn(u32) -> Attr<'static> = Attr::U32;
 
 fn meta_load(r: &mut RuleObj, key: u32, dreg: u32) {
-    r.expr(
-        c"meta",
-        &[
-            (sys::NFTNL_EXPR_META_KEY, U(key)),
-            (sys::NFTNL_EXPR_META_DREG, U(dreg)),
-        ],
-    );
+    r.expr(c"meta", &[(sys::NFTNL_EXPR_META_KEY, U(key)), (sys::NFTNL_EXPR_META_DREG, U(dreg))]);
 }
 
 fn meta_set(r: &mut RuleObj, key: u32, sreg: u32) {
-    r.expr(
-        c"meta",
-        &[
-            (sys::NFTNL_EXPR_META_KEY, U(key)),
-            (sys::NFTNL_EXPR_META_SREG, U(sreg)),
-        ],
-    );
+    r.expr(c"meta", &[(sys::NFTNL_EXPR_META_KEY, U(key)), (sys::NFTNL_EXPR_META_SREG, U(sreg))]);
 }
 
 fn payload(r: &mut RuleObj, base: u32, offset: u32, len: u32, dreg: u32) {
@@ -73,10 +61,7 @@ fn bitwise(r: &mut RuleObj, mask: &[u8], xor: &[u8]) {
 }
 
 fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
-    let mut attrs = vec![
-        (sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)),
-        (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32)),
-    ];
+    let mut attrs = vec![(sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)), (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32))];
     if let Some(c) = chain {
         attrs.push((sys::NFTNL_EXPR_IMM_CHAIN, Attr::Str(c)));
     }
@@ -84,13 +69,7 @@ fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
 }
 
 fn immediate(r: &mut RuleObj, dreg: u32, data: &[u8]) {
-    r.expr(
-        c"immediate",
-        &[
-            (sys::NFTNL_EXPR_IMM_DREG, U(dreg)),
-            (sys::NFTNL_EXPR_IMM_DATA, Attr::Data(data)),
-        ],
-    );
+    r.expr(c"immediate", &[(sys::NFTNL_EXPR_IMM_DREG, U(dreg)), (sys::NFTNL_EXPR_IMM_DATA, Attr::Data(data))]);
 }
 
 /// (offset, length) of the source and destination address in the network header.
@@ -145,10 +124,7 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG_1);
             r.expr(
                 c"lookup",
-                &[
-                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set)),
-                ],
+                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
             );
         }
         Stmt::DispatchVmap { family, map } => {
@@ -228,28 +204,16 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 ],
             );
         }
-        Stmt::Masquerade => r.expr(
-            c"masq",
-            &[(
-                sys::NFTNL_EXPR_MASQ_FLAGS,
-                U(NF_NAT_RANGE_PROTO_RANDOM_FULLY),
-            )],
-        ),
+        Stmt::Masquerade => r.expr(c"masq", &[(sys::NFTNL_EXPR_MASQ_FLAGS, U(NF_NAT_RANGE_PROTO_RANDOM_FULLY))]),
         Stmt::RejectTcpReset => r.expr(
             c"reject",
-            &[
-                (sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_TCP_RST)),
-                (sys::NFTNL_EXPR_REJECT_CODE, U(0)),
-            ],
+            &[(sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_TCP_RST)), (sys::NFTNL_EXPR_REJECT_CODE, U(0))],
         ),
         Stmt::RejectPortUnreachable => r.expr(
             c"reject",
             &[
                 (sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_ICMPX_UNREACH)),
-                (
-                    sys::NFTNL_EXPR_REJECT_CODE,
-                    U(NFT_REJECT_ICMPX_PORT_UNREACH),
-                ),
+                (sys::NFTNL_EXPR_REJECT_CODE, U(NFT_REJECT_ICMPX_PORT_UNREACH)),
             ],
         ),
     }
@@ -296,17 +260,10 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
         Family::V6 => (TYPE_IP6ADDR, kind.key_len()),
     };
     let key_type = match kind {
-        SetKind::Dispatch(_) => {
-            (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE
-        }
+        SetKind::Dispatch(_) => (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
         SetKind::Addresses(_) => addr_type,
     };
-    SetSpec {
-        key_type,
-        key_len,
-        is_map: matches!(kind, SetKind::Dispatch(_)),
-        id,
-    }
+    SetSpec { key_type, key_len, is_map: matches!(kind, SetKind::Dispatch(_)), id }
 }
 
 /// Element messages stay well under the 64 KiB netlink attribute limit.
@@ -332,20 +289,9 @@ fn element_messages(
             i += 1;
         }
         let seq = buf.elements(kind, flags, &obj);
-        let what = if i - first == 1 {
-            "element"
-        } else {
-            "elements"
-        };
-        let names: Vec<&str> = elements[first..i]
-            .iter()
-            .filter_map(|e| e.goto.as_deref())
-            .take(3)
-            .collect();
-        tag(
-            seq,
-            format!("{} {what} of set {set} {}", i - first, names.join(", ")),
-        );
+        let what = if i - first == 1 { "element" } else { "elements" };
+        let names: Vec<&str> = elements[first..i].iter().filter_map(|e| e.goto.as_deref()).take(3).collect();
+        tag(seq, format!("{} {what} of set {set} {}", i - first, names.join(", ")));
     }
 }
 
@@ -366,21 +312,12 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
     let mut set_id = 1;
     for op in &plan.ops {
         match op {
-            Op::DelTable => tag(
-                buf.table(NFT_MSG_DELTABLE, 0, TABLE),
-                format!("table {TABLE}"),
-            ),
-            Op::AddTable => tag(
-                buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE),
-                format!("table {TABLE}"),
-            ),
+            Op::DelTable => tag(buf.table(NFT_MSG_DELTABLE, 0, TABLE), format!("table {TABLE}")),
+            Op::AddTable => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE), format!("table {TABLE}")),
             Op::AddSet { name, kind } => {
                 let obj = SetObj::new(TABLE, name, Some(&set_spec(*kind, set_id)));
                 set_id += 1;
-                tag(
-                    buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj),
-                    format!("set {name}"),
-                );
+                tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), format!("set {name}"));
             }
             Op::AddChain { name, base } => {
                 let hook = base.map(|b| {
@@ -391,38 +328,21 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                     };
                     (hooknum, b.priority)
                 });
-                tag(
-                    buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook),
-                    format!("chain {name}"),
-                );
+                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), format!("chain {name}"));
             }
-            Op::FlushChain(name) => tag(
-                buf.flush_chain(TABLE, name),
-                format!("flush of chain {name}"),
-            ),
+            Op::FlushChain(name) => tag(buf.flush_chain(TABLE, name), format!("flush of chain {name}")),
             Op::AddRules { chain, rules } => {
                 for rule in rules {
-                    tag(
-                        buf.rule(&rule_obj(chain, rule)),
-                        format!("rule \"{rule}\" in chain {chain}"),
-                    );
+                    tag(buf.rule(&rule_obj(chain, rule)), format!("rule \"{rule}\" in chain {chain}"));
                 }
             }
             Op::DelElements { set, elements, .. } => {
                 element_messages(&mut buf, NFT_MSG_DELSETELEM, 0, set, elements, &mut tag)
             }
-            Op::AddElements { set, elements, .. } => element_messages(
-                &mut buf,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_CREATE,
-                set,
-                elements,
-                &mut tag,
-            ),
-            Op::DelChain(name) => tag(
-                buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None),
-                format!("chain {name}"),
-            ),
+            Op::AddElements { set, elements, .. } => {
+                element_messages(&mut buf, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements, &mut tag)
+            }
+            Op::DelChain(name) => tag(buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None), format!("chain {name}")),
             Op::DelSet(name) => {
                 let obj = SetObj::new(TABLE, name, None);
                 tag(buf.set(NFT_MSG_DELSET, 0, &obj), format!("set {name}"));
@@ -431,11 +351,7 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
     }
     buf.batch_end();
     let messages = owners.len();
-    Encoded {
-        bytes: buf.bytes().to_vec(),
-        owners,
-        messages,
-    }
+    Encoded { bytes: buf.bytes().to_vec(), owners, messages }
 }
 
 #[cfg(test)]
@@ -470,12 +386,8 @@ mod tests {
         let mut types = Vec::new();
         while off < enc.bytes.len() {
             let len = u32::from_ne_bytes(enc.bytes[off..off + 4].try_into().unwrap()) as usize;
-            types.push(u16::from_ne_bytes(
-                enc.bytes[off + 4..off + 6].try_into().unwrap(),
-            ));
-            seqs.push(u32::from_ne_bytes(
-                enc.bytes[off + 8..off + 12].try_into().unwrap(),
-            ));
+            types.push(u16::from_ne_bytes(enc.bytes[off + 4..off + 6].try_into().unwrap()));
+            seqs.push(u32::from_ne_bytes(enc.bytes[off + 8..off + 12].try_into().unwrap()));
             off += (len + 3) & !3;
         }
         assert_eq!(off, enc.bytes.len());

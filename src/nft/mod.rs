@@ -77,11 +77,7 @@ fn error_of(msg: &NlMsg<'_>) -> Option<(i32, u32)> {
         return None;
     }
     let errno = -i32::from_ne_bytes(b[16..20].try_into().unwrap());
-    let seq = if b.len() >= 32 {
-        u32::from_ne_bytes(b[28..32].try_into().unwrap())
-    } else {
-        msg.seq
-    };
+    let seq = if b.len() >= 32 { u32::from_ne_bytes(b[28..32].try_into().unwrap()) } else { msg.seq };
     Some((errno, seq))
 }
 
@@ -122,15 +118,9 @@ impl Netlink {
         // Errors need not echo the whole offending message back.
         sys::set_netlink_opt(fd, NETLINK_CAP_ACK, 1).map_err(NftError::Open)?;
         sys::force_buffer(fd, libc::SO_RCVBUFFORCE, 8 << 20).map_err(NftError::Open)?;
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as u32)
-            .unwrap_or(1);
-        Ok(Netlink {
-            sock,
-            seq: seed.wrapping_mul(16) | 1,
-            buf: vec![0u64; 16 * 1024],
-        })
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
+        Ok(Netlink { sock, seq: seed.wrapping_mul(16) | 1, buf: vec![0u64; 16 * 1024] })
     }
 
     fn fd(&self) -> i32 {
@@ -145,28 +135,20 @@ impl Netlink {
         let enc = encode::encode_plan(plan, self.seq);
         self.seq = self.seq.wrapping_add(enc.messages as u32 + 2);
         self.send_batch(&enc.bytes, &enc.owners)?;
-        Ok(ApplyStats {
-            messages: enc.messages,
-            bytes: enc.bytes.len(),
-        })
+        Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len() })
     }
 
     fn send_batch(&mut self, bytes: &[u8], owners: &[(u32, String)]) -> Result<()> {
-        sys::force_buffer(self.fd(), libc::SO_SNDBUFFORCE, bytes.len() + 65536)
-            .map_err(NftError::Send)?;
+        sys::force_buffer(self.fd(), libc::SO_SNDBUFFORCE, bytes.len() + 65536).map_err(NftError::Send)?;
         let sent = self.sock.send(bytes).map_err(NftError::Send)?;
         if sent != bytes.len() {
-            return Err(NftError::Send(io::Error::other(format!(
-                "sent {sent} of {} bytes",
-                bytes.len()
-            ))));
+            return Err(NftError::Send(io::Error::other(format!("sent {sent} of {} bytes", bytes.len()))));
         }
         let owner: BTreeMap<u32, &str> = owners.iter().map(|(s, w)| (*s, w.as_str())).collect();
         let mut errors: Vec<(i32, u32)> = Vec::new();
         loop {
             let fd = self.fd();
-            let n = sys::recv_nonblocking(fd, bytemuck_bytes(&mut self.buf))
-                .map_err(NftError::Receive)?;
+            let n = sys::recv_nonblocking(fd, bytemuck_bytes(&mut self.buf)).map_err(NftError::Receive)?;
             if n == 0 {
                 break;
             }
@@ -183,28 +165,16 @@ impl Netlink {
         let Some(&(errno, seq)) = errors.first() else {
             return Ok(());
         };
-        let what = owner
-            .get(&seq)
-            .map_or_else(|| format!("message {seq}"), |w| w.to_string());
-        Err(NftError::Rejected {
-            what,
-            source: io::Error::from_raw_os_error(errno),
-            others: errors.len() - 1,
-        })
+        let what = owner.get(&seq).map_or_else(|| format!("message {seq}"), |w| w.to_string());
+        Err(NftError::Rejected { what, source: io::Error::from_raw_os_error(errno), others: errors.len() - 1 })
     }
 
     /// Sends one request and collects the answers up to DONE (dumps) or the ACK/error.
-    fn request(
-        &mut self,
-        what: &'static str,
-        build: impl FnOnce(&mut sys::MsgBuf) -> u32,
-    ) -> Result<Vec<Vec<u8>>> {
+    fn request(&mut self, what: &'static str, build: impl FnOnce(&mut sys::MsgBuf) -> u32) -> Result<Vec<Vec<u8>>> {
         let mut buf = sys::MsgBuf::new(self.seq);
         let seq = build(&mut buf);
         self.seq = self.seq.wrapping_add(1);
-        self.sock
-            .send(buf.bytes())
-            .map_err(|e| NftError::ReadBack { what, source: e })?;
+        self.sock.send(buf.bytes()).map_err(|e| NftError::ReadBack { what, source: e })?;
         let mut out = Vec::new();
         loop {
             let n = self
@@ -222,10 +192,7 @@ impl Netlink {
                         if errno == 0 {
                             return Ok(out);
                         }
-                        return Err(NftError::ReadBack {
-                            what,
-                            source: io::Error::from_raw_os_error(errno),
-                        });
+                        return Err(NftError::ReadBack { what, source: io::Error::from_raw_os_error(errno) });
                     }
                     _ => out.push(m.bytes.to_vec()),
                 }
@@ -238,20 +205,13 @@ impl Netlink {
         let table = self.request("table", |b| b.table(NFT_MSG_GETTABLE, NLM_F_ACK, TABLE));
         match table {
             Ok(_) => {}
-            Err(NftError::ReadBack { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
+            Err(NftError::ReadBack { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(KernelState::default());
             }
             Err(e) => return Err(e),
         }
-        let mut state = KernelState {
-            table_exists: true,
-            ..Default::default()
-        };
-        for msg in self.request("chains", |b| {
-            b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None)
-        })? {
+        let mut state = KernelState { table_exists: true, ..Default::default() };
+        for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
             let Some(c) = sys::parse_chain(&msg) else {
                 continue;
             };
@@ -268,19 +228,10 @@ impl Netlink {
                 // A base chain we would never make (other hook or type) compares unequal.
                 match hook {
                     Some(hook) if kind == "nat" => BaseChain { hook, priority },
-                    _ => BaseChain {
-                        hook: Hook::Prerouting,
-                        priority: i32::MIN,
-                    },
+                    _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
                 }
             });
-            state.chains.insert(
-                c.name,
-                KernelChain {
-                    base,
-                    rules: Vec::new(),
-                },
-            );
+            state.chains.insert(c.name, KernelChain { base, rules: Vec::new() });
         }
         for msg in self.request("rules", |b| b.rules_dump(TABLE))? {
             let Some(r) = sys::parse_rule(&msg) else {
@@ -294,13 +245,7 @@ impl Netlink {
             }
         }
         let sets: Vec<sys::ParsedSet> = self
-            .request("sets", |b| {
-                b.set(
-                    NFT_MSG_GETSET,
-                    NLM_F_DUMP,
-                    &sys::SetObj::new(TABLE, "", None),
-                )
-            })?
+            .request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(TABLE, "", None)))?
             .iter()
             .filter_map(|m| sys::parse_set(m))
             .filter(|s| s.table == TABLE)
@@ -308,24 +253,11 @@ impl Netlink {
         for s in sets {
             let obj = sys::SetObj::new(TABLE, &s.name, None);
             let mut elements = Vec::new();
-            for msg in self.request("set elements", |b| {
-                b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj)
-            })? {
-                elements.extend(
-                    sys::parse_elements(&msg)
-                        .into_iter()
-                        .map(|(key, goto)| Element { key, goto }),
-                );
+            for msg in self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))? {
+                elements.extend(sys::parse_elements(&msg).into_iter().map(|(key, goto)| Element { key, goto }));
             }
             let is_map = s.flags & NFT_SET_MAP != 0;
-            state.sets.insert(
-                s.name,
-                KernelSet {
-                    key_len: s.key_len,
-                    is_map,
-                    elements,
-                },
-            );
+            state.sets.insert(s.name, KernelSet { key_len: s.key_len, is_map, elements });
         }
         Ok(state)
     }
@@ -334,13 +266,10 @@ impl Netlink {
     /// value means nobody touched nftables since we last looked.
     pub fn generation(&mut self) -> Result<u32> {
         let answers = self.request("generation", |b| b.get_gen())?;
-        answers
-            .iter()
-            .find_map(|m| gen_id(m))
-            .ok_or_else(|| NftError::ReadBack {
-                what: "generation",
-                source: io::Error::other("no NFTA_GEN_ID in answer"),
-            })
+        answers.iter().find_map(|m| gen_id(m)).ok_or_else(|| NftError::ReadBack {
+            what: "generation",
+            source: io::Error::other("no NFTA_GEN_ID in answer"),
+        })
     }
 
     /// Deletes our table and everything in it. `Ok(false)` when there was none.
@@ -352,11 +281,7 @@ impl Netlink {
         self.seq = self.seq.wrapping_add(3);
         match self.send_batch(buf.bytes(), &[(seq, format!("table {TABLE}"))]) {
             Ok(()) => Ok(true),
-            Err(NftError::Rejected { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(false)
-            }
+            Err(NftError::Rejected { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -27,11 +27,7 @@ pub struct MsgBuf {
 
 impl MsgBuf {
     pub fn new(first_seq: u32) -> Self {
-        MsgBuf {
-            buf: Vec::new(),
-            used: 0,
-            seq: first_seq,
-        }
+        MsgBuf { buf: Vec::new(), used: 0, seq: first_seq }
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -53,10 +49,7 @@ impl MsgBuf {
             let nlh = write(self.buf.as_mut_ptr().add(self.used).cast(), seq);
             (*nlh).nlmsg_len as usize
         };
-        assert!(
-            len <= MAX_MSG,
-            "netlink message of {len} bytes overflowed its slot"
-        );
+        assert!(len <= MAX_MSG, "netlink message of {len} bytes overflowed its slot");
         self.used += (len + 3) & !3;
         seq
     }
@@ -84,34 +77,21 @@ impl MsgBuf {
     pub fn table(&mut self, kind: u16, flags: u16, name: &str) -> u32 {
         let t = Table::new(name);
         // SAFETY: t is a valid table object; nlh is the header just written.
-        self.put_obj(kind, flags, |nlh| unsafe {
-            sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr())
-        })
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr()) })
     }
 
     /// A chain message; `hook` is (hook number, priority) for base chains, all `type nat`.
-    pub fn chain(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        table: &str,
-        name: &str,
-        hook: Option<(u32, i32)>,
-    ) -> u32 {
+    pub fn chain(&mut self, kind: u16, flags: u16, table: &str, name: &str, hook: Option<(u32, i32)>) -> u32 {
         let c = Chain::new(table, name, hook);
         // SAFETY: c is a valid chain object; nlh is the header just written.
-        self.put_obj(kind, flags, |nlh| unsafe {
-            sys::nftnl_chain_nlmsg_build_payload(nlh, c.0.as_ptr())
-        })
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_chain_nlmsg_build_payload(nlh, c.0.as_ptr()) })
     }
 
     /// DELRULE naming only table and chain: deletes every rule of the chain.
     pub fn flush_chain(&mut self, table: &str, chain: &str) -> u32 {
         let r = RuleObj::new(table, chain);
         // SAFETY: r is a valid rule object; nlh is the header just written.
-        self.put_obj(NFT_MSG_DELRULE, 0, |nlh| unsafe {
-            sys::nftnl_rule_nlmsg_build_payload(nlh, r.0.as_ptr())
-        })
+        self.put_obj(NFT_MSG_DELRULE, 0, |nlh| unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, r.0.as_ptr()) })
     }
 
     /// GETRULE dump of one table's rules.
@@ -120,11 +100,7 @@ impl MsgBuf {
         // SAFETY: alloc returns an owned object or NULL (checked), freed after use; setters copy.
         let r = unsafe {
             let r = NonNull::new(sys::nftnl_rule_alloc()).expect("out of memory");
-            sys::nftnl_rule_set_u32(
-                r.as_ptr(),
-                sys::NFTNL_RULE_FAMILY as u16,
-                NFPROTO_INET.into(),
-            );
+            sys::nftnl_rule_set_u32(r.as_ptr(), sys::NFTNL_RULE_FAMILY as u16, NFPROTO_INET.into());
             sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
             RuleObj(r)
         };
@@ -143,17 +119,13 @@ impl MsgBuf {
 
     pub fn set(&mut self, kind: u16, flags: u16, set: &SetObj) -> u32 {
         // SAFETY: set is a valid set object; nlh is the header just written.
-        self.put_obj(kind, flags, |nlh| unsafe {
-            sys::nftnl_set_nlmsg_build_payload(nlh, set.0.as_ptr())
-        })
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_set_nlmsg_build_payload(nlh, set.0.as_ptr()) })
     }
 
     /// NEWSETELEM/DELSETELEM (or GETSETELEM) for the elements held by `set`.
     pub fn elements(&mut self, kind: u16, flags: u16, set: &SetObj) -> u32 {
         // SAFETY: set is a valid set object; nlh is the header just written.
-        self.put_obj(kind, flags, |nlh| unsafe {
-            sys::nftnl_set_elems_nlmsg_build_payload(nlh, set.0.as_ptr())
-        })
+        self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_set_elems_nlmsg_build_payload(nlh, set.0.as_ptr()) })
     }
 }
 
@@ -173,11 +145,7 @@ impl Table {
         unsafe {
             let t = NonNull::new(sys::nftnl_table_alloc()).expect("out of memory");
             sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
-            sys::nftnl_table_set_u32(
-                t.as_ptr(),
-                sys::NFTNL_TABLE_FAMILY as u16,
-                NFPROTO_INET.into(),
-            );
+            sys::nftnl_table_set_u32(t.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, NFPROTO_INET.into());
             Table(t)
         }
     }
@@ -238,11 +206,7 @@ impl RuleObj {
         // SAFETY: alloc returns an owned object or NULL (checked); setters copy their input.
         unsafe {
             let r = NonNull::new(sys::nftnl_rule_alloc()).expect("out of memory");
-            sys::nftnl_rule_set_u32(
-                r.as_ptr(),
-                sys::NFTNL_RULE_FAMILY as u16,
-                NFPROTO_INET.into(),
-            );
+            sys::nftnl_rule_set_u32(r.as_ptr(), sys::NFTNL_RULE_FAMILY as u16, NFPROTO_INET.into());
             sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
             sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
             RuleObj(r)
@@ -266,8 +230,7 @@ impl RuleObj {
         // SAFETY: expr_alloc returns an owned object or NULL (checked); setters copy their input
         // (strings through a CString that outlives the call); add_expr takes ownership of e.
         unsafe {
-            let e = NonNull::new(sys::nftnl_expr_alloc(name.as_ptr()))
-                .expect("unknown expression or out of memory");
+            let e = NonNull::new(sys::nftnl_expr_alloc(name.as_ptr())).expect("unknown expression or out of memory");
             for (attr, value) in attrs {
                 let attr = *attr as u16;
                 match value {
@@ -277,12 +240,7 @@ impl RuleObj {
                         sys::nftnl_expr_set_str(e.as_ptr(), attr, s.as_ptr());
                     }
                     Attr::Data(d) => {
-                        sys::nftnl_expr_set(
-                            e.as_ptr(),
-                            attr,
-                            d.as_ptr().cast::<c_void>(),
-                            d.len() as u32,
-                        );
+                        sys::nftnl_expr_set(e.as_ptr(), attr, d.as_ptr().cast::<c_void>(), d.len() as u32);
                     }
                 }
             }
@@ -348,16 +306,8 @@ impl SetObj {
             );
             if let Some(chain) = goto {
                 let chain = cstring(chain);
-                sys::nftnl_set_elem_set_u32(
-                    e.as_ptr(),
-                    sys::NFTNL_SET_ELEM_VERDICT as u16,
-                    NFT_GOTO as u32,
-                );
-                sys::nftnl_set_elem_set_str(
-                    e.as_ptr(),
-                    sys::NFTNL_SET_ELEM_CHAIN as u16,
-                    chain.as_ptr(),
-                );
+                sys::nftnl_set_elem_set_u32(e.as_ptr(), sys::NFTNL_SET_ELEM_VERDICT as u16, NFT_GOTO as u32);
+                sys::nftnl_set_elem_set_str(e.as_ptr(), sys::NFTNL_SET_ELEM_CHAIN as u16, chain.as_ptr());
             }
             sys::nftnl_set_elem_add(self.0.as_ptr(), e.as_ptr());
         }
@@ -512,12 +462,7 @@ pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
                         std::slice::from_raw_parts(key.cast::<u8>(), len as usize).to_vec()
                     };
                     let chain = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16)
-                        .then(|| {
-                            owned_str(sys::nftnl_set_elem_get_str(
-                                e,
-                                sys::NFTNL_SET_ELEM_CHAIN as u16,
-                            ))
-                        });
+                        .then(|| owned_str(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)));
                     out.push((key, chain));
                     e = sys::nftnl_set_elems_iter_next(it);
                 }
@@ -542,11 +487,7 @@ pub fn force_buffer(fd: i32, option: i32, bytes: usize) -> std::io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Sets an integer netlink socket option.
@@ -561,11 +502,7 @@ pub fn set_netlink_opt(fd: i32, option: i32, value: i32) -> std::io::Result<()> 
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Receives without blocking; `Ok(0)` when nothing is queued.
@@ -576,11 +513,7 @@ pub fn recv_nonblocking(fd: i32, buf: &mut [u8]) -> std::io::Result<usize> {
         return Ok(n as usize);
     }
     let err = std::io::Error::last_os_error();
-    if err.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(err)
-    }
+    if err.kind() == std::io::ErrorKind::WouldBlock { Ok(0) } else { Err(err) }
 }
 
 /// The raw fd behind an mnl socket.

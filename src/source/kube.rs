@@ -18,8 +18,7 @@ use tokio::sync::mpsc;
 use super::{Change, InputErrors, Objects, Origin, Source};
 
 /// kube-proxy's server-side filter on Services.
-pub const SERVICE_SELECTOR: &str =
-    "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
+pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 
 /// EndpointSlice annotation with the time of the change that triggered it.
 const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -27,15 +26,10 @@ const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, kube::Error> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc =
-                kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(kube::Error::InferKubeconfig)?
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(kube::Error::InferKubeconfig)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(kube::Error::InferKubeconfig)?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(kube::Error::InferConfig)?,
+        None => kube::Config::infer().await.map_err(kube::Error::InferConfig)?,
     };
     Client::try_from(config)
 }
@@ -56,12 +50,7 @@ fn change_time<K: Resource>(obj: &K) -> SystemTime {
         .unwrap_or_else(SystemTime::now)
 }
 
-fn spawn_reflector<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    kind: &'static str,
-    tx: mpsc::Sender<Change>,
-) -> Store<K>
+fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, kind: &'static str, tx: mpsc::Sender<Change>) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -79,9 +68,7 @@ where
                         down = false;
                     }
                     let at = match &event {
-                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
-                            Some(change_time(o))
-                        }
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(change_time(o)),
                         watcher::Event::InitDone => Some(SystemTime::now()),
                         _ => None,
                     };
@@ -121,11 +108,7 @@ impl KubeSource {
             "Node",
             tx,
         );
-        KubeSource {
-            services,
-            slices,
-            node,
-        }
+        KubeSource { services, slices, node }
     }
 
     /// Waits until Services and EndpointSlices have been listed once.
@@ -136,13 +119,7 @@ impl KubeSource {
 
     /// This node's `topology.kubernetes.io/zone` label, once the Node has been seen.
     pub fn zone(&self) -> Option<String> {
-        self.node.state().first().and_then(|n| {
-            n.metadata
-                .labels
-                .as_ref()?
-                .get("topology.kubernetes.io/zone")
-                .cloned()
-        })
+        self.node.state().first().and_then(|n| n.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone").cloned())
     }
 }
 
@@ -150,18 +127,8 @@ impl Source for KubeSource {
     fn objects(&self) -> Result<Objects, InputErrors> {
         let origin = Origin("the Kubernetes API".into());
         Ok(Objects {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (origin.clone(), (**s).clone()))
-                .collect(),
-            slices: self
-                .slices
-                .state()
-                .iter()
-                .map(|s| (origin.clone(), (**s).clone()))
-                .collect(),
+            services: self.services.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
+            slices: self.slices.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
             ..Default::default()
         })
     }

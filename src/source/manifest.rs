@@ -38,12 +38,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Objects, InputErrors> {
             Ok(files) => {
                 for file in files {
                     match std::fs::read_to_string(&file) {
-                        Ok(text) => parse_into(
-                            &file.display().to_string(),
-                            &text,
-                            &mut objects,
-                            &mut errors,
-                        ),
+                        Ok(text) => parse_into(&file.display().to_string(), &text, &mut objects, &mut errors),
                         Err(e) => errors.push(InputError {
                             origin: file.display().to_string(),
                             object: "manifests".into(),
@@ -56,11 +51,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Objects, InputErrors> {
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(InputErrors(errors))
-    }
+    if errors.is_empty() { Ok(objects) } else { Err(InputErrors(errors)) }
 }
 
 /// Parses one file's text (multi-document YAML) into `objects`.
@@ -93,9 +84,7 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
         return;
     }
     let kind = str_at(&value, &["kind"]).unwrap_or_default().to_string();
-    let api = str_at(&value, &["apiVersion"])
-        .unwrap_or_default()
-        .to_string();
+    let api = str_at(&value, &["apiVersion"]).unwrap_or_default().to_string();
     let ns = str_at(&value, &["metadata", "namespace"]).unwrap_or("default");
     let name = str_at(&value, &["metadata", "name"]).unwrap_or("<unnamed>");
     let object = format!("{kind} {ns}/{name}");
@@ -103,19 +92,12 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
         ("v1", "List") => {
             if let Some(Value::Sequence(items)) = value.get("items").cloned() {
                 for (i, item) in items.into_iter().enumerate() {
-                    add_value(
-                        &Origin(format!("{origin} items[{i}]")),
-                        item,
-                        objects,
-                        errors,
-                    );
+                    add_value(&Origin(format!("{origin} items[{i}]")), item, objects, errors);
                 }
             }
         }
         ("v1", "Service") => push(origin, object, value, &mut objects.services, errors),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            push(origin, object, value, &mut objects.slices, errors)
-        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => push(origin, object, value, &mut objects.slices, errors),
         ("v1", "Endpoints") => push(origin, object, value, &mut objects.endpoints, errors),
         ("v1", "Pod") => push(origin, object, value, &mut objects.pods, errors),
         ("v1", "Namespace") => push(origin, object, value, &mut objects.namespaces, errors),
@@ -169,9 +151,7 @@ mod tests {
 
     #[test]
     fn type_errors_name_the_field() {
-        let (_, e) = parse(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n",
-        );
+        let (_, e) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: eighty\n");
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].object, "Service default/web");
         assert_eq!(e[0].field, "spec.ports[0].port");
@@ -199,11 +179,7 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::System
 }
 
 /// Polls the manifests and sends a change whenever a file appears, disappears or is modified.
-pub async fn watch(
-    paths: Vec<PathBuf>,
-    every: std::time::Duration,
-    tx: tokio::sync::mpsc::Sender<super::Change>,
-) {
+pub async fn watch(paths: Vec<PathBuf>, every: std::time::Duration, tx: tokio::sync::mpsc::Sender<super::Change>) {
     let mut last = fingerprint(&paths);
     loop {
         tokio::time::sleep(every).await;

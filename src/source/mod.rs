@@ -54,9 +54,7 @@ pub struct Change {
 
 impl Change {
     pub fn now() -> Self {
-        Change {
-            at: std::time::SystemTime::now(),
-        }
+        Change { at: std::time::SystemTime::now() }
     }
 }
 

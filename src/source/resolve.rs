@@ -27,9 +27,7 @@ pub struct ResolveOptions {
 
 impl Default for ResolveOptions {
     fn default() -> Self {
-        ResolveOptions {
-            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
-        }
+        ResolveOptions { service_cidrs: vec!["10.96.0.0/12".parse().unwrap()] }
     }
 }
 
@@ -90,15 +88,8 @@ fn accept<'a>(
     errors: &mut Vec<InputError>,
     opts: &ResolveOptions,
 ) -> Option<Accepted<'a>> {
-    let id = ServiceId::new(
-        ns_of(&svc.metadata),
-        svc.metadata.name.clone().unwrap_or_default(),
-    );
-    let mut errs = Errors {
-        origin,
-        object: format!("Service {id}"),
-        list: errors,
-    };
+    let id = ServiceId::new(ns_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
+    let mut errs = Errors { origin, object: format!("Service {id}"), list: errors };
     let before = errs.list.len();
     if id.name.is_empty() {
         errs.add("metadata.name", "a Service needs a name");
@@ -107,29 +98,15 @@ fn accept<'a>(
 
     let mut ips = Vec::new();
     let listed: Vec<(String, String)> = match &spec.cluster_ips {
-        Some(list) if !list.is_empty() => list
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone()))
-            .collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| ("spec.clusterIP".into(), s.clone()))
-            .collect(),
+        Some(list) if !list.is_empty() => {
+            list.iter().enumerate().map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone())).collect()
+        }
+        _ => spec.cluster_ip.iter().filter(|s| !s.is_empty()).map(|s| ("spec.clusterIP".into(), s.clone())).collect(),
     };
     for (field, text) in listed {
         match text.parse::<IpAddr>() {
-            Ok(ip)
-                if ips
-                    .iter()
-                    .any(|o: &IpAddr| Family::of(o) == Family::of(&ip)) =>
-            {
-                errs.add(
-                    field,
-                    format!("{ip} is a second address of the same family"),
-                )
+            Ok(ip) if ips.iter().any(|o: &IpAddr| Family::of(o) == Family::of(&ip)) => {
+                errs.add(field, format!("{ip} is a second address of the same family"))
             }
             Ok(ip) => ips.push(ip),
             Err(_) => errs.add(field, format!("{text:?} is not an IP address")),
@@ -140,38 +117,21 @@ fn accept<'a>(
         match f.as_str() {
             "IPv4" => families.push(Family::V4),
             "IPv6" => families.push(Family::V6),
-            other => errs.add(
-                format!("spec.ipFamilies[{i}]"),
-                format!("unknown IP family {other:?}"),
-            ),
+            other => errs.add(format!("spec.ipFamilies[{i}]"), format!("unknown IP family {other:?}")),
         }
     }
     if families.is_empty() {
-        let dual = matches!(
-            spec.ip_family_policy.as_deref(),
-            Some("PreferDualStack" | "RequireDualStack")
-        );
-        let mut cidr_families: Vec<Family> = opts
-            .service_cidrs
-            .iter()
-            .map(|c| Family::of(&c.addr()))
-            .collect();
+        let dual = matches!(spec.ip_family_policy.as_deref(), Some("PreferDualStack" | "RequireDualStack"));
+        let mut cidr_families: Vec<Family> = opts.service_cidrs.iter().map(|c| Family::of(&c.addr())).collect();
         cidr_families.dedup();
         families = if ips.is_empty() {
-            if dual {
-                cidr_families
-            } else {
-                cidr_families.into_iter().take(1).collect()
-            }
+            if dual { cidr_families } else { cidr_families.into_iter().take(1).collect() }
         } else {
             ips.iter().map(Family::of).collect()
         };
     }
-    let to_allocate: Vec<Family> = families
-        .iter()
-        .copied()
-        .filter(|f| !ips.iter().any(|ip| Family::of(ip) == *f))
-        .collect();
+    let to_allocate: Vec<Family> =
+        families.iter().copied().filter(|f| !ips.iter().any(|ip| Family::of(ip) == *f)).collect();
 
     let mut ports = Vec::new();
     let mut names = BTreeSet::new();
@@ -204,26 +164,14 @@ fn accept<'a>(
             if !keys.insert((port, protocol)) {
                 errs.add(field("port"), format!("duplicate port {port}/{protocol}"));
             }
-            let sp = ServicePort {
-                name,
-                port,
-                protocol,
-                endpoints: Vec::new(),
-            };
+            let sp = ServicePort { name, port, protocol, endpoints: Vec::new() };
             ports.push((sp, p.target_port.clone()));
         }
     }
     if errs.list.len() > before {
         return None;
     }
-    Some(Accepted {
-        origin,
-        svc,
-        id,
-        ips,
-        to_allocate,
-        ports,
-    })
+    Some(Accepted { origin, svc, id, ips, to_allocate, ports })
 }
 
 /// Picks a stable address in `cidr` for `id`: a hash of the name, probed past used addresses.
@@ -260,16 +208,8 @@ fn slice_endpoints(
     port: &ServicePort,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let name = format!(
-        "EndpointSlice {}/{}",
-        ns_of(&slice.metadata),
-        slice.metadata.name.clone().unwrap_or_default()
-    );
-    let mut errs = Errors {
-        origin,
-        object: name,
-        list: errors,
-    };
+    let name = format!("EndpointSlice {}/{}", ns_of(&slice.metadata), slice.metadata.name.clone().unwrap_or_default());
+    let mut errs = Errors { origin, object: name, list: errors };
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -283,10 +223,7 @@ fn slice_endpoints(
     let Some((pi, slice_port)) = matching else {
         return Vec::new();
     };
-    let Some(target) = slice_port
-        .port
-        .and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs))
-    else {
+    let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs)) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -306,14 +243,10 @@ fn slice_endpoints(
                     terminating,
                     node_name: ep.node_name.clone(),
                 }),
-                Ok(ip) => errs.add(
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{ip} is not of addressType {family:?}"),
-                ),
-                Err(_) => errs.add(
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{a:?} is not an IP address"),
-                ),
+                Ok(ip) => {
+                    errs.add(format!("endpoints[{i}].addresses[{j}]"), format!("{ip} is not of addressType {family:?}"))
+                }
+                Err(_) => errs.add(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IP address")),
             }
         }
     }
@@ -326,16 +259,8 @@ fn legacy_endpoints(
     port: &ServicePort,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let name = format!(
-        "Endpoints {}/{}",
-        ns_of(&eps.metadata),
-        eps.metadata.name.clone().unwrap_or_default()
-    );
-    let mut errs = Errors {
-        origin,
-        object: name,
-        list: errors,
-    };
+    let name = format!("Endpoints {}/{}", ns_of(&eps.metadata), eps.metadata.name.clone().unwrap_or_default());
+    let mut errs = Errors { origin, object: name, list: errors };
     let mut out = Vec::new();
     for (si, subset) in eps.subsets.iter().flatten().enumerate() {
         let Some(p) = subset.ports.iter().flatten().find(|p| {
@@ -347,10 +272,7 @@ fn legacy_endpoints(
         let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else {
             continue;
         };
-        let lists = [
-            (true, "addresses", &subset.addresses),
-            (false, "notReadyAddresses", &subset.not_ready_addresses),
-        ];
+        let lists = [(true, "addresses", &subset.addresses), (false, "notReadyAddresses", &subset.not_ready_addresses)];
         for (ready, field, list) in lists {
             for (i, a) in list.iter().flatten().enumerate() {
                 match a.ip.parse::<IpAddr>() {
@@ -362,10 +284,9 @@ fn legacy_endpoints(
                         terminating: false,
                         node_name: a.node_name.clone(),
                     }),
-                    Err(_) => errs.add(
-                        format!("subsets[{si}].{field}[{i}].ip"),
-                        format!("{:?} is not an IP address", a.ip),
-                    ),
+                    Err(_) => {
+                        errs.add(format!("subsets[{si}].{field}[{i}].ip"), format!("{:?} is not an IP address", a.ip))
+                    }
                 }
             }
         }
@@ -411,25 +332,13 @@ fn pod_endpoints(
         };
         // A pod without the named port is not an endpoint of this port (as in Kubernetes).
         let Some(number) = number else { continue };
-        let pod_ready = status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let pod_ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
         let terminating = pod.metadata.deletion_timestamp.is_some();
-        let mut addrs: Vec<String> = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .map(|p| p.ip.clone())
-            .collect();
+        let mut addrs: Vec<String> = status.pod_ips.iter().flatten().map(|p| p.ip.clone()).collect();
         if addrs.is_empty() {
             addrs.extend(status.pod_ip.clone());
         }
-        let name = format!(
-            "Pod {namespace}/{}",
-            pod.metadata.name.clone().unwrap_or_default()
-        );
+        let name = format!("Pod {namespace}/{}", pod.metadata.name.clone().unwrap_or_default());
         for (i, a) in addrs.iter().enumerate() {
             match a.parse::<IpAddr>() {
                 Ok(ip) => out.push(Endpoint {
@@ -456,11 +365,8 @@ fn pod_endpoints(
 pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, InputErrors> {
     let mut errors = Vec::new();
     let declared: Option<BTreeSet<String>> = (!objects.namespaces.is_empty()).then(|| {
-        let mut set: BTreeSet<String> = objects
-            .namespaces
-            .iter()
-            .filter_map(|(_, n)| n.metadata.name.clone())
-            .collect();
+        let mut set: BTreeSet<String> =
+            objects.namespaces.iter().filter_map(|(_, n)| n.metadata.name.clone()).collect();
         set.extend(["default".to_string(), "kube-system".to_string()]);
         set
     });
@@ -481,10 +387,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
                 origin: origin.to_string(),
                 object: format!("Service {}", a.id),
                 field: "metadata.namespace".into(),
-                message: format!(
-                    "namespace {:?} is not declared by any Namespace object",
-                    a.id.namespace
-                ),
+                message: format!("namespace {:?} is not declared by any Namespace object", a.id.namespace),
             });
             continue;
         }
@@ -524,10 +427,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     }
     for a in &mut accepted {
         for family in a.to_allocate.clone() {
-            let cidr = opts
-                .service_cidrs
-                .iter()
-                .find(|c| Family::of(&c.addr()) == family);
+            let cidr = opts.service_cidrs.iter().find(|c| Family::of(&c.addr()) == family);
             match cidr.and_then(|c| allocate(c, &a.id, &used)) {
                 Some(ip) => {
                     used.insert(ip, a.id.clone());
@@ -544,8 +444,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         a.ips.sort_by_key(|ip| Family::of(ip));
     }
 
-    let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> =
-        HashMap::new();
+    let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> = HashMap::new();
     for entry in &objects.slices {
         let (origin, slice) = entry;
         let ns = ns_of(&slice.metadata);
@@ -554,24 +453,13 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         {
             errors.push(InputError {
                 origin: origin.to_string(),
-                object: format!(
-                    "EndpointSlice {ns}/{}",
-                    slice.metadata.name.clone().unwrap_or_default()
-                ),
+                object: format!("EndpointSlice {ns}/{}", slice.metadata.name.clone().unwrap_or_default()),
                 field: "metadata.namespace".into(),
                 message: format!("namespace {ns:?} is not declared by any Namespace object"),
             });
         }
-        if let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        {
-            slices_by_service
-                .entry((ns, svc.clone()))
-                .or_default()
-                .push(entry);
+        if let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+            slices_by_service.entry((ns, svc.clone())).or_default().push(entry);
         }
     }
 
@@ -579,51 +467,26 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     for a in accepted {
         let key = (a.id.namespace.clone(), a.id.name.clone());
         let slices = slices_by_service.get(&key);
-        let legacy = objects.endpoints.iter().find(|(_, e)| {
-            ns_of(&e.metadata) == a.id.namespace && e.metadata.name.as_deref() == Some(&a.id.name)
-        });
-        let selector = a
-            .svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.clone())
-            .unwrap_or_default();
+        let legacy = objects
+            .endpoints
+            .iter()
+            .find(|(_, e)| ns_of(&e.metadata) == a.id.namespace && e.metadata.name.as_deref() == Some(&a.id.name));
+        let selector = a.svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
         let mut ports = Vec::new();
         for (mut port, target) in a.ports {
             port.endpoints = if let Some(slices) = slices {
-                slices
-                    .iter()
-                    .flat_map(|(o, s)| slice_endpoints(o, s, &port, &mut errors))
-                    .collect()
+                slices.iter().flat_map(|(o, s)| slice_endpoints(o, s, &port, &mut errors)).collect()
             } else if let Some((o, e)) = legacy {
                 legacy_endpoints(o, e, &port, &mut errors)
             } else if !selector.is_empty() {
-                pod_endpoints(
-                    &selector,
-                    &a.id.namespace,
-                    &objects.pods,
-                    &port,
-                    &target,
-                    &mut errors,
-                )
+                pod_endpoints(&selector, &a.id.namespace, &objects.pods, &port, &target, &mut errors)
             } else {
                 Vec::new()
             };
             port.endpoints.sort();
             ports.push(port);
         }
-        snapshot.services.insert(
-            a.id.clone(),
-            Service {
-                id: a.id,
-                cluster_ips: a.ips,
-                ports,
-            },
-        );
+        snapshot.services.insert(a.id.clone(), Service { id: a.id, cluster_ips: a.ips, ports });
     }
-    if errors.is_empty() {
-        Ok(snapshot)
-    } else {
-        Err(InputErrors(errors))
-    }
+    if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
 }

@@ -76,10 +76,7 @@ pub struct ApiServer {
 }
 
 fn key_of(kind: Kind, obj: &Value) -> (Kind, String, String) {
-    let ns = obj["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or("").to_string();
     let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
     (kind, ns, name)
 }
@@ -99,14 +96,11 @@ fn labels_match(selector: &str, obj: &Value) -> bool {
 }
 
 fn fields_match(selector: &str, obj: &Value) -> bool {
-    selector
-        .split(',')
-        .filter(|t| !t.is_empty())
-        .all(|term| match term.split_once('=') {
-            Some(("metadata.name", v)) => obj["metadata"]["name"].as_str() == Some(v),
-            Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
-            _ => true,
-        })
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
+        Some(("metadata.name", v)) => obj["metadata"]["name"].as_str() == Some(v),
+        Some(("metadata.namespace", v)) => obj["metadata"]["namespace"].as_str() == Some(v),
+        _ => true,
+    })
 }
 
 fn query(req: &Request) -> BTreeMap<String, String> {
@@ -115,10 +109,7 @@ fn query(req: &Request) -> BTreeMap<String, String> {
 }
 
 fn url_decode_pairs(q: &str) -> BTreeMap<String, String> {
-    q.split('&')
-        .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (k.to_string(), percent_decode(v)))
-        .collect()
+    q.split('&').filter_map(|p| p.split_once('=')).map(|(k, v)| (k.to_string(), percent_decode(v))).collect()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -141,29 +132,17 @@ fn percent_decode(s: &str) -> String {
 
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
     let Some(kind) = Kind::from_path(req.uri().path()) else {
-        return Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Body::from("{}"))
-            .unwrap();
+        return Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("{}")).unwrap();
     };
     let q = query(&req);
-    shared
-        .store
-        .lock()
-        .unwrap()
-        .requests
-        .push(req.uri().to_string());
+    shared.store.lock().unwrap().requests.push(req.uri().to_string());
     let labels = q.get("labelSelector").cloned().unwrap_or_default();
     let fields = q.get("fieldSelector").cloned().unwrap_or_default();
     let matches = move |o: &Value| labels_match(&labels, o) && fields_match(&fields, o);
     if q.get("watch").map(String::as_str) != Some("true") {
         let store = shared.store.lock().unwrap();
-        let items: Vec<Value> = store
-            .objects
-            .iter()
-            .filter(|((k, _, _), o)| *k == kind && matches(o))
-            .map(|(_, o)| o.clone())
-            .collect();
+        let items: Vec<Value> =
+            store.objects.iter().filter(|((k, _, _), o)| *k == kind && matches(o)).map(|(_, o)| o.clone()).collect();
         let (api, list) = kind.list_kind();
         let body = json!({"apiVersion": api, "kind": list, "metadata": {"resourceVersion": store.rv.to_string()}, "items": items});
         return Response::builder()
@@ -171,22 +150,14 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             .body(Body::from(body.to_string()))
             .unwrap();
     }
-    let since: u64 = q
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let (backlog, gone, current_rv) = {
         let mut store = shared.store.lock().unwrap();
         let gone = store.gone_next_watches > 0;
         if gone {
             store.gone_next_watches -= 1;
         }
-        let backlog: Vec<Event> = store
-            .log
-            .iter()
-            .filter(|e| e.kind == kind && e.rv > since)
-            .cloned()
-            .collect();
+        let backlog: Vec<Event> = store.log.iter().filter(|e| e.kind == kind && e.rv > since).cloned().collect();
         (backlog, gone, store.rv)
     };
     if gone {
@@ -253,26 +224,11 @@ where
 impl ApiServer {
     /// Starts the double on 127.0.0.1:`port` inside network namespace `netns`.
     pub fn start_in(netns: &str, port: u16) -> ApiServer {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (events, _) = broadcast::channel(1024);
         let (stop, stopped) = watch::channel(false);
-        let shared = Shared {
-            store: Arc::new(Mutex::new(Store::default())),
-            events,
-            stopped,
-        };
-        let mut s = ApiServer {
-            shared,
-            stop,
-            rt,
-            port,
-            netns: netns.to_string(),
-            server: None,
-        };
+        let shared = Shared { store: Arc::new(Mutex::new(Store::default())), events, stopped };
+        let mut s = ApiServer { shared, stop, rt, port, netns: netns.to_string(), server: None };
         s.listen();
         s
     }
@@ -285,10 +241,7 @@ impl ApiServer {
             l
         });
         let _ = self.stop.send(false);
-        let shared = Shared {
-            stopped: self.stop.subscribe(),
-            ..self.shared.clone()
-        };
+        let shared = Shared { stopped: self.stop.subscribe(), ..self.shared.clone() };
         let mut stopped = self.stop.subscribe();
         let app = axum::Router::new().fallback(handle).with_state(shared);
         let _guard = self.rt.enter();
@@ -306,9 +259,7 @@ impl ApiServer {
     pub fn stop(&mut self) {
         let _ = self.stop.send(true);
         if let Some(h) = self.server.take() {
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
+            let _ = self.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), h).await });
         }
     }
 
@@ -329,39 +280,22 @@ impl ApiServer {
         let rv = store.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = key_of(kind, &obj);
-        let kind_name = if store.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
+        let kind_name = if store.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
         store.objects.insert(key, obj.clone());
-        let e = Event {
-            rv,
-            kind,
-            kind_name,
-            object: obj,
-        };
+        let e = Event { rv, kind, kind_name, object: obj };
         store.log.push(e.clone());
         let _ = self.shared.events.send(e);
     }
 
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
         let mut store = self.shared.store.lock().unwrap();
-        let Some(mut obj) = store
-            .objects
-            .remove(&(kind, namespace.to_string(), name.to_string()))
-        else {
+        let Some(mut obj) = store.objects.remove(&(kind, namespace.to_string(), name.to_string())) else {
             return;
         };
         store.rv += 1;
         let rv = store.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let e = Event {
-            rv,
-            kind,
-            kind_name: "DELETED",
-            object: obj,
-        };
+        let e = Event { rv, kind, kind_name: "DELETED", object: obj };
         store.log.push(e.clone());
         let _ = self.shared.events.send(e);
     }

@@ -17,11 +17,7 @@ pub fn can_run_netns_tests() -> bool {
     // SAFETY-free check of the effective uid through /proc.
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false);
     if root {
         return true;
@@ -71,11 +67,7 @@ impl Cluster {
         let prefix = format!("np{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("nftproxy-test-{prefix}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let c = Cluster {
-            prefix,
-            children: Vec::new(),
-            dir,
-        };
+        let c = Cluster { prefix, children: Vec::new(), dir };
         c.fixture(&["node"]);
         for (name, v4, v6) in pods {
             c.fixture(&["pod", name, v4, v6]);
@@ -86,10 +78,7 @@ impl Cluster {
     fn fixture(&self, args: &[&str]) {
         let script = repo().join("netns-fixtures/netns.sh");
         let mut cmd = Command::new("bash");
-        cmd.arg(script)
-            .arg(args[0])
-            .arg(&self.prefix)
-            .args(&args[1..]);
+        cmd.arg(script).arg(args[0]).arg(&self.prefix).args(&args[1..]);
         check(cmd.output().unwrap(), &format!("netns.sh {args:?}"));
     }
 
@@ -103,11 +92,7 @@ impl Cluster {
 
     /// Runs a command inside namespace `ns` (a pod name, "node" or "ext").
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(ns)])
-            .args(cmd)
-            .output()
-            .unwrap()
+        Command::new("ip").args(["netns", "exec", &self.ns(ns)]).args(cmd).output().unwrap()
     }
 
     pub fn exec_ok(&self, ns: &str, cmd: &[&str]) -> String {
@@ -117,26 +102,14 @@ impl Cluster {
     /// Starts the test pod server in `pod`: answers `NAME PEER` on these ports.
     pub fn serve(&mut self, pod: &str, name: &str, tcp: &[u16], udp: &[u16]) {
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns(pod),
-            TESTPOD,
-            "serve",
-            "--name",
-            name,
-        ]);
+        cmd.args(["netns", "exec", &self.ns(pod), TESTPOD, "serve", "--name", name]);
         for p in tcp {
             cmd.args(["--tcp", &p.to_string()]);
         }
         for p in udp {
             cmd.args(["--udp", &p.to_string()]);
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         self.children.push(child);
         // Wait until every port answers locally.
         for p in tcp {
@@ -149,11 +122,7 @@ impl Cluster {
 
     fn wait_for(&self, pod: &str, proto: &str, addr: &str) {
         for _ in 0..100 {
-            if self
-                .probe(pod, proto, addr, 1)
-                .keys()
-                .all(|k| !k.starts_with("error"))
-            {
+            if self.probe(pod, proto, addr, 1).keys().all(|k| !k.starts_with("error")) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -162,46 +131,18 @@ impl Cluster {
     }
 
     /// Runs `nftproxy-testpod probe` in `from`: answer (pod name, or "error: ...") -> count.
-    pub fn probe(
-        &self,
-        from: &str,
-        proto: &str,
-        addr: &str,
-        count: usize,
-    ) -> BTreeMap<String, usize> {
+    pub fn probe(&self, from: &str, proto: &str, addr: &str, count: usize) -> BTreeMap<String, usize> {
         self.probe_with(from, proto, addr, count, &[])
     }
 
     /// Like `probe`, tallying whole answers `NAME PEER-IP`.
-    pub fn probe_full(
-        &self,
-        from: &str,
-        proto: &str,
-        addr: &str,
-        count: usize,
-    ) -> BTreeMap<String, usize> {
+    pub fn probe_full(&self, from: &str, proto: &str, addr: &str, count: usize) -> BTreeMap<String, usize> {
         self.probe_with(from, proto, addr, count, &["--full"])
     }
 
-    fn probe_with(
-        &self,
-        from: &str,
-        proto: &str,
-        addr: &str,
-        count: usize,
-        extra: &[&str],
-    ) -> BTreeMap<String, usize> {
+    fn probe_with(&self, from: &str, proto: &str, addr: &str, count: usize, extra: &[&str]) -> BTreeMap<String, usize> {
         let count = count.to_string();
-        let mut args = vec![
-            TESTPOD,
-            "probe",
-            proto,
-            addr,
-            "--count",
-            &count,
-            "--timeout-ms",
-            "3000",
-        ];
+        let mut args = vec![TESTPOD, "probe", proto, addr, "--count", &count, "--timeout-ms", "3000"];
         args.extend_from_slice(extra);
         let out = self.exec_ok(from, &args);
         out.lines()
@@ -247,9 +188,7 @@ impl Cluster {
     }
 
     pub fn has_table(&self) -> bool {
-        self.exec_ok("node", &["nft", "list", "tables"])
-            .lines()
-            .any(|l| l.trim() == "table inet nftproxy")
+        self.exec_ok("node", &["nft", "list", "tables"]).lines().any(|l| l.trim() == "table inet nftproxy")
     }
 }
 
@@ -259,10 +198,7 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("bash")
-            .arg(repo().join("netns-fixtures/netns.sh"))
-            .args(["down", &self.prefix])
-            .status();
+        let _ = Command::new("bash").arg(repo().join("netns-fixtures/netns.sh")).args(["down", &self.prefix]).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -271,10 +207,7 @@ impl Drop for Cluster {
 pub fn chi_square_uniform(counts: &[usize]) -> f64 {
     let total: usize = counts.iter().sum();
     let expected = total as f64 / counts.len() as f64;
-    counts
-        .iter()
-        .map(|&o| (o as f64 - expected).powi(2) / expected)
-        .sum()
+    counts.iter().map(|&o| (o as f64 - expected).powi(2) / expected).sum()
 }
 
 /// Chi-square critical values at significance 0.001 by degrees of freedom (1..=5).
@@ -349,20 +282,12 @@ impl Cluster {
         in_netns(&self.node(), move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(&addr).ok()?;
-            s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
-                .ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(3))).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
             let mut text = String::new();
             s.read_to_string(&mut text).ok()?;
             let code = text.split_whitespace().nth(1)?.parse().ok()?;
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
             Some((code, body))
         })
     }

@@ -1,0 +1,135 @@
+//! Which UDP conntrack entries are stale: pure, tested without root.
+//!
+//! An entry is stale when its original destination is a Service VIP:port we serve over UDP and
+//! its reply source is not an endpoint that may still carry traffic (ready or serving). That one
+//! rule covers an endpoint going away (the client would keep talking to a dead pod), a Service
+//! going from zero endpoints to some (the un-NATed entry would blackhole the client), and a
+//! Service scaled to zero or deleted (kubernetes#139628). Entries to valid endpoints are never
+//! touched, so a restart deletes nothing that still works (kubernetes#122740). TCP and SCTP are
+//! never touched at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{Family, Protocol, Service};
+
+/// The parts of a conntrack entry that decide whether it is stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowKey {
+    pub protocol: u8,
+    pub orig_dst: IpAddr,
+    pub orig_dport: u16,
+    pub reply_src: IpAddr,
+    pub reply_sport: u16,
+}
+
+/// UDP VIP:port -> the endpoints entries may still lead to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UdpTargets(pub BTreeMap<(IpAddr, u16), BTreeSet<(IpAddr, u16)>>);
+
+impl UdpTargets {
+    /// Adds a Service's UDP ports with their valid endpoints (none if `gone`: deleted Service).
+    pub fn add(&mut self, svc: &Service, gone: bool) {
+        for vip in &svc.cluster_ips {
+            let family = Family::of(vip);
+            for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                let valid = self.0.entry((*vip, port.port)).or_default();
+                if gone {
+                    continue;
+                }
+                let usable = port.usable_endpoints(family);
+                let serving = port.endpoints.iter().filter(|e| Family::of(&e.ip) == family && (e.ready || e.serving));
+                valid.extend(usable.into_iter().chain(serving).map(|e| (e.ip, e.port)));
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn is_stale(&self, f: &FlowKey) -> bool {
+        f.protocol == Protocol::Udp.number()
+            && self
+                .0
+                .get(&(f.orig_dst, f.orig_dport))
+                .is_some_and(|valid| !valid.contains(&(f.reply_src, f.reply_sport)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, ServiceId, ServicePort};
+
+    fn svc(endpoints: Vec<Endpoint>) -> Service {
+        Service {
+            id: ServiceId::new("default", "dns"),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![
+                ServicePort { name: "dns".into(), port: 53, protocol: Protocol::Udp, endpoints: endpoints.clone() },
+                ServicePort { name: "tcp".into(), port: 53, protocol: Protocol::Tcp, endpoints },
+            ],
+        }
+    }
+
+    fn flow(proto: Protocol, reply: &str) -> FlowKey {
+        FlowKey {
+            protocol: proto.number(),
+            orig_dst: "10.96.0.10".parse().unwrap(),
+            orig_dport: 53,
+            reply_src: reply.parse().unwrap(),
+            reply_sport: if reply == "10.96.0.10" { 53 } else { 5353 },
+        }
+    }
+
+    #[test]
+    fn stale_entries_as_a_table() {
+        let ep = |ip: &str, ready, serving, terminating| Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 5353,
+            ready,
+            serving,
+            terminating,
+            node_name: None,
+        };
+        // (endpoints, gone, flow, stale?)
+        let cases = vec![
+            (vec![ep("10.244.0.1", true, true, false)], false, flow(Protocol::Udp, "10.244.0.1"), false),
+            (vec![ep("10.244.0.1", true, true, false)], false, flow(Protocol::Udp, "10.244.0.2"), true),
+            // zero -> some: the un-NATed entry (reply from the VIP itself) goes
+            (vec![ep("10.244.0.1", true, true, false)], false, flow(Protocol::Udp, "10.96.0.10"), true),
+            // scaled to zero: everything to the VIP goes
+            (vec![], false, flow(Protocol::Udp, "10.244.0.1"), true),
+            // a terminating endpoint still serving keeps its flows
+            (
+                vec![ep("10.244.0.1", false, true, true), ep("10.244.0.2", true, true, false)],
+                false,
+                flow(Protocol::Udp, "10.244.0.1"),
+                false,
+            ),
+            // not serving any more: stale
+            (
+                vec![ep("10.244.0.1", false, false, true), ep("10.244.0.2", true, true, false)],
+                false,
+                flow(Protocol::Udp, "10.244.0.1"),
+                true,
+            ),
+            // deleted Service: stale
+            (vec![ep("10.244.0.1", true, true, false)], true, flow(Protocol::Udp, "10.244.0.1"), true),
+            // TCP is never touched
+            (vec![], false, flow(Protocol::Tcp, "10.244.0.9"), false),
+        ];
+        for (endpoints, gone, f, want) in cases {
+            let mut t = UdpTargets::default();
+            t.add(&svc(endpoints.clone()), gone);
+            assert_eq!(t.is_stale(&f), want, "{endpoints:?} gone={gone} {f:?}");
+        }
+        // Another VIP is none of our business.
+        let mut t = UdpTargets::default();
+        t.add(&svc(vec![]), false);
+        let mut other = flow(Protocol::Udp, "10.244.0.1");
+        other.orig_dst = "10.96.0.11".parse().unwrap();
+        assert!(!t.is_stale(&other));
+    }
+}
