@@ -30,12 +30,16 @@ pub struct Options {
     pub cluster_cidrs: Vec<IpNet>,
     /// Masquerade all traffic to ClusterIPs.
     pub masquerade_all: bool,
+    /// kube-proxy's `--conntrack-tcp-be-liberal`: when set, packets conntrack marks INVALID
+    /// are not dropped on the forward path.
+    pub conntrack_tcp_be_liberal: bool,
 }
 
 pub const CHAIN_PREROUTING: &str = "nat-prerouting";
 pub const CHAIN_OUTPUT: &str = "nat-output";
 pub const CHAIN_POSTROUTING: &str = "nat-postrouting";
 pub const CHAIN_SERVICES: &str = "services";
+pub const CHAIN_FORWARD: &str = "filter-forward";
 
 fn suffix(family: Family) -> &'static str {
     match family {
@@ -146,6 +150,16 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         ),
     );
 
+    if !opts.conntrack_tcp_be_liberal {
+        // An out-of-window TCP packet to an endpoint would otherwise reach the pod un-DNATed and
+        // be answered with a RST that kills the connection (kubernetes e2e "should drop
+        // INVALID conntrack entries").
+        rs.chains.insert(
+            CHAIN_FORWARD.into(),
+            base(Hook::Forward, FILTER, vec![rule(vec![Stmt::CtStateInvalid, Stmt::Counter, Stmt::Drop])]),
+        );
+    }
+
     let mut services = Vec::new();
     for family in FAMILIES {
         services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: dispatch_map(family) }]));
@@ -243,7 +257,7 @@ pub fn render(rs: &Ruleset) -> String {
     for (name, chain) in &rs.chains {
         out.push_str(&format!("  chain {name} {{\n"));
         if let Some(b) = chain.base {
-            out.push_str(&format!("    type nat hook {:?} priority {}\n", b.hook, b.priority).to_lowercase());
+            out.push_str(&format!("    type {} hook {:?} priority {}\n", b.hook.chain_type(), b.hook, b.priority).to_lowercase());
         }
         for r in &chain.rules {
             out.push_str(&format!("    {r}\n"));

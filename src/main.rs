@@ -54,6 +54,10 @@ struct Args {
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     masquerade_all: bool,
+    /// Do not drop packets conntrack marks INVALID on the forward path (kube-proxy's flag of
+    /// the same name; set it only if your CNI relies on such packets passing).
+    #[arg(long)]
+    conntrack_tcp_be_liberal: bool,
     /// This node's name; defaults to the hostname.
     #[arg(long)]
     node_name: Option<String>,
@@ -106,7 +110,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
     let resolve_opts = ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() };
-    let opts = Options { cluster_cidrs: args.cluster_cidrs.clone(), masquerade_all: args.masquerade_all };
+    let opts = Options {
+        cluster_cidrs: args.cluster_cidrs.clone(),
+        masquerade_all: args.masquerade_all,
+        conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
+    };
     let (tx, rx) = mpsc::channel(1);
     let source: Arc<dyn Source> = if args.manifests.is_empty() {
         let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;

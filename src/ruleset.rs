@@ -28,9 +28,21 @@ pub enum Hook {
     Prerouting,
     Output,
     Postrouting,
+    /// The only filter hook we use (dropping INVALID packets); all others are `type nat`.
+    Forward,
 }
 
-/// A chain attached to a netfilter hook. All of ours are `type nat`.
+impl Hook {
+    /// The nft chain type on this hook.
+    pub fn chain_type(self) -> &'static str {
+        match self {
+            Hook::Forward => "filter",
+            _ => "nat",
+        }
+    }
+}
+
+/// A chain attached to a netfilter hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseChain {
     pub hook: Hook,
@@ -40,6 +52,8 @@ pub struct BaseChain {
 /// Priorities from nft's names: dstnat = -100, srcnat = 100.
 pub const DSTNAT: i32 = -100;
 pub const SRCNAT: i32 = 100;
+/// nft's `filter` priority.
+pub const FILTER: i32 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
@@ -86,6 +100,10 @@ pub enum Stmt {
     RejectTcpReset,
     /// `reject with icmpx port-unreachable`
     RejectPortUnreachable,
+    /// `ct state invalid`
+    CtStateInvalid,
+    Counter,
+    Drop,
 }
 
 fn ip_kw(family: Family) -> &'static str {
@@ -121,6 +139,9 @@ impl fmt::Display for Stmt {
             Stmt::Masquerade => f.write_str("masquerade fully-random"),
             Stmt::RejectTcpReset => f.write_str("reject with tcp reset"),
             Stmt::RejectPortUnreachable => f.write_str("reject with icmpx port-unreachable"),
+            Stmt::CtStateInvalid => f.write_str("ct state invalid"),
+            Stmt::Counter => f.write_str("counter"),
+            Stmt::Drop => f.write_str("drop"),
         }
     }
 }

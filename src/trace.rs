@@ -26,6 +26,7 @@ pub enum Fate {
     /// Not ours: continues untouched.
     Untouched,
     Rejected,
+    Dropped,
     Dnat {
         addr: IpAddr,
         port: u16,
@@ -153,7 +154,13 @@ fn run_from(
                     out.push((Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 }, p));
                     return;
                 }
-                Stmt::Masquerade => {}
+                Stmt::Masquerade | Stmt::Counter => {}
+                // The first packet of a connection is never INVALID.
+                Stmt::CtStateInvalid => continue 'rules,
+                Stmt::Drop => {
+                    out.push((Fate::Dropped, p));
+                    return;
+                }
                 Stmt::RejectTcpReset | Stmt::RejectPortUnreachable => {
                     out.push((Fate::Rejected, p));
                     return;

@@ -23,6 +23,7 @@ pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
 
 pub const NF_INET_PRE_ROUTING: u32 = 0;
+pub const NF_INET_FORWARD: u32 = 2;
 pub const NF_INET_LOCAL_OUT: u32 = 3;
 pub const NF_INET_POST_ROUTING: u32 = 4;
 
@@ -33,6 +34,11 @@ pub const NFT_REG_2: u32 = 2;
 pub const NFT_REG32_00: u32 = 8;
 
 pub const NFT_META_MARK: u32 = 3;
+pub const NFT_CT_STATE: u32 = 0;
+/// conntrack state bit for INVALID (host byte order).
+pub const NF_CT_STATE_INVALID_BIT: u32 = 1;
+pub const NFT_CMP_NEQ: u32 = 1;
+pub const NF_DROP: i32 = 0;
 pub const NFT_META_NFPROTO: u32 = 15;
 pub const NFT_META_L4PROTO: u32 = 16;
 

@@ -205,6 +205,13 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             );
         }
         Stmt::Masquerade => r.expr(c"masq", &[(sys::NFTNL_EXPR_MASQ_FLAGS, U(NF_NAT_RANGE_PROTO_RANDOM_FULLY))]),
+        Stmt::CtStateInvalid => {
+            r.expr(c"ct", &[(sys::NFTNL_EXPR_CT_KEY, U(NFT_CT_STATE)), (sys::NFTNL_EXPR_CT_DREG, U(NFT_REG_1))]);
+            bitwise(r, &NF_CT_STATE_INVALID_BIT.to_ne_bytes(), &[0; 4]);
+            cmp(r, NFT_CMP_NEQ, &[0; 4]);
+        }
+        Stmt::Counter => r.expr(c"counter", &[]),
+        Stmt::Drop => verdict(r, NF_DROP, None),
         Stmt::RejectTcpReset => r.expr(
             c"reject",
             &[(sys::NFTNL_EXPR_REJECT_TYPE, U(NFT_REJECT_TCP_RST)), (sys::NFTNL_EXPR_REJECT_CODE, U(0))],
@@ -325,8 +332,9 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                         Hook::Prerouting => NF_INET_PRE_ROUTING,
                         Hook::Output => NF_INET_LOCAL_OUT,
                         Hook::Postrouting => NF_INET_POST_ROUTING,
+                        Hook::Forward => NF_INET_FORWARD,
                     };
-                    (hooknum, b.priority)
+                    (hooknum, b.priority, b.hook.chain_type())
                 });
                 tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), format!("chain {name}"));
             }

@@ -223,11 +223,12 @@ impl Netlink {
                     NF_INET_PRE_ROUTING => Some(Hook::Prerouting),
                     NF_INET_LOCAL_OUT => Some(Hook::Output),
                     NF_INET_POST_ROUTING => Some(Hook::Postrouting),
+                    NF_INET_FORWARD => Some(Hook::Forward),
                     _ => None,
                 };
                 // A base chain we would never make (other hook or type) compares unequal.
                 match hook {
-                    Some(hook) if kind == "nat" => BaseChain { hook, priority },
+                    Some(hook) if kind == hook.chain_type() => BaseChain { hook, priority },
                     _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
                 }
             });

@@ -80,8 +80,8 @@ impl MsgBuf {
         self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr()) })
     }
 
-    /// A chain message; `hook` is (hook number, priority) for base chains, all `type nat`.
-    pub fn chain(&mut self, kind: u16, flags: u16, table: &str, name: &str, hook: Option<(u32, i32)>) -> u32 {
+    /// A chain message; `hook` is (hook number, priority, chain type) for base chains.
+    pub fn chain(&mut self, kind: u16, flags: u16, table: &str, name: &str, hook: Option<(u32, i32, &str)>) -> u32 {
         let c = Chain::new(table, name, hook);
         // SAFETY: c is a valid chain object; nlh is the header just written.
         self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_chain_nlmsg_build_payload(nlh, c.0.as_ptr()) })
@@ -161,8 +161,8 @@ impl Drop for Table {
 struct Chain(NonNull<sys::nftnl_chain>);
 
 impl Chain {
-    fn new(table: &str, name: &str, hook: Option<(u32, i32)>) -> Self {
-        let (table, name, nat) = (cstring(table), cstring(name), cstring("nat"));
+    fn new(table: &str, name: &str, hook: Option<(u32, i32, &str)>) -> Self {
+        let (table, name) = (cstring(table), cstring(name));
         // SAFETY: alloc returns an owned object or NULL (checked); setters copy their input.
         unsafe {
             let c = NonNull::new(sys::nftnl_chain_alloc()).expect("out of memory");
@@ -170,10 +170,11 @@ impl Chain {
             sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
             sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_NAME as u16, name.as_ptr());
             sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_FAMILY as u16, NFPROTO_INET.into());
-            if let Some((hooknum, prio)) = hook {
+            if let Some((hooknum, prio, kind)) = hook {
+                let kind = cstring(kind);
                 sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_HOOKNUM as u16, hooknum);
                 sys::nftnl_chain_set_s32(p, sys::NFTNL_CHAIN_PRIO as u16, prio);
-                sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TYPE as u16, nat.as_ptr());
+                sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TYPE as u16, kind.as_ptr());
             }
             Chain(c)
         }
