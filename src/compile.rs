@@ -257,7 +257,9 @@ pub fn render(rs: &Ruleset) -> String {
     for (name, chain) in &rs.chains {
         out.push_str(&format!("  chain {name} {{\n"));
         if let Some(b) = chain.base {
-            out.push_str(&format!("    type {} hook {:?} priority {}\n", b.hook.chain_type(), b.hook, b.priority).to_lowercase());
+            out.push_str(
+                &format!("    type {} hook {:?} priority {}\n", b.hook.chain_type(), b.hook, b.priority).to_lowercase(),
+            );
         }
         for r in &chain.rules {
             out.push_str(&format!("    {r}\n"));

@@ -26,7 +26,8 @@ fn dnat(addr: &str, port: u16, masquerade: bool) -> Fate {
 
 #[test]
 fn golden_listing_of_the_demo_cluster() {
-    let opts = Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false, ..Default::default() };
+    let opts =
+        Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false, ..Default::default() };
     let got = render(&demo(&opts));
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/demo-cluster.txt");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -74,7 +75,8 @@ fn masquerade_decisions() {
             .collect()
     };
     let none = Options::default();
-    let cidr = Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false, ..Default::default() };
+    let cidr =
+        Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], masquerade_all: false, ..Default::default() };
     let all = Options { cluster_cidrs: vec![], masquerade_all: true, ..Default::default() };
     assert_eq!(masq_of(&none, "192.0.2.2", "10.96.0.80"), [false; 3]);
     assert_eq!(masq_of(&cidr, "192.0.2.2", "10.96.0.80"), [true; 3]);

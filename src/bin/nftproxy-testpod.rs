@@ -42,6 +42,18 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// One UDP socket sending a datagram every interval; prints each answer's pod name (or
+    /// `error: ...`) on its own line, as a client that keeps its socket (DNS, QUIC) would see.
+    Stream {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Sends one TCP ACK that belongs to no connection (conntrack marks it INVALID when
+    /// nf_conntrack_tcp_loose is 0), from SRC to DST, through a raw socket.
+    StrayAck { src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4 },
     /// Holds one TCP connection open, sending a line every interval and expecting it echoed;
     /// prints `NAME held N round trips` or `NAME broken after N round trips: why`.
     Hold {
@@ -56,6 +68,8 @@ enum Cmd {
 fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Stream { addr, count, interval_ms } => stream(addr, count, Duration::from_millis(interval_ms)),
+        Cmd::StrayAck { src, dst } => stray_ack(src, dst),
         Cmd::Hold { addr, seconds, interval_ms } => {
             hold(addr, Duration::from_secs(seconds), Duration::from_millis(interval_ms))
         }
@@ -194,4 +208,60 @@ fn hold(addr: SocketAddr, total: Duration, interval: Duration) -> ExitCode {
     }
     println!("{name} held {n} round trips");
     ExitCode::SUCCESS
+}
+
+fn stream(addr: SocketAddr, count: usize, interval: Duration) -> ExitCode {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).expect("bind");
+    s.connect(addr).expect("connect");
+    s.set_read_timeout(Some(interval.max(Duration::from_millis(50)))).unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..count {
+        let started = std::time::Instant::now();
+        let line = match s.send(format!("seq {i}").as_bytes()).and_then(|_| s.recv(&mut buf)) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string(),
+            Err(e) => format!("error: {}", e.kind()),
+        };
+        println!("{line}");
+        if let Some(rest) = interval.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn stray_ack(src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4) -> ExitCode {
+    use socket2::{Domain, Protocol, Socket, Type};
+    // TCP header: ports, seq, ack, data offset 5, flags ACK, window.
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x10;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw socket (needs root)");
+    match sock.send_to(&tcp, &SocketAddr::V4(dst).into()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("send: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
