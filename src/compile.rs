@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Endpoint, Family, Service, ServicePort, Snapshot};
+use crate::model::{Endpoint, Family, Locality, Service, ServicePort, Snapshot};
 use crate::ruleset::*;
 
 #[derive(Debug, Clone, Default)]
@@ -33,6 +33,8 @@ pub struct Options {
     /// kube-proxy's `--conntrack-tcp-be-liberal`: when set, packets conntrack marks INVALID
     /// are not dropped on the forward path.
     pub conntrack_tcp_be_liberal: bool,
+    /// This node and zone: `internalTrafficPolicy: Local` and topology hints.
+    pub locality: Locality,
 }
 
 pub const CHAIN_PREROUTING: &str = "nat-prerouting";
@@ -100,6 +102,8 @@ pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceObjects {
     pub chains: BTreeMap<String, Chain>,
+    /// Sets of its own (session affinity).
+    pub sets: BTreeMap<String, Set>,
     /// (set name, element)
     pub elements: Vec<(String, Element)>,
 }
@@ -108,6 +112,9 @@ pub struct ServiceObjects {
 pub fn merge(rs: &mut Ruleset, objs: &ServiceObjects) {
     for (name, chain) in &objs.chains {
         rs.chains.insert(name.clone(), chain.clone());
+    }
+    for (name, set) in &objs.sets {
+        rs.sets.insert(name.clone(), set.clone());
     }
     for (set, e) in &objs.elements {
         if let Some(s) = rs.sets.get_mut(set) {
@@ -201,44 +208,68 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
     Some(rules)
 }
 
+/// `aff4/default/web/tcp/80/10.244.0.2/8080`: the clients with affinity to one endpoint.
+fn affinity_set(endpoint_chain: &str) -> String {
+    format!("aff{}", &endpoint_chain[2..])
+}
+
+/// The endpoint picks: endpoint i of n, weight w_i, is taken with probability
+/// w_i / (w_i + ... + w_n) once the ones before it were not, so each gets exactly its share of
+/// the total; integers only.
+fn pick_rules(picks: &[(String, u32)]) -> Vec<Rule> {
+    let mut remaining: u32 = picks.iter().map(|(_, w)| w).sum();
+    let mut rules = Vec::new();
+    for (i, (chain, weight)) in picks.iter().enumerate() {
+        if i + 1 == picks.len() {
+            rules.push(rule(vec![Stmt::Goto(chain.clone())]));
+        } else {
+            rules.push(rule(vec![Stmt::NumgenBelow { modulus: remaining, below: *weight }, Stmt::Goto(chain.clone())]));
+        }
+        remaining -= weight;
+    }
+    rules
+}
+
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
     let masq_check = masq_check_rules(family, opts).is_some();
     objs.elements.push((cluster_ips_set(family), Element::address(vip)));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
-        let endpoints = port.usable_endpoints(family);
+        let endpoints = svc.usable_endpoints(port, family, &opts.locality);
         let mut rules = Vec::new();
         if masq_check && !endpoints.is_empty() {
             rules.push(rule(vec![Stmt::Jump(masq_check_chain(family))]));
         }
-        if endpoints.is_empty() {
+        if endpoints.is_empty() && svc.internal_local {
+            // kube-proxy drops (rather than rejects) when no local endpoint exists.
+            rules.push(rule(vec![Stmt::Drop]));
+        } else if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
                 rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
             }
             rules.push(rule(vec![Stmt::RejectPortUnreachable]));
         }
-        let n = endpoints.len() as u32;
-        for (i, ep) in endpoints.iter().enumerate() {
+        let mut picks = Vec::new();
+        for ep in &endpoints {
             let ep_chain = endpoint_chain(&chain, ep);
-            let remaining = n - i as u32;
-            if remaining > 1 {
-                rules
-                    .push(rule(vec![Stmt::NumgenBelow { modulus: remaining, below: 1 }, Stmt::Goto(ep_chain.clone())]));
-            } else {
-                rules.push(rule(vec![Stmt::Goto(ep_chain.clone())]));
+            let mut ep_rules =
+                vec![rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)])];
+            if let Some(affinity) = svc.affinity {
+                let set = affinity_set(&ep_chain);
+                rules.push(rule(vec![Stmt::SaddrInSet { family, set: set.clone() }, Stmt::Goto(ep_chain.clone())]));
+                ep_rules.push(rule(vec![Stmt::UpdateSaddrSet {
+                    family,
+                    set: set.clone(),
+                    timeout_seconds: affinity.timeout_seconds,
+                }]));
+                objs.sets.insert(set, Set { kind: SetKind::Affinity(family), elements: vec![] });
             }
-            objs.chains.insert(
-                ep_chain,
-                Chain {
-                    base: None,
-                    rules: vec![
-                        rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)]),
-                        rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]),
-                    ],
-                },
-            );
+            ep_rules.push(rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]));
+            objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
+            picks.push((ep_chain, ep.weight));
         }
+        rules.extend(pick_rules(&picks));
         objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
         objs.chains.insert(chain, Chain { base: None, rules });
     }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
 use nftproxy::metrics::{self, Health, Metrics};
+use nftproxy::model::Locality;
 use nftproxy::nft::Netlink;
 use nftproxy::source::kube::KubeSource;
 use nftproxy::source::resolve::{self, ResolveOptions};
@@ -58,6 +59,10 @@ struct Args {
     /// the same name; set it only if your CNI relies on such packets passing).
     #[arg(long)]
     conntrack_tcp_be_liberal: bool,
+    /// This node's zone for topology hints (default: the Node's topology.kubernetes.io/zone
+    /// label when reading the API).
+    #[arg(long)]
+    zone: Option<String>,
     /// This node's name; defaults to the hostname.
     #[arg(long)]
     node_name: Option<String>,
@@ -110,23 +115,27 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
     let resolve_opts = ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() };
-    let opts = Options {
-        cluster_cidrs: args.cluster_cidrs.clone(),
-        masquerade_all: args.masquerade_all,
-        conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
-    };
     let (tx, rx) = mpsc::channel(1);
+    let mut zone = args.zone.clone();
     let source: Arc<dyn Source> = if args.manifests.is_empty() {
         let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;
         let kube = KubeSource::start(client, &node, tx.clone());
         tracing::info!("waiting for Services and EndpointSlices to be listed");
         kube.wait_ready().await;
+        zone = zone.or_else(|| kube.zone());
         Arc::new(kube)
     } else {
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
         Arc::new(Manifests(args.manifests.clone()))
+    };
+    let locality = Locality { node: Some(node.clone()), zone };
+    let opts = Options {
+        cluster_cidrs: args.cluster_cidrs.clone(),
+        masquerade_all: args.masquerade_all,
+        conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
+        locality: locality.clone(),
     };
 
     if args.sync_once {
@@ -150,7 +159,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             total_ms = outcome.total.as_secs_f64() * 1e3,
             "synced"
         );
-        print!("{}", report::served_table(&snapshot));
+        print!("{}", report::served_table(&snapshot, &locality));
         return Ok(());
     }
 

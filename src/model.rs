@@ -89,12 +89,38 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// EndpointSlice hints: the zones / nodes this endpoint should serve.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+    /// Relative share of new connections (`nftproxy.io/weight`, default 1); 0 drains.
+    pub weight: u32,
 }
 
+/// Upper bound of `nftproxy.io/weight`.
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl Endpoint {
+    /// A ready endpoint of weight 1 with no locality.
     pub fn ready(ip: IpAddr, port: u16) -> Self {
-        Endpoint { ip, port, ready: true, serving: true, terminating: false, node_name: None }
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
+            weight: 1,
+        }
     }
+}
+
+/// Where this node is, for `internalTrafficPolicy: Local` and topology hints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub node: Option<String>,
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,18 +132,50 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// Topology hints, as kube-proxy applies them: used only when every candidate carries hints of
+/// that kind and at least one names this node (or zone); node hints before zone hints.
+fn by_hints<'a>(ready: Vec<&'a Endpoint>, here: &Locality) -> Vec<&'a Endpoint> {
+    let pick = |hints: fn(&Endpoint) -> &Vec<String>, mine: &Option<String>| -> Option<Vec<&'a Endpoint>> {
+        let mine = mine.as_ref()?;
+        if ready.iter().any(|e| hints(e).is_empty()) {
+            return None;
+        }
+        let chosen: Vec<&Endpoint> = ready.iter().copied().filter(|e| hints(e).contains(mine)).collect();
+        (!chosen.is_empty()).then_some(chosen)
+    };
+    pick(|e| &e.node_hints, &here.node).or_else(|| pick(|e| &e.zone_hints, &here.zone)).unwrap_or(ready)
+}
+
 impl ServicePort {
-    /// The endpoints new connections may go to, as kube-proxy picks them: the ready ones, or if
-    /// none is ready, the ones still serving while terminating.
-    pub fn usable_endpoints(&self, family: Family) -> Vec<&Endpoint> {
-        let of_family = || self.endpoints.iter().filter(move |e| Family::of(&e.ip) == family);
-        let ready: Vec<&Endpoint> = of_family().filter(|e| e.ready).collect();
-        let mut chosen =
-            if ready.is_empty() { of_family().filter(|e| e.serving && e.terminating).collect() } else { ready };
+    /// The endpoints new connections may go to, as kube-proxy picks them: the ready ones
+    /// (narrowed by topology hints), or if none is ready, the ones still serving while
+    /// terminating; with `local_only`, the same among this node's endpoints. Weight 0 drains.
+    pub fn usable_endpoints(&self, family: Family, local_only: bool, here: &Locality) -> Vec<&Endpoint> {
+        let candidates: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| Family::of(&e.ip) == family)
+            .filter(|e| !local_only || (e.node_name.is_some() && e.node_name == here.node))
+            .collect();
+        let ready: Vec<&Endpoint> = candidates.iter().copied().filter(|e| e.ready).collect();
+        let mut chosen = if ready.is_empty() {
+            candidates.into_iter().filter(|e| e.serving && e.terminating).collect()
+        } else if local_only {
+            ready
+        } else {
+            by_hints(ready, here)
+        };
+        chosen.retain(|e| e.weight > 0);
         chosen.sort();
         chosen.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         chosen
     }
+}
+
+/// `sessionAffinity: ClientIP`: how long a client sticks to its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Affinity {
+    pub timeout_seconds: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +184,19 @@ pub struct Service {
     /// One address per family (dual-stack Services have two).
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// `internalTrafficPolicy: Local`: only this node's endpoints; none means drop.
+    pub internal_local: bool,
+    pub affinity: Option<Affinity>,
+}
+
+impl Service {
+    pub fn new(id: ServiceId, cluster_ips: Vec<IpAddr>, ports: Vec<ServicePort>) -> Self {
+        Service { id, cluster_ips, ports, internal_local: false, affinity: None }
+    }
+
+    pub fn usable_endpoints<'a>(&self, port: &'a ServicePort, family: Family, here: &Locality) -> Vec<&'a Endpoint> {
+        port.usable_endpoints(family, self.internal_local, here)
+    }
 }
 
 /// Everything the node should serve, keyed by Service.
@@ -139,7 +210,7 @@ mod tests {
     use super::*;
 
     fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
-        Endpoint { ip: ip.parse().unwrap(), port: 80, ready, serving, terminating, node_name: None }
+        Endpoint { ready, serving, terminating, ..Endpoint::ready(ip.parse().unwrap(), 80) }
     }
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
@@ -168,8 +239,88 @@ mod tests {
         ];
         for (endpoints, want) in cases {
             let p = port(endpoints.clone());
-            let got: Vec<String> = p.usable_endpoints(Family::V4).iter().map(|e| e.ip.to_string()).collect();
+            let got: Vec<String> =
+                p.usable_endpoints(Family::V4, false, &Locality::default()).iter().map(|e| e.ip.to_string()).collect();
             assert_eq!(got, want, "endpoints {endpoints:?}");
+        }
+    }
+
+    /// An endpoint on `node` with zone and node hints and a weight.
+    fn at(ip: &str, ready: bool, node: &str, zones: &[&str], nodes: &[&str], weight: u32) -> Endpoint {
+        Endpoint {
+            ready,
+            serving: ready,
+            node_name: Some(node.into()),
+            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+            weight,
+            ..Endpoint::ready(ip.parse().unwrap(), 80)
+        }
+    }
+
+    #[test]
+    fn locality_policy_hints_and_weights() {
+        let here = Locality { node: Some("n1".into()), zone: Some("z1".into()) };
+        // (endpoints, local_only, expected)
+        let cases: Vec<(Vec<Endpoint>, bool, Vec<&str>)> = vec![
+            // Local policy: only this node's endpoints
+            (
+                vec![at("10.0.0.1", true, "n1", &[], &[], 1), at("10.0.0.2", true, "n2", &[], &[], 1)],
+                true,
+                vec!["10.0.0.1"],
+            ),
+            // Local policy, none here: nothing (the compiler drops)
+            (vec![at("10.0.0.2", true, "n2", &[], &[], 1)], true, vec![]),
+            // Local policy, only a terminating serving one here: fall back to it
+            (
+                vec![
+                    Endpoint {
+                        terminating: true,
+                        ready: false,
+                        serving: true,
+                        ..at("10.0.0.1", false, "n1", &[], &[], 1)
+                    },
+                    at("10.0.0.2", true, "n2", &[], &[], 1),
+                ],
+                true,
+                vec!["10.0.0.1"],
+            ),
+            // zone hints, all hinted, some match: those
+            (
+                vec![at("10.0.0.1", true, "n2", &["z1"], &[], 1), at("10.0.0.2", true, "n3", &["z2"], &[], 1)],
+                false,
+                vec!["10.0.0.1"],
+            ),
+            // one endpoint without hints: hints ignored
+            (
+                vec![at("10.0.0.1", true, "n2", &["z1"], &[], 1), at("10.0.0.2", true, "n3", &[], &[], 1)],
+                false,
+                vec!["10.0.0.1", "10.0.0.2"],
+            ),
+            // hints name no zone of ours: all
+            (
+                vec![at("10.0.0.1", true, "n2", &["z3"], &[], 1), at("10.0.0.2", true, "n3", &["z2"], &[], 1)],
+                false,
+                vec!["10.0.0.1", "10.0.0.2"],
+            ),
+            // node hints win over zone hints
+            (
+                vec![at("10.0.0.1", true, "n1", &["z2"], &["n1"], 1), at("10.0.0.2", true, "n3", &["z1"], &["n3"], 1)],
+                false,
+                vec!["10.0.0.1"],
+            ),
+            // weight 0 drains
+            (
+                vec![at("10.0.0.1", true, "n1", &[], &[], 0), at("10.0.0.2", true, "n2", &[], &[], 5)],
+                false,
+                vec!["10.0.0.2"],
+            ),
+        ];
+        for (endpoints, local, want) in cases {
+            let p = port(endpoints.clone());
+            let got: Vec<String> =
+                p.usable_endpoints(Family::V4, local, &here).iter().map(|e| e.ip.to_string()).collect();
+            assert_eq!(got, want, "local={local} {endpoints:?}");
         }
     }
 

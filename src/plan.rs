@@ -149,7 +149,7 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
         }
     }
     let mut adds = Vec::new();
-    for (name, set) in &want.sets {
+    for (name, set) in want.sets.iter().filter(|(_, s)| s.kind.managed_elements()) {
         let have_elems: BTreeSet<&Element> =
             have.sets.get(name).map(|s| s.elements.iter().collect()).unwrap_or_default();
         let want_elems: BTreeSet<&Element> = set.elements.iter().collect();

@@ -2,9 +2,9 @@
 
 use std::fmt::Write;
 
-use crate::model::{Family, Snapshot};
+use crate::model::{Family, Locality, Snapshot};
 
-pub fn served_table(snapshot: &Snapshot) -> String {
+pub fn served_table(snapshot: &Snapshot, here: &Locality) -> String {
     let mut rows: Vec<[String; 3]> = Vec::new();
     for svc in snapshot.services.values() {
         for vip in &svc.cluster_ips {
@@ -14,8 +14,10 @@ pub fn served_table(snapshot: &Snapshot) -> String {
                     std::net::IpAddr::V4(a) => format!("{a}:{}/{}", port.port, port.protocol),
                     std::net::IpAddr::V6(a) => format!("[{a}]:{}/{}", port.port, port.protocol),
                 };
-                let eps = port.usable_endpoints(family);
-                let backends = if eps.is_empty() {
+                let eps = svc.usable_endpoints(port, family, here);
+                let backends = if eps.is_empty() && svc.internal_local {
+                    "no local endpoints: dropping".to_string()
+                } else if eps.is_empty() {
                     "no endpoints: rejecting".to_string()
                 } else {
                     eps.iter()
@@ -23,6 +25,8 @@ pub fn served_table(snapshot: &Snapshot) -> String {
                             std::net::IpAddr::V4(a) => format!("{a}:{}", e.port),
                             std::net::IpAddr::V6(a) => format!("[{a}]:{}", e.port),
                         })
+                        .zip(eps.iter())
+                        .map(|(s, e)| if e.weight == 1 { s } else { format!("{s} (weight {})", e.weight) })
                         .collect::<Vec<_>>()
                         .join(", ")
                 };

@@ -70,6 +70,17 @@ pub enum Stmt {
         family: Family,
         set: String,
     },
+    /// `ip saddr @set`: a client with session affinity to this endpoint.
+    SaddrInSet {
+        family: Family,
+        set: String,
+    },
+    /// `update @set { ip saddr timeout Ns }`: remember (or refresh) the client's affinity.
+    UpdateSaddrSet {
+        family: Family,
+        set: String,
+        timeout_seconds: u32,
+    },
     /// `ip daddr . meta l4proto . th dport vmap @map`: the Service dispatch.
     DispatchVmap {
         family: Family,
@@ -122,6 +133,10 @@ impl fmt::Display for Stmt {
             Stmt::SaddrIs(a) => write!(f, "{} saddr {a}", ip_kw(Family::of(a))),
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
+            Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", ip_kw(*family)),
+            Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
+                write!(f, "update @{set} {{ {} saddr timeout {timeout_seconds}s }}", ip_kw(*family))
+            }
             Stmt::DispatchVmap { family, map } => {
                 write!(f, "{} daddr . meta l4proto . th dport vmap @{map}", ip_kw(*family))
             }
@@ -201,13 +216,21 @@ pub enum SetKind {
     Dispatch(Family),
     /// `ipv4_addr` (or ipv6_addr)
     Addresses(Family),
+    /// `ipv4_addr` with `flags dynamic,timeout`: clients with affinity to one endpoint. The
+    /// kernel adds and expires its elements; we never diff them.
+    Affinity(Family),
 }
 
 impl SetKind {
     pub fn family(self) -> Family {
         match self {
-            SetKind::Dispatch(f) | SetKind::Addresses(f) => f,
+            SetKind::Dispatch(f) | SetKind::Addresses(f) | SetKind::Affinity(f) => f,
         }
+    }
+
+    /// Whether the set's elements are ours to diff (not for sets the data path fills).
+    pub fn managed_elements(self) -> bool {
+        !matches!(self, SetKind::Affinity(_))
     }
 
     /// Key length in bytes as the kernel stores it (concatenations pad each part to 4 bytes).
@@ -218,7 +241,7 @@ impl SetKind {
         };
         match self {
             SetKind::Dispatch(_) => addr + 4 + 4,
-            SetKind::Addresses(_) => addr,
+            SetKind::Addresses(_) | SetKind::Affinity(_) => addr,
         }
     }
 }

@@ -154,7 +154,9 @@ fn run_from(
                     out.push((Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 }, p));
                     return;
                 }
-                Stmt::Masquerade | Stmt::Counter => {}
+                Stmt::Masquerade | Stmt::Counter | Stmt::UpdateSaddrSet { .. } => {}
+                // A new client has no affinity yet.
+                Stmt::SaddrInSet { .. } => continue 'rules,
                 // The first packet of a connection is never INVALID.
                 Stmt::CtStateInvalid => continue 'rules,
                 Stmt::Drop => {

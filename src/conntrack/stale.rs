@@ -37,9 +37,10 @@ impl UdpTargets {
                 if gone {
                     continue;
                 }
-                let usable = port.usable_endpoints(family);
-                let serving = port.endpoints.iter().filter(|e| Family::of(&e.ip) == family && (e.ready || e.serving));
-                valid.extend(usable.into_iter().chain(serving).map(|e| (e.ip, e.port)));
+                // Every endpoint that may carry traffic, new (ready) or existing (serving), even
+                // when it gets no new connections here (other node, weight 0, other zone).
+                let live = port.endpoints.iter().filter(|e| Family::of(&e.ip) == family && (e.ready || e.serving));
+                valid.extend(live.map(|e| (e.ip, e.port)));
             }
         }
     }
@@ -63,14 +64,14 @@ mod tests {
     use crate::model::{Endpoint, ServiceId, ServicePort};
 
     fn svc(endpoints: Vec<Endpoint>) -> Service {
-        Service {
-            id: ServiceId::new("default", "dns"),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![
+        Service::new(
+            ServiceId::new("default", "dns"),
+            vec!["10.96.0.10".parse().unwrap()],
+            vec![
                 ServicePort { name: "dns".into(), port: 53, protocol: Protocol::Udp, endpoints: endpoints.clone() },
                 ServicePort { name: "tcp".into(), port: 53, protocol: Protocol::Tcp, endpoints },
             ],
-        }
+        )
     }
 
     fn flow(proto: Protocol, reply: &str) -> FlowKey {
@@ -86,12 +87,10 @@ mod tests {
     #[test]
     fn stale_entries_as_a_table() {
         let ep = |ip: &str, ready, serving, terminating| Endpoint {
-            ip: ip.parse().unwrap(),
-            port: 5353,
             ready,
             serving,
             terminating,
-            node_name: None,
+            ..Endpoint::ready(ip.parse().unwrap(), 5353)
         };
         // (endpoints, gone, flow, stale?)
         let cases = vec![

@@ -53,6 +53,9 @@ pub const NFT_GOTO: i32 = -4;
 pub const NFT_RETURN: i32 = -5;
 
 pub const NFT_SET_MAP: u32 = 0x8;
+pub const NFT_SET_TIMEOUT: u32 = 0x10;
+pub const NFT_SET_EVAL: u32 = 0x20;
+pub const NFT_DYNSET_OP_UPDATE: u32 = 1;
 pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
 pub const NFT_NAT_DNAT: u32 = 1;

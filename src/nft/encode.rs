@@ -127,6 +127,27 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
             );
         }
+        Stmt::SaddrInSet { family, set } => {
+            let (saddr, _, len) = addr_offsets(*family);
+            payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
+            r.expr(
+                c"lookup",
+                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
+            );
+        }
+        Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
+            let (saddr, _, len) = addr_offsets(*family);
+            payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
+            r.expr(
+                c"dynset",
+                &[
+                    (sys::NFTNL_EXPR_DYNSET_SREG_KEY, U(NFT_REG_1)),
+                    (sys::NFTNL_EXPR_DYNSET_OP, U(NFT_DYNSET_OP_UPDATE)),
+                    (sys::NFTNL_EXPR_DYNSET_SET_NAME, Attr::Str(set)),
+                    (sys::NFTNL_EXPR_DYNSET_TIMEOUT, Attr::U64(u64::from(*timeout_seconds) * 1000)),
+                ],
+            );
+        }
         Stmt::DispatchVmap { family, map } => {
             // ip daddr . meta l4proto . th dport, one 32-bit register per 4 bytes of key.
             let (_, daddr, len) = addr_offsets(*family);
@@ -268,9 +289,10 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
     };
     let key_type = match kind {
         SetKind::Dispatch(_) => (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
-        SetKind::Addresses(_) => addr_type,
+        SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
     };
-    SetSpec { key_type, key_len, is_map: matches!(kind, SetKind::Dispatch(_)), id }
+    let (is_map, dynamic) = (matches!(kind, SetKind::Dispatch(_)), matches!(kind, SetKind::Affinity(_)));
+    SetSpec { key_type, key_len, is_map, dynamic, id }
 }
 
 /// Element messages stay well under the 64 KiB netlink attribute limit.

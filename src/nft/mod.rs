@@ -254,7 +254,13 @@ impl Netlink {
         for s in sets {
             let obj = sys::SetObj::new(TABLE, &s.name, None);
             let mut elements = Vec::new();
-            for msg in self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))? {
+            // Dynamic sets (session affinity) are filled by the data path: not ours to read.
+            let dynamic = s.flags & NFT_SET_TIMEOUT != 0;
+            for msg in if dynamic {
+                Vec::new()
+            } else {
+                self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))?
+            } {
                 elements.extend(sys::parse_elements(&msg).into_iter().map(|(key, goto)| Element { key, goto }));
             }
             let is_map = s.flags & NFT_SET_MAP != 0;

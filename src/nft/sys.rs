@@ -191,6 +191,7 @@ impl Drop for Chain {
 /// An attribute value for an expression.
 pub enum Attr<'a> {
     U32(u32),
+    U64(u64),
     Str(&'a str),
     Data(&'a [u8]),
 }
@@ -236,6 +237,7 @@ impl RuleObj {
                 let attr = *attr as u16;
                 match value {
                     Attr::U32(v) => sys::nftnl_expr_set_u32(e.as_ptr(), attr, *v),
+                    Attr::U64(v) => sys::nftnl_expr_set_u64(e.as_ptr(), attr, *v),
                     Attr::Str(s) => {
                         let s = cstring(s);
                         sys::nftnl_expr_set_str(e.as_ptr(), attr, s.as_ptr());
@@ -265,6 +267,8 @@ pub struct SetSpec {
     pub key_type: u32,
     pub key_len: u32,
     pub is_map: bool,
+    /// Elements added by the data path with a timeout (`flags dynamic,timeout`).
+    pub dynamic: bool,
     pub id: u32,
 }
 
@@ -285,6 +289,8 @@ impl SetObj {
                 if spec.is_map {
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_MAP);
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, NFT_DATA_VERDICT);
+                } else if spec.dynamic {
+                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_TIMEOUT | NFT_SET_EVAL);
                 } else {
                     sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, 0);
                 }

@@ -115,6 +115,8 @@ impl KubeSource {
     pub async fn wait_ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
+        // Our Node only gives the zone; do not wait long for it.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.node.wait_until_ready()).await;
     }
 
     /// This node's `topology.kubernetes.io/zone` label, once the Node has been seen.

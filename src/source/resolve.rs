@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{InputError, InputErrors, Objects, Origin};
-use crate::model::{Endpoint, Family, Protocol, Service, ServiceId, ServicePort, Snapshot};
+use crate::model::{Affinity, Endpoint, Family, MAX_WEIGHT, Protocol, Service, ServiceId, ServicePort, Snapshot};
 use crate::ruleset::fnv1a;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -61,6 +61,24 @@ fn port_u16(value: i32, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
     }
 }
 
+/// Annotation weighting every endpoint of an EndpointSlice (or, in manifest mode, a Pod).
+pub const ANNOTATION_WEIGHT: &str = "nftproxy.io/weight";
+
+/// The `nftproxy.io/weight` annotation: 0..=1000, default 1.
+fn weight_of(annotations: Option<&BTreeMap<String, String>>, errs: &mut Errors<'_>) -> u32 {
+    let Some(text) = annotations.and_then(|a| a.get(ANNOTATION_WEIGHT)) else { return 1 };
+    match text.trim().parse::<u32>() {
+        Ok(w) if w <= MAX_WEIGHT => w,
+        _ => {
+            errs.add(
+                format!("metadata.annotations[{ANNOTATION_WEIGHT:?}]"),
+                format!("{text:?} is not a weight (a whole number from 0 to {MAX_WEIGHT})"),
+            );
+            1
+        }
+    }
+}
+
 /// A Service accepted for proxying, before endpoints are attached.
 struct Accepted<'a> {
     origin: &'a Origin,
@@ -70,6 +88,8 @@ struct Accepted<'a> {
     /// Families still needing an allocated address.
     to_allocate: Vec<Family>,
     ports: Vec<(ServicePort, Option<IntOrString>)>,
+    internal_local: bool,
+    affinity: Option<Affinity>,
 }
 
 /// Whether kube-proxy would program this Service at all.
@@ -168,10 +188,38 @@ fn accept<'a>(
             ports.push((sp, p.target_port.clone()));
         }
     }
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errs.add("spec.internalTrafficPolicy", format!("{other:?} is neither Cluster nor Local"));
+            false
+        }
+    };
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds);
+            match timeout.unwrap_or(10800) {
+                t @ 1..=86400 => Some(Affinity { timeout_seconds: t as u32 }),
+                t => {
+                    errs.add(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-86400"),
+                    );
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            errs.add("spec.sessionAffinity", format!("{other:?} is neither None nor ClientIP"));
+            None
+        }
+    };
     if errs.list.len() > before {
         return None;
     }
-    Some(Accepted { origin, svc, id, ips, to_allocate, ports })
+    Some(Accepted { origin, svc, id, ips, to_allocate, ports, internal_local, affinity })
 }
 
 /// Picks a stable address in `cidr` for `id`: a hash of the name, probed past used addresses.
@@ -226,8 +274,12 @@ fn slice_endpoints(
     let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs)) else {
         return Vec::new();
     };
+    let weight = weight_of(slice.metadata.annotations.as_ref(), &mut errs);
     let mut out = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
+        let hints = ep.hints.clone().unwrap_or_default();
+        let zone_hints: Vec<String> = hints.for_zones.iter().flatten().map(|z| z.name.clone()).collect();
+        let node_hints: Vec<String> = hints.for_nodes.iter().flatten().map(|n| n.name.clone()).collect();
         let c = ep.conditions.clone().unwrap_or_default();
         // Unknown readiness counts as ready (API docs); serving defaults to ready.
         let ready = c.ready.unwrap_or(true);
@@ -236,12 +288,14 @@ fn slice_endpoints(
         for (j, a) in ep.addresses.iter().enumerate() {
             match a.parse::<IpAddr>() {
                 Ok(ip) if Family::of(&ip) == family => out.push(Endpoint {
-                    ip,
-                    port: target,
                     ready,
                     serving,
                     terminating,
                     node_name: ep.node_name.clone(),
+                    zone_hints: zone_hints.clone(),
+                    node_hints: node_hints.clone(),
+                    weight,
+                    ..Endpoint::ready(ip, target)
                 }),
                 Ok(ip) => {
                     errs.add(format!("endpoints[{i}].addresses[{j}]"), format!("{ip} is not of addressType {family:?}"))
@@ -277,12 +331,10 @@ fn legacy_endpoints(
             for (i, a) in list.iter().flatten().enumerate() {
                 match a.ip.parse::<IpAddr>() {
                     Ok(ip) => out.push(Endpoint {
-                        ip,
-                        port: target,
                         ready,
                         serving: ready,
-                        terminating: false,
                         node_name: a.node_name.clone(),
+                        ..Endpoint::ready(ip, target)
                     }),
                     Err(_) => {
                         errs.add(format!("subsets[{si}].{field}[{i}].ip"), format!("{:?} is not an IP address", a.ip))
@@ -339,15 +391,17 @@ fn pod_endpoints(
             addrs.extend(status.pod_ip.clone());
         }
         let name = format!("Pod {namespace}/{}", pod.metadata.name.clone().unwrap_or_default());
+        let weight =
+            weight_of(pod.metadata.annotations.as_ref(), &mut Errors { origin, object: name.clone(), list: errors });
         for (i, a) in addrs.iter().enumerate() {
             match a.parse::<IpAddr>() {
                 Ok(ip) => out.push(Endpoint {
-                    ip,
-                    port: number,
                     ready: pod_ready && !terminating,
                     serving: pod_ready,
                     terminating,
                     node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                    weight,
+                    ..Endpoint::ready(ip, number)
                 }),
                 Err(_) => errors.push(InputError {
                     origin: origin.to_string(),
@@ -486,7 +540,12 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
             port.endpoints.sort();
             ports.push(port);
         }
-        snapshot.services.insert(a.id.clone(), Service { id: a.id, cluster_ips: a.ips, ports });
+        let service = Service {
+            internal_local: a.internal_local,
+            affinity: a.affinity,
+            ..Service::new(a.id.clone(), a.ips, ports)
+        };
+        snapshot.services.insert(a.id, service);
     }
     if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
 }
