@@ -95,3 +95,54 @@ fn host_processes_use_the_output_hook_the_same_way() {
     p.local = true;
     assert_eq!(trace(&rs, &p).len(), 3);
 }
+
+fn weighted(weights: &[u32]) -> Ruleset {
+    let eps = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| nftproxy::model::Endpoint {
+            weight: *w,
+            ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
+        })
+        .collect();
+    let port = nftproxy::model::ServicePort { name: "".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps };
+    let id = nftproxy::model::ServiceId::new("default", "w");
+    let svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
+    let mut snap = nftproxy::model::Snapshot::default();
+    snap.services.insert(id, svc);
+    compile(&snap, &Options::default())
+}
+
+#[test]
+fn weights_give_each_endpoint_exactly_its_share() {
+    // (weights, expected probability of each endpoint)
+    let cases: Vec<(Vec<u32>, Vec<Ratio>)> = vec![
+        (vec![95, 5], vec![Ratio(19, 20), Ratio(1, 20)]),
+        (vec![3, 2, 1], vec![Ratio(1, 2), Ratio(1, 3), Ratio(1, 6)]),
+        (vec![1, 0, 1], vec![Ratio(1, 2), Ratio(1, 2)]),
+        (vec![1000, 1, 999], vec![Ratio(1000, 2000), Ratio(1, 2000), Ratio(999, 2000)]),
+    ];
+    for (weights, want) in cases {
+        let got: Vec<Ratio> = trace(&weighted(&weights), &pkt("10.244.0.9", "10.96.0.1", Protocol::Tcp, 80))
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let want: Vec<Ratio> = want
+            .into_iter()
+            .map(|Ratio(n, d)| {
+                let g = gcd(n, d);
+                Ratio(n / g, d / g)
+            })
+            .collect();
+        assert_eq!(got, want, "weights {weights:?}");
+    }
+    // All weights zero: nothing to send new connections to.
+    assert_eq!(
+        trace(&weighted(&[0, 0]), &pkt("10.244.0.9", "10.96.0.1", Protocol::Tcp, 80)),
+        [(Fate::Rejected, Ratio::ONE)]
+    );
+}
+
+fn gcd(a: u128, b: u128) -> u128 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}

@@ -158,3 +158,43 @@ fn invalid_objects_name_the_field() {
     let err = load(slice, &ResolveOptions::default()).unwrap_err().to_string();
     assert!(err.contains("EndpointSlice default/s: endpoints[0].addresses[0]"), "{err}");
 }
+
+#[test]
+fn steering_fields_are_read_and_checked() {
+    let s = ok(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {sessionAffinity: ClientIP, internalTrafficPolicy: Local, ports: [{port: 80}]}\n",
+    );
+    let svc = &s.services[&ServiceId::new("default", "web")];
+    assert_eq!(svc.affinity.map(|a| a.timeout_seconds), Some(10800), "kube's default timeout");
+    assert!(svc.internal_local);
+    let weighted = ok(&format!(
+        "{PODS}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{selector: {{app: web}}, ports: [{{port: 80, targetPort: http}}]}}\n"
+    )
+    .replace("metadata: {name: a, labels: {app: web}}", "metadata: {name: a, labels: {app: web}, annotations: {nftproxy.io/weight: \"7\"}}"));
+    let weights: Vec<u32> =
+        weighted.services[&ServiceId::new("default", "web")].ports[0].endpoints.iter().map(|e| e.weight).collect();
+    assert_eq!(weights, [7, 1, 1]);
+    let cases = [
+        (
+            "spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        ),
+        ("spec: {sessionAffinity: Sticky, ports: [{port: 80}]}", "spec.sessionAffinity"),
+        ("spec: {internalTrafficPolicy: Nearby, ports: [{port: 80}]}", "spec.internalTrafficPolicy"),
+    ];
+    for (spec, field) in cases {
+        let err = load(
+            &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\n{spec}\n"),
+            &ResolveOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&format!("Service default/bad: {field}")), "{err}");
+    }
+    let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}, annotations: {nftproxy.io/weight: \"1001\"}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.1]}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+    let err = load(slice, &ResolveOptions::default()).unwrap_err().to_string();
+    assert!(
+        err.contains("EndpointSlice default/s: metadata.annotations[\"nftproxy.io/weight\"]: \"1001\" is not a weight"),
+        "{err}"
+    );
+}

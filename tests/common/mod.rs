@@ -140,9 +140,24 @@ impl Cluster {
         self.probe_with(from, proto, addr, count, &["--full"])
     }
 
+    /// Like `probe`, giving up on each connection after `timeout_ms`.
+    pub fn probe_ms(
+        &self,
+        from: &str,
+        proto: &str,
+        addr: &str,
+        count: usize,
+        timeout_ms: u64,
+    ) -> BTreeMap<String, usize> {
+        let t = timeout_ms.to_string();
+        self.probe_with(from, proto, addr, count, &["--timeout-ms", &t])
+    }
+
     fn probe_with(&self, from: &str, proto: &str, addr: &str, count: usize, extra: &[&str]) -> BTreeMap<String, usize> {
         let count = count.to_string();
-        let mut args = vec![TESTPOD, "probe", proto, addr, "--count", &count, "--timeout-ms", "3000"];
+        let timeout = if extra.contains(&"--timeout-ms") { vec![] } else { vec!["--timeout-ms", "3000"] };
+        let mut args = vec![TESTPOD, "probe", proto, addr, "--count", &count];
+        args.extend(timeout);
         args.extend_from_slice(extra);
         let out = self.exec_ok(from, &args);
         out.lines()
