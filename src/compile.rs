@@ -6,11 +6,14 @@
 //! nat-prerouting / nat-output (type nat, priority dstnat) -> jump services
 //! services:  ip daddr . meta l4proto . th dport vmap @service-ips-v4      (and v6)
 //!            ip daddr @cluster-ips-v4 -> reject   (a port the Service does not have)
-//! svc4/<ns>/<name>/<proto>/<port>:  [jump masq-check-v4]
+//!            (before the dispatch, with --cluster-cidr: ip daddr @cluster-ips-v4 jump masq-check-v4)
+//! svc4/<ns>/<name>/<proto>/<port>:
 //!            numgen random mod n < 1 goto ep4/...; numgen random mod n-1 < 1 goto ...; goto ...
 //!            or, with no endpoints: reject
-//! ep4/<ns>/<name>/<proto>/<port>/<ip>:<port>:  ip saddr <ip> mark |= 0x4000 (hairpin); dnat
-//! nat-postrouting (type nat, priority srcnat): mark bit set -> clear it, masquerade fully-random
+//! ep4/<ns>/<name>/<proto>/<port>/<ip>/<port>:  dnat
+//! nat-postrouting (type nat, priority srcnat):
+//!            ip saddr . ip daddr . ct original ip daddr @hairpin-v4 masquerade   (pod -> own Service -> itself)
+//!            mark bit set -> clear it, masquerade fully-random
 //! ```
 //!
 //! Only chains and rules scale with the number of Services; there are four sets in total. The
@@ -56,6 +59,10 @@ pub fn dispatch_map(family: Family) -> String {
 
 pub fn cluster_ips_set(family: Family) -> String {
     format!("cluster-ips-{}", suffix(family))
+}
+
+pub fn hairpin_set(family: Family) -> String {
+    format!("hairpin-{}", suffix(family))
 }
 
 fn masq_check_chain(family: Family) -> String {
@@ -150,6 +157,17 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
             Hook::Postrouting,
             SRCNAT,
             vec![
+                // Hairpin: a pod that reached its own Service and landed on itself.
+                rule(vec![
+                    Stmt::NfProto(Family::V4),
+                    Stmt::HairpinInSet { family: Family::V4, set: hairpin_set(Family::V4) },
+                    Stmt::Masquerade,
+                ]),
+                rule(vec![
+                    Stmt::NfProto(Family::V6),
+                    Stmt::HairpinInSet { family: Family::V6, set: hairpin_set(Family::V6) },
+                    Stmt::Masquerade,
+                ]),
                 rule(vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
                 rule(vec![Stmt::ClearMarkBit(MASQ_MARK)]),
                 rule(vec![Stmt::Masquerade]),
@@ -169,6 +187,13 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
 
     let mut services = Vec::new();
     for family in FAMILIES {
+        if masq_check_rules(family, opts).is_some() {
+            services.push(rule(vec![
+                Stmt::NfProto(family),
+                Stmt::DaddrInSet { family, set: cluster_ips_set(family) },
+                Stmt::Jump(masq_check_chain(family)),
+            ]));
+        }
         services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: dispatch_map(family) }]));
     }
     for family in FAMILIES {
@@ -188,6 +213,7 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         }
         rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
         rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
+        rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
     }
 }
 
@@ -232,15 +258,11 @@ fn pick_rules(picks: &[(String, u32)]) -> Vec<Rule> {
 
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
-    let masq_check = masq_check_rules(family, opts).is_some();
     objs.elements.push((cluster_ips_set(family), Element::address(vip)));
     for port in &svc.ports {
         let chain = service_chain(svc, port, family);
         let endpoints = svc.usable_endpoints(port, family, &opts.locality);
         let mut rules = Vec::new();
-        if masq_check && !endpoints.is_empty() {
-            rules.push(rule(vec![Stmt::Jump(masq_check_chain(family))]));
-        }
         if endpoints.is_empty() && svc.internal_local {
             // kube-proxy drops (rather than rejects) when no local endpoint exists.
             rules.push(rule(vec![Stmt::Drop]));
@@ -253,8 +275,11 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
         let mut picks = Vec::new();
         for ep in &endpoints {
             let ep_chain = endpoint_chain(&chain, ep);
-            let mut ep_rules =
-                vec![rule(vec![Stmt::NfProto(family), Stmt::SaddrIs(ep.ip), Stmt::SetMarkBit(MASQ_MARK)])];
+            let mut ep_rules = Vec::new();
+            let hairpin = Element::hairpin(ep.ip, vip);
+            if !objs.elements.iter().any(|(_, e)| *e == hairpin) {
+                objs.elements.push((hairpin_set(family), hairpin));
+            }
             if let Some(affinity) = svc.affinity {
                 let set = affinity_set(&ep_chain);
                 rules.push(rule(vec![Stmt::SaddrInSet { family, set: set.clone() }, Stmt::Goto(ep_chain.clone())]));

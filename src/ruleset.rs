@@ -70,6 +70,12 @@ pub enum Stmt {
         family: Family,
         set: String,
     },
+    /// `ip saddr . ip daddr . ct original ip daddr @set`: in postrouting, a connection whose
+    /// source is the endpoint it was DNATed to (hairpin), keyed with the ClusterIP.
+    HairpinInSet {
+        family: Family,
+        set: String,
+    },
     /// `ip saddr @set`: a client with session affinity to this endpoint.
     SaddrInSet {
         family: Family,
@@ -134,6 +140,10 @@ impl fmt::Display for Stmt {
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
             Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", ip_kw(*family)),
+            Stmt::HairpinInSet { family, set } => {
+                let k = ip_kw(*family);
+                write!(f, "{k} saddr . {k} daddr . ct original {k} daddr @{set}")
+            }
             Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
                 write!(f, "update @{set} {{ {} saddr timeout {timeout_seconds}s }}", ip_kw(*family))
             }
@@ -219,12 +229,14 @@ pub enum SetKind {
     /// `ipv4_addr` with `flags dynamic,timeout`: clients with affinity to one endpoint. The
     /// kernel adds and expires its elements; we never diff them.
     Affinity(Family),
+    /// `ipv4_addr . ipv4_addr . ipv4_addr`: (endpoint, endpoint, ClusterIP) for hairpin SNAT.
+    Hairpin(Family),
 }
 
 impl SetKind {
     pub fn family(self) -> Family {
         match self {
-            SetKind::Dispatch(f) | SetKind::Addresses(f) | SetKind::Affinity(f) => f,
+            SetKind::Dispatch(f) | SetKind::Addresses(f) | SetKind::Affinity(f) | SetKind::Hairpin(f) => f,
         }
     }
 
@@ -242,6 +254,7 @@ impl SetKind {
         match self {
             SetKind::Dispatch(_) => addr + 4 + 4,
             SetKind::Addresses(_) | SetKind::Affinity(_) => addr,
+            SetKind::Hairpin(_) => 3 * addr,
         }
     }
 }
@@ -266,6 +279,15 @@ impl Element {
         Element { key: ip_bytes(&ip), goto: None }
     }
 
+    /// (endpoint, endpoint, ClusterIP): one per Service address and endpoint, so each Service
+    /// owns its elements even when two Services share a pod.
+    pub fn hairpin(endpoint: IpAddr, vip: IpAddr) -> Self {
+        let mut key = ip_bytes(&endpoint);
+        key.extend(ip_bytes(&endpoint));
+        key.extend(ip_bytes(&vip));
+        Element { key, goto: None }
+    }
+
     /// nft-like text of the element, for dry runs and error messages.
     pub fn describe(&self, kind: SetKind) -> String {
         let addr = |b: &[u8]| -> String {
@@ -287,6 +309,10 @@ impl Element {
                 let port = u16::from_be_bytes([self.key[alen + 4], self.key[alen + 5]]);
                 let to = self.goto.as_deref().unwrap_or("?");
                 format!("{} . {proto} . {port} : goto {to}", addr(&self.key[..alen]))
+            }
+            SetKind::Hairpin(_) => {
+                let n = self.key.len() / 3;
+                format!("{} . {} . {}", addr(&self.key[..n]), addr(&self.key[n..2 * n]), addr(&self.key[2 * n..]))
             }
             _ => addr(&self.key),
         }

@@ -151,12 +151,19 @@ fn run_from(
                 Stmt::Goto(target) => return run_from(rs, pkt, target, 0, mark, p, stack, out),
                 Stmt::Return => break 'rules,
                 Stmt::Dnat { addr, port } => {
-                    out.push((Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 }, p));
+                    // Postrouting: the mark, or the hairpin set (source == new destination).
+                    let hairpin_set = crate::compile::hairpin_set(Family::of(addr));
+                    let hairpin = *addr == pkt.src
+                        && key_matches(rs, &hairpin_set, &Element::hairpin(*addr, pkt.dst).key).is_some();
+                    out.push((
+                        Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 || hairpin },
+                        p,
+                    ));
                     return;
                 }
                 Stmt::Masquerade | Stmt::Counter | Stmt::UpdateSaddrSet { .. } => {}
-                // A new client has no affinity yet.
-                Stmt::SaddrInSet { .. } => continue 'rules,
+                // A new client has no affinity yet; hairpin is postrouting's (see Dnat).
+                Stmt::SaddrInSet { .. } | Stmt::HairpinInSet { .. } => continue 'rules,
                 // The first packet of a connection is never INVALID.
                 Stmt::CtStateInvalid => continue 'rules,
                 Stmt::Drop => {

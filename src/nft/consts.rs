@@ -35,6 +35,9 @@ pub const NFT_REG32_00: u32 = 8;
 
 pub const NFT_META_MARK: u32 = 3;
 pub const NFT_CT_STATE: u32 = 0;
+pub const NFT_CT_DST_IP: u32 = 20;
+pub const NFT_CT_DST_IP6: u32 = 22;
+pub const IP_CT_DIR_ORIGINAL: u32 = 0;
 /// conntrack state bit for INVALID (host byte order).
 pub const NF_CT_STATE_INVALID_BIT: u32 = 1;
 pub const NFT_CMP_NEQ: u32 = 1;

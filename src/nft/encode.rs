@@ -127,6 +127,25 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
             );
         }
+        Stmt::HairpinInSet { family, set } => {
+            let (saddr, daddr, len) = addr_offsets(*family);
+            let regs = len / 4;
+            payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG32_00);
+            payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG32_00 + regs);
+            let key = if *family == Family::V4 { NFT_CT_DST_IP } else { NFT_CT_DST_IP6 };
+            r.expr(
+                c"ct",
+                &[
+                    (sys::NFTNL_EXPR_CT_KEY, U(key)),
+                    (sys::NFTNL_EXPR_CT_DIR, U(IP_CT_DIR_ORIGINAL)),
+                    (sys::NFTNL_EXPR_CT_DREG, U(NFT_REG32_00 + 2 * regs)),
+                ],
+            );
+            r.expr(
+                c"lookup",
+                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
+            );
+        }
         Stmt::SaddrInSet { family, set } => {
             let (saddr, _, len) = addr_offsets(*family);
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
@@ -290,6 +309,7 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
     let key_type = match kind {
         SetKind::Dispatch(_) => (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
         SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
+        SetKind::Hairpin(_) => (addr_type << (2 * TYPE_BITS)) | (addr_type << TYPE_BITS) | addr_type,
     };
     let (is_map, dynamic) = (matches!(kind, SetKind::Dispatch(_)), matches!(kind, SetKind::Affinity(_)));
     SetSpec { key_type, key_len, is_map, dynamic, id }

@@ -138,6 +138,11 @@ impl Netlink {
         Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len() })
     }
 
+    /// Sends an already encoded batch (the benchmark's kernel-only floor).
+    pub fn send_encoded(&mut self, enc: &encode::Encoded) -> Result<()> {
+        self.send_batch(&enc.bytes, &enc.owners)
+    }
+
     fn send_batch(&mut self, bytes: &[u8], owners: &[(u32, String)]) -> Result<()> {
         sys::force_buffer(self.fd(), libc::SO_SNDBUFFORCE, bytes.len() + 65536).map_err(NftError::Send)?;
         let sent = self.sock.send(bytes).map_err(NftError::Send)?;

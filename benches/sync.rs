@@ -1,0 +1,462 @@
+//! nftproxy against kube-proxy's own paths, side by side in one run, in fresh network
+//! namespaces (needs root). Run with `scripts/bench`; it writes docs/benchmark.{md,csv}.
+//!
+//! For each size N x E it measures, each in a new namespace:
+//! - nftproxy: full sync into an empty kernel (and peak RSS), a restart with the rules present
+//!   (read back, diff, nothing to send), incremental syncs (one endpoint of one Service changes);
+//! - the kernel floor: the same objects as one pre-encoded batch, timing only the commit;
+//! - anchors on the same Services: `nft -f` of kube-proxy's nftables-mode rule set, and
+//!   `iptables-restore` (legacy and nft backends) of its iptables-mode rule set, full load and
+//!   "add one Service".
+//!
+//! nftproxy's times are measured inside the process around the sync (what the agent spends per
+//! sync); the anchors' are the wall time of the `nft`/`iptables-restore` process, which already
+//! excludes the time kube-proxy spends generating their input.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nftproxy::compile::{self, Options};
+use nftproxy::model::{Endpoint, Protocol, Service, ServiceId, ServicePort, Snapshot};
+use nftproxy::nft::Netlink;
+use nftproxy::sync::Engine;
+
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i as u32)
+}
+
+fn endpoint_ip(i: usize, j: usize, e: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + (i * e + j) as u32)
+}
+
+fn name(i: usize) -> (String, String) {
+    (format!("ns-{}", i % 10), format!("svc-{i}"))
+}
+
+/// N Services x E endpoints, TCP 80 -> 8080. `shift` moves one endpoint of Service `shift.0`.
+fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for i in 0..n {
+        let (ns, nm) = name(i);
+        let id = ServiceId::new(ns, nm);
+        let endpoints = (0..e)
+            .map(|j| {
+                let mut ip = endpoint_ip(i, j, e);
+                if let Some((svc, k)) = shift
+                    && svc == i
+                    && j == 0
+                {
+                    ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + k as u32);
+                }
+                Endpoint::ready(IpAddr::V4(ip), 8080)
+            })
+            .collect();
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints };
+        snap.services.insert(id.clone(), Service::new(id, vec![IpAddr::V4(vip(i))], vec![port]));
+    }
+    snap
+}
+
+fn options() -> Options {
+    Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], ..Default::default() }
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Runs inside the namespace; prints `key=value` pairs.
+fn child(args: &[String]) {
+    let cmd = args[0].as_str();
+    let n: usize = args[1].parse().unwrap();
+    let e: usize = args[2].parse().unwrap();
+    let mut out = String::new();
+    match cmd {
+        "full" | "restart" => {
+            let snap = snapshot(n, e, None);
+            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            let o = engine.sync(&snap).unwrap();
+            write!(
+                out,
+                "total_ms={:.1} read_back_ms={:.1} messages={} bytes={} rss_kib={}",
+                ms(o.total),
+                ms(o.read_back),
+                o.stats.messages,
+                o.stats.bytes,
+                vm_hwm_kib()
+            )
+            .unwrap();
+        }
+        "incremental" => {
+            let reps: usize = args[3].parse().unwrap();
+            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            engine.sync(&snapshot(n, e, None)).unwrap();
+            let mut times = Vec::new();
+            let mut messages = 0;
+            for k in 0..reps {
+                let snap = snapshot(n, e, Some(((k * 7919) % n, k)));
+                let start = Instant::now();
+                let o = engine.sync(&snap).unwrap();
+                times.push(ms(start.elapsed()));
+                messages = messages.max(o.stats.messages);
+                assert_eq!(o.kind, nftproxy::sync::SyncKind::Partial);
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            write!(
+                out,
+                "p50_ms={:.2} p99_ms={:.2} max_messages={messages}",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
+            )
+            .unwrap();
+        }
+        "floor" => {
+            let want = compile::compile(&snapshot(n, e, None), &options());
+            let plan = nftproxy::plan::plan(&Default::default(), &want);
+            let enc = nftproxy::nft::encode::encode_plan(&plan, 1);
+            let mut nl = Netlink::open().unwrap();
+            let start = Instant::now();
+            nl.send_encoded(&enc).unwrap();
+            write!(out, "commit_ms={:.1} messages={}", ms(start.elapsed()), enc.messages).unwrap();
+        }
+        other => panic!("unknown child command {other}"),
+    }
+    println!("{out}");
+}
+
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!("nftbench-{}-{tag}", std::process::id());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap().success();
+        assert!(ok, "ip netns add {name} (the benchmark needs root)");
+        Ns(name)
+    }
+
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, prog]);
+        c
+    }
+
+    fn child(&self, args: &[&str]) -> std::collections::BTreeMap<String, f64> {
+        let exe = std::env::current_exe().unwrap();
+        let out = self.cmd(exe.to_str().unwrap()).arg("child").args(args).output().unwrap();
+        assert!(out.status.success(), "child {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect()
+    }
+
+    /// Wall time of a command in the namespace, stdin from `input`.
+    fn time(&self, prog: &str, args: &[&str], input: &Path) -> Option<f64> {
+        let start = Instant::now();
+        let out = self.cmd(prog).args(args).stdin(std::fs::File::open(input).unwrap()).output().unwrap();
+        let t = ms(start.elapsed());
+        if !out.status.success() {
+            eprintln!(
+                "  {prog} failed: {}",
+                String::from_utf8_lossy(&out.stderr).lines().take(3).collect::<Vec<_>>().join(" | ")
+            );
+            return None;
+        }
+        Some(t)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn hash(s: &str) -> String {
+    format!("{:016X}", nftproxy::ruleset::fnv1a(s.as_bytes()))
+}
+
+/// kube-proxy nftables mode's rule set for the same Services (`numgen ... vmap` per Service).
+fn kube_proxy_nft(n: usize, e: usize, range: std::ops::Range<usize>, whole: bool) -> String {
+    let mut s = String::new();
+    if whole {
+        s.push_str("table ip kube-proxy {\n  comment \"rules for kube-proxy\"\n");
+        s.push_str("  chain mark-for-masquerade { mark set mark or 0x4000; }\n");
+        s.push_str("  chain masquerading { type nat hook postrouting priority 100; policy accept;\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n");
+        s.push_str("  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }\n");
+        s.push_str("  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n");
+        s.push_str(
+            "  chain nat-prerouting { type nat hook prerouting priority -100; policy accept; jump services; }\n",
+        );
+        s.push_str("  chain nat-output { type nat hook output priority -100; policy accept; jump services; }\n}\n");
+    }
+    let _ = n;
+    for i in range {
+        let (ns, nm) = name(i);
+        let port = format!("{ns}/{nm}/tcp/http");
+        let svc = format!("service-{}-{port}", &hash(&port)[..8]);
+        let mut vmap = Vec::new();
+        let mut eps = String::new();
+        for j in 0..e {
+            let ip = endpoint_ip(i, j, e);
+            let ep = format!("endpoint-{}-{port}__{ip}/8080", &hash(&format!("{port}{ip}"))[..8]);
+            writeln!(eps, "add chain ip kube-proxy {ep}").unwrap();
+            writeln!(eps, "add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade").unwrap();
+            writeln!(eps, "add rule ip kube-proxy {ep} meta l4proto tcp dnat to {ip}:8080").unwrap();
+            vmap.push(format!("{j} : goto {ep}"));
+        }
+        s.push_str(&eps);
+        writeln!(s, "add chain ip kube-proxy {svc}").unwrap();
+        writeln!(
+            s,
+            "add rule ip kube-proxy {svc} ip daddr {} tcp dport 80 ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+            vip(i)
+        )
+        .unwrap();
+        writeln!(s, "add rule ip kube-proxy {svc} numgen random mod {e} vmap {{ {} }}", vmap.join(", ")).unwrap();
+        writeln!(s, "add element ip kube-proxy service-ips {{ {} . tcp . 80 : goto {svc} }}", vip(i)).unwrap();
+    }
+    s
+}
+
+/// kube-proxy iptables mode's nat table for the same Services (iptables-restore input).
+/// `only` limits the Service chains written (a partial restore still rewrites KUBE-SERVICES).
+fn kube_proxy_iptables(n: usize, e: usize, only: Option<std::ops::Range<usize>>) -> String {
+    let chains = |i: usize| -> (String, Vec<String>) {
+        let key = format!("{}/{}:http", name(i).0, name(i).1);
+        let svc = format!("KUBE-SVC-{}", &hash(&key)[..16]);
+        let seps = (0..e).map(|j| format!("KUBE-SEP-{}", &hash(&format!("{key}{j}"))[..16])).collect();
+        (svc, seps)
+    };
+    let mut s = String::from("*nat\n");
+    let writes: Vec<usize> = match &only {
+        Some(r) => r.clone().collect(),
+        None => (0..n).collect(),
+    };
+    if only.is_none() {
+        s.push_str(":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+    }
+    s.push_str(":KUBE-SERVICES - [0:0]\n");
+    for &i in &writes {
+        let (svc, seps) = chains(i);
+        writeln!(s, ":{svc} - [0:0]").unwrap();
+        for sep in seps {
+            writeln!(s, ":{sep} - [0:0]").unwrap();
+        }
+    }
+    if only.is_none() {
+        s.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+        s.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    }
+    let total = only.as_ref().map_or(n, |r| r.end.max(n));
+    for i in 0..total {
+        let (svc, _) = chains(i);
+        let (ns, nm) = name(i);
+        writeln!(s, "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{ns}/{nm}:http cluster IP\" -m tcp --dport 80 -j {svc}", vip(i)).unwrap();
+    }
+    for &i in &writes {
+        let (svc, seps) = chains(i);
+        writeln!(s, "-A {svc} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ", vip(i))
+            .unwrap();
+        for (j, sep) in seps.iter().enumerate() {
+            let left = e - j;
+            if left > 1 {
+                writeln!(s, "-A {svc} -m statistic --mode random --probability {:.11} -j {sep}", 1.0 / left as f64)
+                    .unwrap();
+            } else {
+                writeln!(s, "-A {svc} -j {sep}").unwrap();
+            }
+        }
+        for (j, sep) in seps.iter().enumerate() {
+            let ip = endpoint_ip(i, j, e);
+            writeln!(
+                s,
+                "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ\n-A {sep} -p tcp -m tcp -j DNAT --to-destination {ip}:8080"
+            )
+            .unwrap();
+        }
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, usize, usize, String, String, f64)>,
+}
+
+impl Report {
+    fn add(&mut self, case: &str, n: usize, e: usize, path: &str, metric: &str, v: Option<f64>) {
+        let Some(v) = v else { return };
+        eprintln!("  {case:12} {n:>6}x{e:<4} {path:40} {metric:14} {v:>12.2}");
+        self.rows.push((case.into(), n, e, path.into(), metric.into(), v));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Some(v[v.len() / 2])
+}
+
+fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) {
+    let (ns_, es) = (n.to_string(), e.to_string());
+    eprintln!("== {n} Services x {e} endpoints");
+    {
+        let ns = Ns::new("nftproxy");
+        let full = ns.child(&["full", &ns_, &es]);
+        r.add("full sync", n, e, "nftproxy", "ms", full.get("total_ms").copied());
+        r.add("full sync", n, e, "nftproxy", "peak RSS MiB", full.get("rss_kib").map(|k| k / 1024.0));
+        r.add("full sync", n, e, "nftproxy", "messages", full.get("messages").copied());
+        let restart = ns.child(&["restart", &ns_, &es]);
+        r.add("restart", n, e, "nftproxy (read back, diff, verify)", "ms", restart.get("total_ms").copied());
+        r.add("restart", n, e, "nftproxy", "messages sent", restart.get("messages").copied());
+        let inc = ns.child(&["incremental", &ns_, &es, "200"]);
+        r.add("incremental", n, e, "nftproxy p50", "ms", inc.get("p50_ms").copied());
+        r.add("incremental", n, e, "nftproxy p99", "ms", inc.get("p99_ms").copied());
+    }
+    {
+        let ns = Ns::new("floor");
+        let floor = ns.child(&["floor", &ns_, &es]);
+        r.add("full sync", n, e, "kernel floor (pre-encoded batch)", "ms", floor.get("commit_ms").copied());
+    }
+    if nft_anchor {
+        let ns = Ns::new("nft");
+        let full = dir.join(format!("kube-proxy-{n}x{e}.nft"));
+        std::fs::write(&full, kube_proxy_nft(n, e, 0..n, true)).unwrap();
+        r.add("full sync", n, e, "kube-proxy nftables shape: nft -f", "ms", ns.time("nft", &["-f", "-"], &full));
+        let adds: Vec<f64> = (0..5)
+            .filter_map(|k| {
+                let add = dir.join(format!("kube-proxy-add-{k}.nft"));
+                std::fs::write(&add, kube_proxy_nft(n, e, n + k..n + k + 1, false)).unwrap();
+                ns.time("nft", &["-f", "-"], &add)
+            })
+            .collect();
+        r.add("add one", n, e, "kube-proxy nftables shape: nft -f", "ms", median(adds));
+        let _ = std::fs::remove_file(&full);
+    }
+    for backend in ["iptables-legacy-restore", "iptables-nft-restore"] {
+        let ns = Ns::new("ipt");
+        let full = dir.join(format!("kube-proxy-{n}x{e}.iptables"));
+        std::fs::write(&full, kube_proxy_iptables(n, e, None)).unwrap();
+        r.add("full sync", n, e, &format!("kube-proxy iptables shape: {backend}"), "ms", ns.time(backend, &[], &full));
+        let adds: Vec<f64> = (0..5)
+            .filter_map(|k| {
+                let add = dir.join(format!("kube-proxy-add-{k}.iptables"));
+                std::fs::write(&add, kube_proxy_iptables(n, e, Some(n + k..n + k + 1))).unwrap();
+                ns.time(backend, &["--noflush"], &add)
+            })
+            .collect();
+        r.add("add one", n, e, &format!("kube-proxy iptables shape: {backend}"), "ms", median(adds));
+        let _ = std::fs::remove_file(&full);
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
+        .unwrap_or(0);
+    let run = |c: &str, a: &[&str]| {
+        Command::new(c)
+            .args(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "{cpu}, {cores} cores, {mem} GiB; kernel {}; {}; {}",
+        run("uname", &["-r"]),
+        run("nft", &["--version"]),
+        run("iptables-legacy", &["--version"])
+    )
+}
+
+fn harness(args: &[String]) {
+    let get = |flag: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let sizes: Vec<usize> = get("--sizes", "1000,10000,30000").split(',').map(|s| s.parse().unwrap()).collect();
+    let e: usize = get("--endpoints", "5").parse().unwrap();
+    let nft_max: usize = get("--nft-anchor-max", "10000").parse().unwrap();
+    let out_dir = PathBuf::from(get("--out", "docs"));
+    let work = std::env::temp_dir().join(format!("nftproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let mut r = Report::default();
+    for &n in &sizes {
+        bench_size(&mut r, &work, n, e, n <= nft_max);
+    }
+    if !args.iter().any(|a| a == "--no-big") {
+        bench_size(&mut r, &work, 10, 1000, true);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    write_outputs(&r, &out_dir);
+}
+
+fn write_outputs(r: &Report, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut csv = String::from("case,services,endpoints,path,metric,value\n");
+    for (case, n, e, path, metric, v) in &r.rows {
+        writeln!(csv, "{case},{n},{e},\"{path}\",{metric},{v:.3}").unwrap();
+    }
+    std::fs::write(dir.join("benchmark.csv"), &csv).unwrap();
+    let mut md = format!("# Benchmark results\n\nMachine: {}\n\n", machine());
+    md.push_str("| case | Services x endpoints | path | metric | value |\n| --- | --- | --- | --- | ---: |\n");
+    for (case, n, e, path, metric, v) in &r.rows {
+        writeln!(md, "| {case} | {n} x {e} | {path} | {metric} | {v:.1} |").unwrap();
+    }
+    let mut f = std::fs::File::create(dir.join("benchmark-results.md")).unwrap();
+    f.write_all(md.as_bytes()).unwrap();
+    eprintln!("wrote {}/benchmark.csv and {}/benchmark-results.md", dir.display(), dir.display());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if args.first().map(String::as_str) == Some("child") {
+        child(&args[1..]);
+        return;
+    }
+    let _ = Stdio::null();
+    harness(&args);
+}
