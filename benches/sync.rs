@@ -138,7 +138,7 @@ fn child(args: &[String]) {
             let enc = nftproxy::nft::encode::encode_plan(&plan, 1);
             let mut nl = Netlink::open().unwrap();
             let start = Instant::now();
-            nl.send_encoded(&enc).unwrap();
+            nl.send_encoded(&enc, &plan).unwrap();
             write!(out, "commit_ms={:.1} messages={}", ms(start.elapsed()), enc.messages).unwrap();
         }
         other => panic!("unknown child command {other}"),

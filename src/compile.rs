@@ -45,6 +45,7 @@ pub const CHAIN_OUTPUT: &str = "nat-output";
 pub const CHAIN_POSTROUTING: &str = "nat-postrouting";
 pub const CHAIN_SERVICES: &str = "services";
 pub const CHAIN_FORWARD: &str = "filter-forward";
+pub const STATE_SET: &str = "state";
 
 fn suffix(family: Family) -> &'static str {
     match family {
@@ -115,6 +116,32 @@ pub struct ServiceObjects {
     pub elements: Vec<(String, Element)>,
 }
 
+impl ServiceObjects {
+    pub fn digest(&self) -> u64 {
+        digest(&self.chains, &self.sets, self.elements.iter().map(|(s, e)| (s, e)))
+    }
+}
+
+/// The digest of a skeleton (its chains and sets; it has no elements).
+pub fn skeleton_digest(rs: &Ruleset) -> u64 {
+    digest(&rs.chains, &rs.sets, std::iter::empty())
+}
+
+/// The element recording (generation, digest) in the state set.
+pub fn state_element(generation: u32, digest: u64) -> Element {
+    let mut key = generation.to_be_bytes().to_vec();
+    key.extend([0; 4]);
+    key.extend(digest.to_be_bytes());
+    Element { key, goto: None }
+}
+
+/// (generation, digest) from a state element.
+pub fn parse_state_element(e: &Element) -> Option<(u32, u64)> {
+    let k = &e.key;
+    (k.len() == 16)
+        .then(|| (u32::from_be_bytes(k[..4].try_into().unwrap()), u64::from_be_bytes(k[8..].try_into().unwrap())))
+}
+
 /// Adds one Service's objects to a ruleset that has the skeleton's sets.
 pub fn merge(rs: &mut Ruleset, objs: &ServiceObjects) {
     for (name, chain) in &objs.chains {
@@ -147,7 +174,8 @@ pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
 
 /// The base chains, the dispatch chain, the masquerade chains and the four sets.
 fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
-    let base = |hook, priority, rules| Chain { base: Some(BaseChain { hook, priority }), rules };
+    let base =
+        |hook, priority, rules: Vec<Rule>| Chain { base: Some(BaseChain { hook, priority }), rules: rules.into() };
     let to_services = || vec![rule(vec![Stmt::Jump(CHAIN_SERVICES.into())])];
     rs.chains.insert(CHAIN_PREROUTING.into(), base(Hook::Prerouting, DSTNAT, to_services()));
     rs.chains.insert(CHAIN_OUTPUT.into(), base(Hook::Output, DSTNAT, to_services()));
@@ -205,16 +233,17 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         other.push(Stmt::RejectPortUnreachable);
         services.push(rule(other));
     }
-    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services });
+    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services.into() });
 
     for family in FAMILIES {
         if let Some(rules) = masq_check_rules(family, opts) {
-            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules });
+            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules: rules.into() });
         }
         rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
         rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
         rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
     }
+    rs.sets.insert(STATE_SET.into(), Set { kind: SetKind::State, elements: vec![] });
 }
 
 /// Rules that set the masquerade mark for traffic that needs SNAT, or `None` when nothing of
@@ -291,12 +320,12 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
                 objs.sets.insert(set, Set { kind: SetKind::Affinity(family), elements: vec![] });
             }
             ep_rules.push(rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]));
-            objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules });
+            objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules.into() });
             picks.push((ep_chain, ep.weight));
         }
         rules.extend(pick_rules(&picks));
         objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
-        objs.chains.insert(chain, Chain { base: None, rules });
+        objs.chains.insert(chain, Chain { base: None, rules: rules.into() });
     }
 }
 
@@ -317,7 +346,7 @@ pub fn render(rs: &Ruleset) -> String {
                 &format!("    type {} hook {:?} priority {}\n", b.hook.chain_type(), b.hook, b.priority).to_lowercase(),
             );
         }
-        for r in &chain.rules {
+        for r in chain.rules.iter() {
             out.push_str(&format!("    {r}\n"));
         }
         out.push_str("  }\n");

@@ -51,7 +51,7 @@ pub enum Op {
     FlushChain(String),
     AddRules {
         chain: String,
-        rules: Vec<Rule>,
+        rules: std::sync::Arc<[Rule]>,
     },
     DelElements {
         set: String,
@@ -196,7 +196,7 @@ impl fmt::Display for Plan {
                 Op::AddChain { name, base: None } => writeln!(f, "+ chain {name}")?,
                 Op::FlushChain(name) => writeln!(f, "~ flush chain {name}")?,
                 Op::AddRules { chain, rules } => {
-                    for r in rules {
+                    for r in rules.iter() {
                         writeln!(f, "+ rule {chain}: {r}")?;
                     }
                 }

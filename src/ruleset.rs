@@ -213,10 +213,55 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// Streaming FNV-1a over length-delimited fields.
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf29ce484222325)
+    }
+}
+
+impl Fnv {
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+/// A digest of chains, sets and set elements (in their canonical order).
+pub fn digest<'a>(
+    chains: impl IntoIterator<Item = (&'a String, &'a Chain)>,
+    sets: impl IntoIterator<Item = (&'a String, &'a Set)>,
+    elements: impl IntoIterator<Item = (&'a String, &'a Element)>,
+) -> u64 {
+    let mut h = Fnv::default();
+    for (name, chain) in chains {
+        h.write(name.as_bytes());
+        h.write(format!("{:?}", chain.base).as_bytes());
+        for r in chain.rules.iter() {
+            h.write(r.comment().as_bytes());
+        }
+    }
+    for (name, set) in sets {
+        h.write(name.as_bytes());
+        h.write(format!("{:?}", set.kind).as_bytes());
+    }
+    for (set, e) in elements {
+        h.write(set.as_bytes());
+        h.write(&e.key);
+        h.write(e.goto.as_deref().unwrap_or("").as_bytes());
+    }
+    h.0
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     pub base: Option<BaseChain>,
-    pub rules: Vec<Rule>,
+    /// Shared: the cache, the wanted ruleset and the plan all hold the same rules.
+    pub rules: std::sync::Arc<[Rule]>,
 }
 
 /// What a set holds.
@@ -231,18 +276,22 @@ pub enum SetKind {
     Affinity(Family),
     /// `ipv4_addr . ipv4_addr . ipv4_addr`: (endpoint, endpoint, ClusterIP) for hairpin SNAT.
     Hairpin(Family),
+    /// One element: the generation our last commit produced and a digest of what it left,
+    /// so a restart can verify an untouched kernel without reading every rule back.
+    State,
 }
 
 impl SetKind {
     pub fn family(self) -> Family {
         match self {
             SetKind::Dispatch(f) | SetKind::Addresses(f) | SetKind::Affinity(f) | SetKind::Hairpin(f) => f,
+            SetKind::State => Family::V4,
         }
     }
 
     /// Whether the set's elements are ours to diff (not for sets the data path fills).
     pub fn managed_elements(self) -> bool {
-        !matches!(self, SetKind::Affinity(_))
+        !matches!(self, SetKind::Affinity(_) | SetKind::State)
     }
 
     /// Key length in bytes as the kernel stores it (concatenations pad each part to 4 bytes).
@@ -255,6 +304,7 @@ impl SetKind {
             SetKind::Dispatch(_) => addr + 4 + 4,
             SetKind::Addresses(_) | SetKind::Affinity(_) => addr,
             SetKind::Hairpin(_) => 3 * addr,
+            SetKind::State => 16,
         }
     }
 }

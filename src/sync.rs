@@ -10,13 +10,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::compile::STATE_SET;
 use crate::compile::{self, Options, ServiceObjects};
 use crate::conntrack::Conntrack;
 use crate::conntrack::stale::UdpTargets;
 use crate::model::{Service, ServiceId, Snapshot};
 use crate::nft::{ApplyStats, Netlink};
-use crate::plan::{self, Plan};
+use crate::plan::{self, Op, Plan};
 use crate::ruleset::Ruleset;
+use crate::ruleset::{Element, SetKind};
 use crate::source::{manifest, resolve};
 
 #[derive(Debug, Clone, Default)]
@@ -63,8 +65,11 @@ pub struct Engine {
     nl: Netlink,
     opts: Options,
     skeleton: Ruleset,
-    /// What we last committed, per Service.
-    services: BTreeMap<ServiceId, (Service, ServiceObjects)>,
+    /// What we last committed, per Service, with the digest of its objects.
+    services: BTreeMap<ServiceId, (Service, ServiceObjects, u64)>,
+    skeleton_digest: u64,
+    /// The state element(s) our table holds, as far as we know.
+    state: Vec<Element>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
     generation: Option<u32>,
     /// Opened on first use; `None` after it failed to open (conntrack cleanup is then skipped).
@@ -87,7 +92,17 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 impl Engine {
     pub fn new(nl: Netlink, opts: Options) -> Self {
         let skeleton = compile::skeleton(&opts);
-        Engine { nl, opts, skeleton, services: BTreeMap::new(), generation: None, conntrack: None }
+        let skeleton_digest = compile::skeleton_digest(&skeleton);
+        Engine {
+            nl,
+            opts,
+            skeleton,
+            services: BTreeMap::new(),
+            skeleton_digest,
+            state: Vec::new(),
+            generation: None,
+            conntrack: None,
+        }
     }
 
     /// Forgets what the kernel holds: the next sync is a full one.
@@ -109,25 +124,34 @@ impl Engine {
         let mut changed: Vec<ServiceId> = Vec::new();
         let mut endpoints_changed = 0;
         for (id, svc) in &snapshot.services {
-            let old = self.services.get(id).map(|(s, _)| s);
+            let old = self.services.get(id).map(|(s, _, _)| s);
             if old != Some(svc) {
                 endpoints_changed += endpoint_changes(old, Some(svc));
                 changed.push(id.clone());
             }
         }
-        for (id, (old, _)) in &self.services {
+        for (id, (old, _, _)) in &self.services {
             if !snapshot.services.contains_key(id) {
                 endpoints_changed += endpoint_changes(Some(old), None);
                 changed.push(id.clone());
             }
         }
-        let compiled: BTreeMap<ServiceId, ServiceObjects> = changed
+        let compiled: BTreeMap<ServiceId, (ServiceObjects, u64)> = changed
             .iter()
-            .filter_map(|id| snapshot.services.get(id).map(|s| (id.clone(), compile::compile_service(s, &self.opts))))
+            .filter_map(|id| {
+                let objs = compile::compile_service(snapshot.services.get(id)?, &self.opts);
+                let digest = objs.digest();
+                Some((id.clone(), (objs, digest)))
+            })
             .collect();
+        // The digest of everything wanted: the skeleton's and each Service's, combined.
+        let digest = snapshot.services.keys().fold(self.skeleton_digest, |acc, id| {
+            acc ^ compiled.get(id).map_or_else(|| self.services[id].2, |(_, d)| *d)
+        });
+        let new_state = compile::state_element(generation.wrapping_add(1), digest);
 
         let trusted = self.generation == Some(generation);
-        let (kind, plan, read_back) = if trusted {
+        let (kind, mut plan, read_back) = if trusted {
             if changed.is_empty() {
                 return Ok(self.outcome(
                     SyncKind::Unchanged,
@@ -139,22 +163,54 @@ impl Engine {
                     start,
                 ));
             }
-            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o)| o));
-            let plan = plan::plan_services(old, compiled.values(), &self.skeleton);
+            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o, _)| o));
+            let plan = plan::plan_services(old, compiled.values().map(|(o, _)| o), &self.skeleton);
             (SyncKind::Partial, plan, Duration::ZERO)
+        } else if self
+            .nl
+            .read_elements(STATE_SET)?
+            .is_some_and(|e| e.len() == 1 && compile::parse_state_element(&e[0]) == Some((generation, digest)))
+        {
+            // Nobody committed anything since our last commit (the generation is the one it
+            // produced) and that commit left exactly what we want (same digest): verified.
+            (SyncKind::Full, Plan::default(), start.elapsed())
         } else {
             let have = self.nl.read_table()?;
             let read_back = start.elapsed();
             let mut want = self.skeleton.clone();
             for id in snapshot.services.keys() {
                 match compiled.get(id) {
-                    Some(objs) => compile::merge(&mut want, objs),
+                    Some((objs, _)) => compile::merge(&mut want, objs),
                     None => compile::merge(&mut want, &self.services[id].1),
                 }
             }
-            (SyncKind::Full, plan::plan(&have, &want), read_back)
+            let mut plan = plan::plan(&have, &want);
+            self.state = have.sets.get(STATE_SET).map(|s| s.elements.clone()).unwrap_or_default();
+            // Record the state even when nothing else changes, so the next restart is quick.
+            plan.ops.push(Op::AddElements { set: STATE_SET.into(), kind: SetKind::State, elements: vec![] });
+            (SyncKind::Full, plan, read_back)
         };
+        // Replace the state element whenever we commit.
+        if let Some(Op::AddElements { elements, .. }) = plan.ops.last_mut().filter(|_| kind == SyncKind::Full) {
+            elements.push(new_state.clone());
+        } else if !plan.is_empty() {
+            plan.ops.push(Op::AddElements {
+                set: STATE_SET.into(),
+                kind: SetKind::State,
+                elements: vec![new_state.clone()],
+            });
+        }
+        if !plan.is_empty() && !self.state.is_empty() {
+            let old = std::mem::take(&mut self.state);
+            let at = plan.ops.len() - 1;
+            plan.ops.insert(at, Op::DelElements { set: STATE_SET.into(), kind: SetKind::State, elements: old });
+        }
         let stats = self.nl.apply(&plan)?;
+        if !plan.is_empty() {
+            self.state = vec![new_state];
+        } else if kind == SyncKind::Full {
+            self.state = vec![compile::state_element(generation, digest)];
+        }
         self.generation = if plan.is_empty() {
             Some(generation)
         } else {
@@ -165,7 +221,7 @@ impl Engine {
         // Stale UDP flows go after the commit, so that new packets already meet the new rules.
         let mut targets = UdpTargets::default();
         for id in &changed {
-            if let Some((old, _)) = self.services.get(id)
+            if let Some((old, _, _)) = self.services.get(id)
                 && !snapshot.services.contains_key(id)
             {
                 targets.add(old, true);
@@ -181,10 +237,11 @@ impl Engine {
         let ct_start = Instant::now();
         let conntrack_deleted = if targets.is_empty() { 0 } else { self.clean_conntrack(&targets) };
         let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
+        let mut compiled = compiled;
         for id in &changed {
-            match (snapshot.services.get(id), compiled.get(id)) {
-                (Some(svc), Some(objs)) => {
-                    self.services.insert(id.clone(), (svc.clone(), objs.clone()));
+            match (snapshot.services.get(id), compiled.remove(id)) {
+                (Some(svc), Some((objs, d))) => {
+                    self.services.insert(id.clone(), (svc.clone(), objs, d));
                 }
                 _ => {
                     self.services.remove(id);

@@ -104,7 +104,7 @@ fn run_from(
     out: &mut Vec<(Fate, Ratio)>,
 ) {
     let family = Family::of(&pkt.dst);
-    let rules = rs.chains.get(chain).map(|c| c.rules.as_slice()).unwrap_or_default();
+    let rules: &[crate::ruleset::Rule] = rs.chains.get(chain).map(|c| &c.rules[..]).unwrap_or_default();
     'rules: for (ri, rule) in rules.iter().enumerate().skip(first_rule) {
         for stmt in &rule.0 {
             match stmt {

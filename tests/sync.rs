@@ -76,7 +76,10 @@ fn one_changed_endpoint_rewrites_only_that_service() {
     let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
     // svc-17 is 10.96.10.18; its hairpin elements name it by address.
     for line in dry.lines() {
-        assert!(line.contains("/default/svc-17/") || line.ends_with(". 10.96.10.18"), "change outside svc-17: {line}\n{dry}");
+        assert!(
+            line.contains("/default/svc-17/") || line.ends_with(". 10.96.10.18"),
+            "change outside svc-17: {line}\n{dry}"
+        );
     }
     c.sync(&m, &[]);
     let after = chain_blocks(&c.nft_list("inet nftproxy"));
@@ -148,7 +151,7 @@ fn a_rejected_transaction_leaves_the_previous_rules_in_place() {
         assert!(plan.touched_chains().iter().any(|c| c.contains("svc-3")));
         plan.ops.push(Op::AddRules {
             chain: "svc4/default/svc-3/tcp/80".into(),
-            rules: vec![Rule(vec![Stmt::Goto("ep4/default/svc-3/tcp/80/missing".into())])],
+            rules: vec![Rule(vec![Stmt::Goto("ep4/default/svc-3/tcp/80/missing".into())])].into(),
         });
         nl.apply(&plan).unwrap_err().to_string()
     });

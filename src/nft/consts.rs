@@ -72,6 +72,7 @@ pub const NFT_NG_RANDOM: u32 = 1;
 pub const NFT_BYTEORDER_HTON: u32 = 1;
 
 /// nft's datatype ids, used as set key types so that `nft list` prints keys readably.
+pub const TYPE_INTEGER: u32 = 4;
 pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_IP6ADDR: u32 = 8;
 pub const TYPE_INET_PROTOCOL: u32 = 12;

@@ -310,6 +310,7 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
         SetKind::Dispatch(_) => (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
         SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
         SetKind::Hairpin(_) => (addr_type << (2 * TYPE_BITS)) | (addr_type << TYPE_BITS) | addr_type,
+        SetKind::State => TYPE_INTEGER,
     };
     let (is_map, dynamic) = (matches!(kind, SetKind::Dispatch(_)), matches!(kind, SetKind::Affinity(_)));
     SetSpec { key_type, key_len, is_map, dynamic, id }
@@ -318,13 +319,15 @@ fn set_spec(kind: SetKind, id: u32) -> SetSpec {
 /// Element messages stay well under the 64 KiB netlink attribute limit.
 const ELEMENT_BYTES_PER_MSG: usize = 32 * 1024;
 
+/// Writes element messages for `elements`, split to stay under the attribute size limit;
+/// `tag(seq, first, count)` records which elements each message carries.
 fn element_messages(
     buf: &mut MsgBuf,
     kind: u16,
     flags: u16,
     set: &str,
     elements: &[Element],
-    tag: &mut dyn FnMut(u32, String),
+    tag: &mut dyn FnMut(u32, usize, usize),
 ) {
     let mut i = 0;
     while i < elements.len() {
@@ -337,36 +340,73 @@ fn element_messages(
             bytes += e.key.len() + e.goto.as_ref().map_or(0, |c| c.len()) + 48;
             i += 1;
         }
-        let seq = buf.elements(kind, flags, &obj);
-        let what = if i - first == 1 { "element" } else { "elements" };
-        let names: Vec<&str> = elements[first..i].iter().filter_map(|e| e.goto.as_deref()).take(3).collect();
-        tag(seq, format!("{} {what} of set {set} {}", i - first, names.join(", ")));
+        tag(buf.elements(kind, flags, &obj), first, i - first);
     }
 }
 
-/// What one message of a batch was about, for error messages naming the Service.
+/// Which part of a plan one message carries: op `op`, items `item..item + count`.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub seq: u32,
+    pub op: usize,
+    pub item: usize,
+    pub count: usize,
+}
+
+/// An encoded plan: the batch bytes and, per message, what it was about (descriptions are made
+/// only when the kernel rejects one, see [`describe`]).
 pub struct Encoded {
     pub bytes: Vec<u8>,
-    /// (sequence number, description) of every message after BEGIN.
-    pub owners: Vec<(u32, String)>,
+    pub owners: Vec<Owner>,
     pub messages: usize,
+}
+
+/// A message's subject, naming chains (and so Services) for error messages.
+pub fn describe(plan: &Plan, o: &Owner) -> String {
+    match plan.ops.get(o.op) {
+        Some(Op::DelTable | Op::AddTable) => format!("table {TABLE}"),
+        Some(Op::AddSet { name, .. } | Op::DelSet(name)) => format!("set {name}"),
+        Some(Op::AddChain { name, .. } | Op::DelChain(name)) => format!("chain {name}"),
+        Some(Op::FlushChain(name)) => format!("flush of chain {name}"),
+        Some(Op::AddRules { chain, rules }) => {
+            format!("rule \"{}\" in chain {chain}", rules.get(o.item).map(|r| r.to_string()).unwrap_or_default())
+        }
+        Some(Op::AddElements { set, elements, kind } | Op::DelElements { set, elements, kind }) => {
+            let shown: Vec<String> =
+                elements.iter().skip(o.item).take(o.count.min(3)).map(|e| e.describe(*kind)).collect();
+            format!("{} element(s) of set {set}: {}", o.count, shown.join(", "))
+        }
+        None => format!("message {}", o.seq),
+    }
 }
 
 /// Encodes a plan as BEGIN, its messages, END.
 pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
-    let mut buf = MsgBuf::new(first_seq);
-    let mut owners = Vec::new();
-    let mut tag = |seq: u32, what: String| owners.push((seq, what));
+    // Rough size: most messages are rules of a few expressions naming one or two chains.
+    let estimate: usize = plan
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::AddRules { chain, rules } => rules.iter().map(|r| 96 + 2 * chain.len() + 72 * r.0.len()).sum(),
+            Op::AddElements { elements, .. } | Op::DelElements { elements, .. } => {
+                elements.iter().map(|e| 40 + e.key.len() + e.goto.as_ref().map_or(0, |g| g.len())).sum()
+            }
+            _ => 256,
+        })
+        .sum();
+    let mut buf = MsgBuf::with_capacity(first_seq, estimate + 4096);
+    let mut owners = Vec::with_capacity(plan.message_count());
     buf.batch_begin();
     let mut set_id = 1;
-    for op in &plan.ops {
+    for (op_index, op) in plan.ops.iter().enumerate() {
+        let mut tag = |seq: u32, item: usize, count: usize| owners.push(Owner { seq, op: op_index, item, count });
         match op {
-            Op::DelTable => tag(buf.table(NFT_MSG_DELTABLE, 0, TABLE), format!("table {TABLE}")),
-            Op::AddTable => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE), format!("table {TABLE}")),
+            Op::DelTable => tag(buf.table(NFT_MSG_DELTABLE, 0, TABLE), 0, 1),
+            Op::AddTable => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE), 0, 1),
             Op::AddSet { name, kind } => {
                 let obj = SetObj::new(TABLE, name, Some(&set_spec(*kind, set_id)));
                 set_id += 1;
-                tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), format!("set {name}"));
+                tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), 0, 1);
             }
             Op::AddChain { name, base } => {
                 let hook = base.map(|b| {
@@ -378,12 +418,12 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                     };
                     (hooknum, b.priority, b.hook.chain_type())
                 });
-                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), format!("chain {name}"));
+                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), 0, 1);
             }
-            Op::FlushChain(name) => tag(buf.flush_chain(TABLE, name), format!("flush of chain {name}")),
+            Op::FlushChain(name) => tag(buf.flush_chain(TABLE, name), 0, 1),
             Op::AddRules { chain, rules } => {
-                for rule in rules {
-                    tag(buf.rule(&rule_obj(chain, rule)), format!("rule \"{rule}\" in chain {chain}"));
+                for (i, rule) in rules.iter().enumerate() {
+                    tag(buf.rule(&rule_obj(chain, rule)), i, 1);
                 }
             }
             Op::DelElements { set, elements, .. } => {
@@ -392,16 +432,16 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
             Op::AddElements { set, elements, .. } => {
                 element_messages(&mut buf, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements, &mut tag)
             }
-            Op::DelChain(name) => tag(buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None), format!("chain {name}")),
+            Op::DelChain(name) => tag(buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None), 0, 1),
             Op::DelSet(name) => {
                 let obj = SetObj::new(TABLE, name, None);
-                tag(buf.set(NFT_MSG_DELSET, 0, &obj), format!("set {name}"));
+                tag(buf.set(NFT_MSG_DELSET, 0, &obj), 0, 1);
             }
         }
     }
     buf.batch_end();
     let messages = owners.len();
-    Encoded { bytes: buf.bytes().to_vec(), owners, messages }
+    Encoded { bytes: buf.into_bytes(), owners, messages }
 }
 
 #[cfg(test)]

@@ -27,18 +27,28 @@ pub struct MsgBuf {
 
 impl MsgBuf {
     pub fn new(first_seq: u32) -> Self {
-        MsgBuf { buf: Vec::new(), used: 0, seq: first_seq }
+        Self::with_capacity(first_seq, 0)
+    }
+
+    /// A buffer sized for about `bytes` of messages, so large batches are not copied as they grow.
+    pub fn with_capacity(first_seq: u32, bytes: usize) -> Self {
+        MsgBuf { buf: vec![0; bytes], used: 0, seq: first_seq }
     }
 
     pub fn bytes(&self) -> &[u8] {
         &self.buf[..self.used]
     }
 
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        self.buf.truncate(self.used);
+        self.buf
+    }
+
     /// Runs `write` on a pointer with room for one whole message, then keeps what it wrote.
     /// Returns the message's sequence number.
     fn put(&mut self, write: impl FnOnce(*mut c_char, u32) -> *mut libc::nlmsghdr) -> u32 {
         if self.buf.len() - self.used < MAX_MSG {
-            let grow = (self.buf.len()).max(MAX_MSG * 4);
+            let grow = (self.buf.len() / 2).max(MAX_MSG * 4);
             self.buf.resize(self.buf.len() + grow, 0);
         }
         let seq = self.seq;
@@ -380,39 +390,6 @@ pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
             })
         };
         sys::nftnl_chain_free(p);
-        out
-    }
-}
-
-pub struct ParsedRule {
-    pub table: String,
-    pub chain: String,
-    pub userdata: Vec<u8>,
-}
-
-pub fn parse_rule(msg: &[u8]) -> Option<ParsedRule> {
-    let buf = aligned(msg);
-    // SAFETY: as parse_chain; get_data returns a pointer to `len` bytes owned by the rule.
-    unsafe {
-        let r = NonNull::new(sys::nftnl_rule_alloc())?;
-        let p = r.as_ptr();
-        let out = if sys::nftnl_rule_nlmsg_parse(buf.as_ptr().cast(), p) < 0 {
-            None
-        } else {
-            let mut len = 0u32;
-            let data = sys::nftnl_rule_get_data(p, sys::NFTNL_RULE_USERDATA as u16, &mut len);
-            let userdata = if data.is_null() {
-                Vec::new()
-            } else {
-                std::slice::from_raw_parts(data.cast::<u8>(), len as usize).to_vec()
-            };
-            Some(ParsedRule {
-                table: owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_TABLE as u16)),
-                chain: owned_str(sys::nftnl_rule_get_str(p, sys::NFTNL_RULE_CHAIN as u16)),
-                userdata,
-            })
-        };
-        sys::nftnl_rule_free(p);
         out
     }
 }
