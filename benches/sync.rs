@@ -141,6 +141,15 @@ fn child(args: &[String]) {
             nl.send_encoded(&enc, &plan).unwrap();
             write!(out, "commit_ms={:.1} messages={}", ms(start.elapsed()), enc.messages).unwrap();
         }
+        "dataplane" => {
+            // The Service placed last (svc-(n-1)) leads to the real pod web-a.
+            let mut snap = snapshot(n, e, None);
+            let last = snap.services.values_mut().find(|s| s.id.name == format!("svc-{}", n - 1)).unwrap();
+            last.ports[0].endpoints = vec![Endpoint::ready("10.244.1.2".parse().unwrap(), 8080)];
+            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            let o = engine.sync(&snap).unwrap();
+            write!(out, "total_ms={:.1}", ms(o.total)).unwrap();
+        }
         other => panic!("unknown child command {other}"),
     }
     println!("{out}");
@@ -336,7 +345,8 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         let restart = ns.child(&["restart", &ns_, &es]);
         r.add("restart", n, e, "nftproxy (read back, diff, verify)", "ms", restart.get("total_ms").copied());
         r.add("restart", n, e, "nftproxy", "messages sent", restart.get("messages").copied());
-        let inc = ns.child(&["incremental", &ns_, &es, "200"]);
+        let reps = if n > 10_000 { "50" } else { "200" };
+        let inc = ns.child(&["incremental", &ns_, &es, reps]);
         r.add("incremental", n, e, "nftproxy p50", "ms", inc.get("p50_ms").copied());
         r.add("incremental", n, e, "nftproxy p99", "ms", inc.get("p99_ms").copied());
     }
@@ -375,6 +385,81 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         r.add("add one", n, e, &format!("kube-proxy iptables shape: {backend}"), "ms", median(adds));
         let _ = std::fs::remove_file(&full);
     }
+}
+
+/// New-connection latency from a pod: direct, through nftproxy's ClusterIP with N Services,
+/// and through kube-proxy's iptables rules with the Service placed last.
+fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixture = repo.join("netns-fixtures/netns.sh");
+    let testpod = repo.join("target/release/nftproxy-testpod");
+    let prefix = format!("nbdp{}", std::process::id());
+    let sh = |args: &[&str]| {
+        let ok = Command::new("bash").arg(&fixture).args(args).status().unwrap().success();
+        assert!(ok, "netns.sh {args:?}");
+    };
+    sh(&["node", &prefix]);
+    sh(&["pod", &prefix, "client", "10.244.1.10"]);
+    sh(&["pod", &prefix, "web-a", "10.244.1.2"]);
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &format!("{prefix}-client"), "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+        .status();
+    let ns = |n: &str| format!("{prefix}-{n}");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &ns("web-a"), testpod.to_str().unwrap(), "serve", "--name", "web-a", "--tcp", "8080"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let measure_once = |addr: &str| -> Option<(f64, f64)> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns("client"), testpod.to_str().unwrap(), "latency", addr, "--count", "300"])
+            .output()
+            .ok()?;
+        let kv: std::collections::BTreeMap<String, f64> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect();
+        Some((kv.get("p50_us").copied()?, kv.get("p99_us").copied()?))
+    };
+    // The machine drifts over minutes: measure a path and its direct baseline in alternating
+    // rounds and report the median round of each.
+    let paired = |addr: &str| -> (Option<(f64, f64)>, Option<(f64, f64)>) {
+        let (mut a, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..16 {
+            a.extend(measure_once(addr));
+            d.extend(measure_once("10.244.1.2:8080"));
+        }
+        let med = |v: &Vec<(f64, f64)>| Some((median(v.iter().map(|x| x.0).collect())?, median(v.iter().map(|x| x.1).collect())?));
+        (med(&a), med(&d))
+    };
+    let node = Ns(ns("node"));
+    let vip = format!("{}:80", vip(n - 1));
+    let mut record = |path: &str, m: Option<(f64, f64)>| {
+        r.add("data plane", n, 5, &format!("{path} p50"), "us", m.map(|x| x.0));
+        r.add("data plane", n, 5, &format!("{path} p99"), "us", m.map(|x| x.1));
+    };
+    node.child(&["dataplane", &n.to_string(), "5"]);
+    let (via, direct) = paired(&vip);
+    record("nftproxy ClusterIP", via);
+    record("direct pod-to-pod (paired with nftproxy)", direct);
+    let _ = node.cmd("nft").args(["delete", "table", "inet", "nftproxy"]).status();
+    let mut rules = kube_proxy_iptables(n, 5, None);
+    for j in 0..5 {
+        let ip = endpoint_ip(n - 1, j, 5).to_string();
+        rules = rules.replace(&format!("-s {ip}/32"), "-s 10.244.1.2/32").replace(&format!("{ip}:8080"), "10.244.1.2:8080");
+    }
+    let file = dir.join("dataplane.iptables");
+    std::fs::write(&file, rules).unwrap();
+    node.time("iptables-legacy-restore", &[], &file);
+    let (via, direct) = paired(&vip);
+    record("kube-proxy iptables, Service last", via);
+    record("direct pod-to-pod (paired with iptables)", direct);
+    let _ = server.kill();
+    let _ = server.wait();
+    std::mem::forget(node);
+    sh(&["down", &prefix]);
 }
 
 fn machine() -> String {
@@ -429,6 +514,9 @@ fn harness(args: &[String]) {
     }
     if !args.iter().any(|a| a == "--no-big") {
         bench_size(&mut r, &work, 10, 1000, true);
+    }
+    if !args.iter().any(|a| a == "--no-dataplane") {
+        bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
     }
     let _ = std::fs::remove_dir_all(&work);
     write_outputs(&r, &out_dir);

@@ -54,6 +54,13 @@ enum Cmd {
     /// Sends one TCP ACK that belongs to no connection (conntrack marks it INVALID when
     /// nf_conntrack_tcp_loose is 0), from SRC to DST, through a raw socket.
     StrayAck { src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4 },
+    /// New-connection latency: N fresh TCP connections, each timed from connect to the first
+    /// byte of the answer; prints `p50_us=... p99_us=... n=...`.
+    Latency {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
     /// Holds one TCP connection open, sending a line every interval and expecting it echoed;
     /// prints `NAME held N round trips` or `NAME broken after N round trips: why`.
     Hold {
@@ -68,6 +75,7 @@ enum Cmd {
 fn main() -> ExitCode {
     match Args::parse().cmd {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Latency { addr, count } => latency(addr, count),
         Cmd::Stream { addr, count, interval_ms } => stream(addr, count, Duration::from_millis(interval_ms)),
         Cmd::StrayAck { src, dst } => stray_ack(src, dst),
         Cmd::Hold { addr, seconds, interval_ms } => {
@@ -264,4 +272,24 @@ fn stray_ack(src: std::net::Ipv4Addr, dst: std::net::SocketAddrV4) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn latency(addr: SocketAddr, count: usize) -> ExitCode {
+    let mut us: Vec<f64> = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        let ok = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+        });
+        match ok {
+            Ok(()) => us.push(start.elapsed().as_secs_f64() * 1e6),
+            Err(_) => failed += 1,
+        }
+    }
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| us.get(((us.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    println!("p50_us={:.1} p99_us={:.1} n={} failed={failed}", pct(0.5), pct(0.99), us.len());
+    ExitCode::SUCCESS
 }
