@@ -431,7 +431,9 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
             a.extend(measure_once(addr));
             d.extend(measure_once("10.244.1.2:8080"));
         }
-        let med = |v: &Vec<(f64, f64)>| Some((median(v.iter().map(|x| x.0).collect())?, median(v.iter().map(|x| x.1).collect())?));
+        let med = |v: &Vec<(f64, f64)>| {
+            Some((median(v.iter().map(|x| x.0).collect())?, median(v.iter().map(|x| x.1).collect())?))
+        };
         (med(&a), med(&d))
     };
     let node = Ns(ns("node"));
@@ -448,7 +450,8 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let mut rules = kube_proxy_iptables(n, 5, None);
     for j in 0..5 {
         let ip = endpoint_ip(n - 1, j, 5).to_string();
-        rules = rules.replace(&format!("-s {ip}/32"), "-s 10.244.1.2/32").replace(&format!("{ip}:8080"), "10.244.1.2:8080");
+        rules =
+            rules.replace(&format!("-s {ip}/32"), "-s 10.244.1.2/32").replace(&format!("{ip}:8080"), "10.244.1.2:8080");
     }
     let file = dir.join("dataplane.iptables");
     std::fs::write(&file, rules).unwrap();

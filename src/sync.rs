@@ -148,10 +148,9 @@ impl Engine {
         let digest = snapshot.services.keys().fold(self.skeleton_digest, |acc, id| {
             acc ^ compiled.get(id).map_or_else(|| self.services[id].2, |(_, d)| *d)
         });
-        let new_state = compile::state_element(generation.wrapping_add(1), digest);
 
         let trusted = self.generation == Some(generation);
-        let (kind, mut plan, read_back) = if trusted {
+        let (kind, mut plan, read_back, record_state) = if trusted {
             if changed.is_empty() {
                 return Ok(self.outcome(
                     SyncKind::Unchanged,
@@ -165,7 +164,8 @@ impl Engine {
             }
             let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o, _)| o));
             let plan = plan::plan_services(old, compiled.values().map(|(o, _)| o), &self.skeleton);
-            (SyncKind::Partial, plan, Duration::ZERO)
+            let record = !plan.is_empty();
+            (SyncKind::Partial, plan, Duration::ZERO, record)
         } else if self
             .nl
             .read_elements(STATE_SET)?
@@ -173,7 +173,8 @@ impl Engine {
         {
             // Nobody committed anything since our last commit (the generation is the one it
             // produced) and that commit left exactly what we want (same digest): verified.
-            (SyncKind::Full, Plan::default(), start.elapsed())
+            self.state = vec![compile::state_element(generation, digest)];
+            (SyncKind::Full, Plan::default(), start.elapsed(), false)
         } else {
             let have = self.nl.read_table()?;
             let read_back = start.elapsed();
@@ -184,32 +185,30 @@ impl Engine {
                     None => compile::merge(&mut want, &self.services[id].1),
                 }
             }
-            let mut plan = plan::plan(&have, &want);
-            self.state = have.sets.get(STATE_SET).map(|s| s.elements.clone()).unwrap_or_default();
-            // Record the state even when nothing else changes, so the next restart is quick.
-            plan.ops.push(Op::AddElements { set: STATE_SET.into(), kind: SetKind::State, elements: vec![] });
-            (SyncKind::Full, plan, read_back)
+            let plan = plan::plan(&have, &want);
+            let rebuilt = plan.ops.contains(&Op::DelTable);
+            self.state = match have.sets.get(STATE_SET) {
+                Some(s) if !rebuilt => s.elements.clone(),
+                _ => Vec::new(),
+            };
+            // Recorded even when nothing else changes, so that the next restart is quick.
+            (SyncKind::Full, plan, read_back, true)
         };
-        // Replace the state element whenever we commit.
-        if let Some(Op::AddElements { elements, .. }) = plan.ops.last_mut().filter(|_| kind == SyncKind::Full) {
-            elements.push(new_state.clone());
-        } else if !plan.is_empty() {
+        let new_state = compile::state_element(generation.wrapping_add(1), digest);
+        if record_state {
+            let old = std::mem::take(&mut self.state);
+            if !old.is_empty() {
+                plan.ops.push(Op::DelElements { set: STATE_SET.into(), kind: SetKind::State, elements: old });
+            }
             plan.ops.push(Op::AddElements {
                 set: STATE_SET.into(),
                 kind: SetKind::State,
                 elements: vec![new_state.clone()],
             });
         }
-        if !plan.is_empty() && !self.state.is_empty() {
-            let old = std::mem::take(&mut self.state);
-            let at = plan.ops.len() - 1;
-            plan.ops.insert(at, Op::DelElements { set: STATE_SET.into(), kind: SetKind::State, elements: old });
-        }
         let stats = self.nl.apply(&plan)?;
-        if !plan.is_empty() {
+        if record_state {
             self.state = vec![new_state];
-        } else if kind == SyncKind::Full {
-            self.state = vec![compile::state_element(generation, digest)];
         }
         self.generation = if plan.is_empty() {
             Some(generation)

@@ -16,13 +16,7 @@ struct Setup {
 }
 
 fn setup() -> Option<Setup> {
-    if !can_run_netns_tests() {
-        return None;
-    }
-    let mut c = Cluster::new(DEMO_PODS);
-    for pod in ["web-a", "web-b", "web-c"] {
-        c.serve(pod, pod, &[8080], &[]);
-    }
+    let c = web_cluster(&[8080], &[])?;
     let api = ApiServer::start_in(&c.node(), PORT);
     api.apply(Kind::Node, node("node-1"));
     api.apply(Kind::Service, service("web", "10.96.0.80", 80, 8080));

@@ -36,14 +36,7 @@ const B: &str = "10.244.1.3";
 const C: &str = "10.244.1.4";
 
 fn cluster() -> Option<Cluster> {
-    if !can_run_netns_tests() {
-        return None;
-    }
-    let mut c = Cluster::new(DEMO_PODS);
-    for pod in ["web-a", "web-b", "web-c"] {
-        c.serve(pod, pod, &[8080], &[5353]);
-    }
-    Some(c)
+    web_cluster(&[8080], &[5353])
 }
 
 /// Starts a UDP client in the client pod that keeps one socket for `count` datagrams.

@@ -5,14 +5,7 @@ mod common;
 use common::*;
 
 fn demo() -> Option<Cluster> {
-    if !can_run_netns_tests() {
-        return None;
-    }
-    let mut c = Cluster::new(DEMO_PODS);
-    for pod in ["web-a", "web-b", "web-c"] {
-        c.serve(pod, pod, &[8080], &[5353]);
-    }
-    Some(c)
+    web_cluster(&[8080], &[5353])
 }
 
 fn total(m: &std::collections::BTreeMap<String, usize>) -> usize {

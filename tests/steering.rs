@@ -11,14 +11,7 @@ use common::*;
 const VIP: &str = "10.96.0.80:80";
 
 fn cluster() -> Option<Cluster> {
-    if !can_run_netns_tests() {
-        return None;
-    }
-    let mut c = Cluster::new(DEMO_PODS);
-    for pod in ["web-a", "web-b", "web-c"] {
-        c.serve(pod, pod, &[8080], &[]);
-    }
-    Some(c)
+    web_cluster(&[8080], &[])
 }
 
 /// Service web (10.96.0.80:80 -> 8080) with `extra_spec` lines, and one EndpointSlice per

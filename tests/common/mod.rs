@@ -218,6 +218,19 @@ impl Drop for Cluster {
     }
 }
 
+/// The demo cluster with web-a, web-b and web-c each serving `NAME PEER` on these ports, or
+/// `None` where namespace tests cannot run.
+pub fn web_cluster(tcp: &[u16], udp: &[u16]) -> Option<Cluster> {
+    if !can_run_netns_tests() {
+        return None;
+    }
+    let mut c = Cluster::new(DEMO_PODS);
+    for pod in ["web-a", "web-b", "web-c"] {
+        c.serve(pod, pod, tcp, udp);
+    }
+    Some(c)
+}
+
 /// Pearson's chi-square statistic of observed counts against a uniform expectation.
 pub fn chi_square_uniform(counts: &[usize]) -> f64 {
     let total: usize = counts.iter().sum();
