@@ -156,6 +156,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             messages = outcome.stats.messages,
             bytes = outcome.stats.bytes,
             read_back_ms = outcome.read_back.as_secs_f64() * 1e3,
+            conntrack_deleted = outcome.conntrack_deleted,
+            conntrack_ms = outcome.conntrack_time.as_secs_f64() * 1e3,
             total_ms = outcome.total.as_secs_f64() * 1e3,
             "synced"
         );
