@@ -24,16 +24,20 @@ pub struct Timing {
 /// Most change times kept for the programming-latency metric between two syncs.
 const MAX_CHANGE_TIMES: usize = 1024;
 
-pub async fn run(
-    mut engine: Engine,
-    source: Arc<dyn Source>,
-    resolve_opts: ResolveOptions,
-    mut changes: mpsc::Receiver<Change>,
-    timing: Timing,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+/// Everything the loop works with.
+pub struct Agent {
+    pub engine: Engine,
+    pub source: Arc<dyn Source>,
+    pub resolve: ResolveOptions,
+    pub changes: mpsc::Receiver<Change>,
+    pub timing: Timing,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// Runs until `shutdown` completes; the rules stay in place afterwards.
+pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) {
+    let Agent { mut engine, source, resolve: resolve_opts, mut changes, timing, metrics, health } = agent;
     let mut shutdown = std::pin::pin!(shutdown);
     let mut changed_at: Vec<SystemTime> = vec![SystemTime::now()];
     let mut last_sync: Option<Instant> = None;

@@ -182,7 +182,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
     });
     let engine = Engine::new(Netlink::open()?, opts);
     let timing = Timing { min_sync_period: args.min_sync_period, sync_period: args.sync_period };
-    agent::run(engine, source, resolve_opts, rx, timing, metrics, health, shutdown_signal()).await;
+    let agent = agent::Agent { engine, source, resolve: resolve_opts, changes: rx, timing, metrics, health };
+    agent::run(agent, shutdown_signal()).await;
     Ok(())
 }
 

@@ -125,6 +125,33 @@ fn push<T: DeserializeOwned>(
     }
 }
 
+/// A cheap fingerprint of the manifest files (names, sizes, modification times).
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    paths
+        .iter()
+        .flat_map(|p| manifest_files(p).unwrap_or_default())
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            (f, len, meta.and_then(|m| m.modified().ok()))
+        })
+        .collect()
+}
+
+/// Polls the manifests and sends a change whenever a file appears, disappears or is modified.
+pub async fn watch(paths: Vec<PathBuf>, every: std::time::Duration, tx: tokio::sync::mpsc::Sender<super::Change>) {
+    let mut last = fingerprint(&paths);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = fingerprint(&paths);
+        if now != last {
+            last = now;
+            // A full channel already holds a pending change: coalesced.
+            let _ = tx.try_send(super::Change::now());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,32 +189,5 @@ mod tests {
         let (_, e) = parse("apiVersion: v1\nkind: [Service\n");
         assert_eq!(e.len(), 1);
         assert!(e[0].message.starts_with("malformed YAML"), "{}", e[0]);
-    }
-}
-
-/// A cheap fingerprint of the manifest files (names, sizes, modification times).
-fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
-    paths
-        .iter()
-        .flat_map(|p| manifest_files(p).unwrap_or_default())
-        .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            (f, len, meta.and_then(|m| m.modified().ok()))
-        })
-        .collect()
-}
-
-/// Polls the manifests and sends a change whenever a file appears, disappears or is modified.
-pub async fn watch(paths: Vec<PathBuf>, every: std::time::Duration, tx: tokio::sync::mpsc::Sender<super::Change>) {
-    let mut last = fingerprint(&paths);
-    loop {
-        tokio::time::sleep(every).await;
-        let now = fingerprint(&paths);
-        if now != last {
-            last = now;
-            // A full channel already holds a pending change: coalesced.
-            let _ = tx.try_send(super::Change::now());
-        }
     }
 }

@@ -495,7 +495,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
                 }),
             }
         }
-        a.ips.sort_by_key(|ip| Family::of(ip));
+        a.ips.sort_by_key(Family::of);
     }
 
     let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> = HashMap::new();
