@@ -61,8 +61,6 @@ pub enum Stmt {
     NfProto(Family),
     /// `meta l4proto tcp|udp|sctp`
     L4Proto(Protocol),
-    /// `ip saddr 10.0.0.1` (or `ip6 saddr`)
-    SaddrIs(IpAddr),
     /// `ip saddr 10.244.0.0/16`
     SaddrIn(IpNet),
     /// `ip daddr @set`
@@ -136,7 +134,6 @@ impl fmt::Display for Stmt {
             Stmt::NfProto(Family::V4) => f.write_str("meta nfproto ipv4"),
             Stmt::NfProto(Family::V6) => f.write_str("meta nfproto ipv6"),
             Stmt::L4Proto(p) => write!(f, "meta l4proto {p}"),
-            Stmt::SaddrIs(a) => write!(f, "{} saddr {a}", ip_kw(Family::of(a))),
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
             Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", ip_kw(*family)),

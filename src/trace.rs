@@ -112,8 +112,6 @@ fn run_from(
                 Stmt::NfProto(_) => {}
                 Stmt::L4Proto(pr) if *pr != pkt.proto => continue 'rules,
                 Stmt::L4Proto(_) => {}
-                Stmt::SaddrIs(a) if *a != pkt.src => continue 'rules,
-                Stmt::SaddrIs(_) => {}
                 Stmt::SaddrIn(net) if !net.contains(&pkt.src) => continue 'rules,
                 Stmt::SaddrIn(_) => {}
                 Stmt::DaddrInSet { set, .. } => {

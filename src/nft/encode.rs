@@ -107,11 +107,6 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             meta_load(r, NFT_META_L4PROTO, NFT_REG_1);
             cmp(r, NFT_CMP_EQ, &[p.number()]);
         }
-        Stmt::SaddrIs(ip) => {
-            let (saddr, _, len) = addr_offsets(Family::of(ip));
-            payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
-            cmp(r, NFT_CMP_EQ, &ip_bytes(ip));
-        }
         Stmt::SaddrIn(net) => {
             let (saddr, _, len) = addr_offsets(Family::of(&net.addr()));
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
