@@ -38,6 +38,20 @@ pub struct Options {
     pub conntrack_tcp_be_liberal: bool,
     /// This node and zone: `internalTrafficPolicy: Local` and topology hints.
     pub locality: Locality,
+    /// Spread Services over this many tables (0 and 1: one table). A partial sync then makes
+    /// the kernel re-validate one shard instead of every Service (see docs/benchmark.md).
+    pub table_shards: u32,
+}
+
+impl Options {
+    pub fn shards(&self) -> u32 {
+        self.table_shards.max(1)
+    }
+
+    /// The shard a Service lives in: a stable hash of namespace/name.
+    pub fn shard_of(&self, id: &crate::model::ServiceId) -> u32 {
+        (fnv1a(id.to_string().as_bytes()) % u64::from(self.shards())) as u32
+    }
 }
 
 pub const CHAIN_PREROUTING: &str = "nat-prerouting";
@@ -174,11 +188,9 @@ pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
 
 /// The base chains, the dispatch chain, the masquerade chains and the four sets.
 fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
-    let base =
-        |hook, priority, rules: Vec<Rule>| Chain { base: Some(BaseChain { hook, priority }), rules: rules.into() };
-    let to_services = || vec![rule(vec![Stmt::Jump(CHAIN_SERVICES.into())])];
-    rs.chains.insert(CHAIN_PREROUTING.into(), base(Hook::Prerouting, DSTNAT, to_services()));
-    rs.chains.insert(CHAIN_OUTPUT.into(), base(Hook::Output, DSTNAT, to_services()));
+    for shard in 0..opts.shards() {
+        add_dispatch(rs, opts, shard);
+    }
     rs.chains.insert(
         CHAIN_POSTROUTING.into(),
         base(
@@ -213,19 +225,35 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         );
     }
 
+    for family in FAMILIES {
+        rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
+    }
+    rs.sets.insert(STATE_SET.into(), Set { kind: SetKind::State, elements: vec![] });
+}
+
+fn base(hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
+    Chain { base: Some(BaseChain { hook, priority }), rules: rules.into() }
+}
+
+/// One shard's dispatch: its base chains, `services` chain, masquerade check and sets.
+fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
+    let q = |name: &str| qualify(shard, name);
+    let to_services = || vec![rule(vec![Stmt::Jump(q(CHAIN_SERVICES))])];
+    rs.chains.insert(q(CHAIN_PREROUTING), base(Hook::Prerouting, DSTNAT, to_services()));
+    rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, to_services()));
     let mut services = Vec::new();
     for family in FAMILIES {
         if masq_check_rules(family, opts).is_some() {
             services.push(rule(vec![
                 Stmt::NfProto(family),
-                Stmt::DaddrInSet { family, set: cluster_ips_set(family) },
-                Stmt::Jump(masq_check_chain(family)),
+                Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
+                Stmt::Jump(q(&masq_check_chain(family))),
             ]));
         }
-        services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: dispatch_map(family) }]));
+        services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }]));
     }
     for family in FAMILIES {
-        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: cluster_ips_set(family) }];
+        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) }];
         let mut tcp = to_vip();
         tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
         services.push(rule(tcp));
@@ -233,17 +261,14 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         other.push(Stmt::RejectPortUnreachable);
         services.push(rule(other));
     }
-    rs.chains.insert(CHAIN_SERVICES.into(), Chain { base: None, rules: services.into() });
-
+    rs.chains.insert(q(CHAIN_SERVICES), Chain { base: None, rules: services.into() });
     for family in FAMILIES {
         if let Some(rules) = masq_check_rules(family, opts) {
-            rs.chains.insert(masq_check_chain(family), Chain { base: None, rules: rules.into() });
+            rs.chains.insert(q(&masq_check_chain(family)), Chain { base: None, rules: rules.into() });
         }
-        rs.sets.insert(dispatch_map(family), Set { kind: SetKind::Dispatch(family), elements: vec![] });
-        rs.sets.insert(cluster_ips_set(family), Set { kind: SetKind::Addresses(family), elements: vec![] });
-        rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
+        rs.sets.insert(q(&dispatch_map(family)), Set { kind: SetKind::Dispatch(family), elements: vec![] });
+        rs.sets.insert(q(&cluster_ips_set(family)), Set { kind: SetKind::Addresses(family), elements: vec![] });
     }
-    rs.sets.insert(STATE_SET.into(), Set { kind: SetKind::State, elements: vec![] });
 }
 
 /// Rules that set the masquerade mark for traffic that needs SNAT, or `None` when nothing of
@@ -287,9 +312,12 @@ fn pick_rules(picks: &[(String, u32)]) -> Vec<Rule> {
 
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
-    objs.elements.push((cluster_ips_set(family), Element::address(vip)));
+    let shard = opts.shard_of(&svc.id);
+    let q = |name: &str| qualify(shard, name);
+    objs.elements.push((q(&cluster_ips_set(family)), Element::address(vip)));
     for port in &svc.ports {
-        let chain = service_chain(svc, port, family);
+        let local_chain = service_chain(svc, port, family);
+        let chain = q(&local_chain);
         let endpoints = svc.usable_endpoints(port, family, &opts.locality);
         let mut rules = Vec::new();
         if endpoints.is_empty() && svc.internal_local {
@@ -303,14 +331,15 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
         }
         let mut picks = Vec::new();
         for ep in &endpoints {
-            let ep_chain = endpoint_chain(&chain, ep);
+            let local_ep_chain = endpoint_chain(&local_chain, ep);
+            let ep_chain = q(&local_ep_chain);
             let mut ep_rules = Vec::new();
             let hairpin = Element::hairpin(ep.ip, vip);
             if !objs.elements.iter().any(|(_, e)| *e == hairpin) {
                 objs.elements.push((hairpin_set(family), hairpin));
             }
             if let Some(affinity) = svc.affinity {
-                let set = affinity_set(&ep_chain);
+                let set = q(&affinity_set(&local_ep_chain));
                 rules.push(rule(vec![Stmt::SaddrInSet { family, set: set.clone() }, Stmt::Goto(ep_chain.clone())]));
                 ep_rules.push(rule(vec![Stmt::UpdateSaddrSet {
                     family,
@@ -324,7 +353,7 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
             picks.push((ep_chain, ep.weight));
         }
         rules.extend(pick_rules(&picks));
-        objs.elements.push((dispatch_map(family), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
+        objs.elements.push((q(&dispatch_map(family)), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
         objs.chains.insert(chain, Chain { base: None, rules: rules.into() });
     }
 }

@@ -59,6 +59,10 @@ struct Args {
     /// the same name; set it only if your CNI relies on such packets passing).
     #[arg(long)]
     conntrack_tcp_be_liberal: bool,
+    /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...). A partial sync
+    /// then re-validates one table in the kernel instead of all: use 10-20 above ~5,000 Services.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    table_shards: u32,
     /// This node's zone for topology hints (default: the Node's topology.kubernetes.io/zone
     /// label when reading the API).
     #[arg(long)]
@@ -109,8 +113,12 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
-        let removed = Netlink::open()?.delete_table()?;
-        println!("{}", if removed { "removed table inet nftproxy" } else { "nothing to remove" });
+        let removed = Netlink::open()?.delete_tables()?;
+        match removed {
+            0 => println!("nothing to remove"),
+            1 => println!("removed table inet nftproxy"),
+            n => println!("removed table inet nftproxy and {} shard tables", n - 1),
+        }
         return Ok(());
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
@@ -136,6 +144,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         masquerade_all: args.masquerade_all,
         conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
         locality: locality.clone(),
+        table_shards: args.table_shards,
     };
 
     if args.sync_once {

@@ -30,16 +30,20 @@ pub struct KernelSet {
 /// Our table as the kernel has it; `Default` is "no table".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelState {
+    /// Whether `table inet nftproxy` exists.
     pub table_exists: bool,
+    /// Our shard tables that exist (`nftproxy-1`, ...).
+    pub shard_tables: BTreeSet<String>,
     pub chains: BTreeMap<String, KernelChain>,
     pub sets: BTreeMap<String, KernelSet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Deletes the table and everything in it (only to rebuild a table someone reshaped).
-    DelTable,
-    AddTable,
+    /// Deletes a table and everything in it: a shard no longer used, or our main table when
+    /// someone reshaped it (it is rebuilt in the same transaction).
+    DelTable(String),
+    AddTable(String),
     AddSet {
         name: String,
         kind: SetKind,
@@ -109,23 +113,68 @@ fn comments(chain: &Chain) -> Vec<String> {
     chain.rules.iter().map(Rule::comment).collect()
 }
 
+/// The shard tables a ruleset's qualified names live in.
+pub fn shard_tables_of(rs: &Ruleset) -> BTreeSet<String> {
+    rs.chains
+        .keys()
+        .chain(rs.sets.keys())
+        .map(|n| split_name(n).0)
+        .filter(|t| *t != TABLE)
+        .map(str::to_string)
+        .collect()
+}
+
 /// The operations that turn `have` into `want`.
 pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
-    // A base chain on the wrong hook or a set of the wrong shape cannot be fixed in place: rebuild
-    // the table in the same transaction (the hooks are re-registered at commit).
-    let reshaped = have.table_exists
-        && (want.sets.iter().any(|(n, s)| have.sets.get(n).is_some_and(|h| !set_shape_ok(s, h)))
-            || want.chains.iter().any(|(n, c)| have.chains.get(n).is_some_and(|h| h.base != c.base)));
-    let empty = KernelState::default();
     let mut ops = Vec::new();
-    let have = if reshaped {
-        ops.push(Op::DelTable);
-        &empty
-    } else {
+    let want_shards = shard_tables_of(want);
+    // Shard tables no longer used go whole.
+    let stale: BTreeSet<&str> =
+        have.shard_tables.iter().map(String::as_str).filter(|t| !want_shards.contains(*t)).collect();
+    for t in &stale {
+        ops.push(Op::DelTable(t.to_string()));
+    }
+    // A base chain on the wrong hook or a set of the wrong shape cannot be fixed in place: rebuild
+    // that table in the same transaction (the hooks are re-registered at commit). Only our main
+    // table is rebuilt this way; a reshaped shard is dropped and recreated likewise.
+    let reshaped: BTreeSet<&str> = want
+        .sets
+        .iter()
+        .filter(|(n, s)| have.sets.get(*n).is_some_and(|h| !set_shape_ok(s, h)))
+        .map(|(n, _)| split_name(n).0)
+        .chain(
+            want.chains
+                .iter()
+                .filter(|(n, c)| have.chains.get(*n).is_some_and(|h| h.base != c.base))
+                .map(|(n, _)| split_name(n).0),
+        )
+        .collect();
+    for t in &reshaped {
+        ops.push(Op::DelTable(t.to_string()));
+    }
+    let gone = |name: &String| stale.contains(split_name(name).0) || reshaped.contains(split_name(name).0);
+    let filtered;
+    let have = if stale.is_empty() && reshaped.is_empty() {
         have
+    } else {
+        filtered = KernelState {
+            table_exists: have.table_exists && !reshaped.contains(TABLE),
+            shard_tables: have
+                .shard_tables
+                .iter()
+                .filter(|t| !stale.contains(t.as_str()) && !reshaped.contains(t.as_str()))
+                .cloned()
+                .collect(),
+            chains: have.chains.iter().filter(|(n, _)| !gone(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
+            sets: have.sets.iter().filter(|(n, _)| !gone(n)).map(|(n, s)| (n.clone(), s.clone())).collect(),
+        };
+        &filtered
     };
     if !have.table_exists {
-        ops.push(Op::AddTable);
+        ops.push(Op::AddTable(TABLE.to_string()));
+    }
+    for t in want_shards.iter().filter(|t| !have.shard_tables.contains(*t)) {
+        ops.push(Op::AddTable(t.clone()));
     }
     for (name, set) in &want.sets {
         if !have.sets.contains_key(name) {
@@ -187,8 +236,8 @@ impl fmt::Display for Plan {
         }
         for op in &self.ops {
             match op {
-                Op::DelTable => writeln!(f, "- table inet {TABLE} (rebuilt: its shape was changed)")?,
-                Op::AddTable => writeln!(f, "+ table inet {TABLE}")?,
+                Op::DelTable(t) => writeln!(f, "- table inet {t}")?,
+                Op::AddTable(t) => writeln!(f, "+ table inet {t}")?,
                 Op::AddSet { name, kind } => writeln!(f, "+ set {name} ({kind:?})")?,
                 Op::AddChain { name, base: Some(b) } => {
                     writeln!(f, "+ chain {name} (type nat hook {:?} priority {})", b.hook, b.priority)?
@@ -222,6 +271,7 @@ impl fmt::Display for Plan {
 pub fn as_kernel_state(want: &Ruleset) -> KernelState {
     KernelState {
         table_exists: true,
+        shard_tables: shard_tables_of(want),
         chains: want
             .chains
             .iter()

@@ -17,6 +17,39 @@ use crate::model::{Family, Protocol};
 /// `reject with icmpx` means port-unreachable in both families.
 pub const TABLE: &str = "nftproxy";
 
+/// With `--table-shards K > 1`, Services are spread over K tables: `nftproxy` (shard 0, which
+/// also holds everything that is not per Service) and `nftproxy-1` .. `nftproxy-(K-1)`. Objects of
+/// shard tables are named `nftproxy-3@svc4/...` in our model; unqualified names live in `nftproxy`.
+pub const SHARD_SEP: char = '@';
+
+/// (table, name inside the table) of a possibly qualified object name.
+pub fn split_name(name: &str) -> (&str, &str) {
+    name.split_once(SHARD_SEP).unwrap_or((TABLE, name))
+}
+
+/// The name inside its table.
+pub fn local_name(name: &str) -> &str {
+    split_name(name).1
+}
+
+pub fn shard_table(shard: u32) -> String {
+    if shard == 0 { TABLE.to_string() } else { format!("{TABLE}-{shard}") }
+}
+
+/// `name` as an object of shard `shard`.
+pub fn qualify(shard: u32, name: &str) -> String {
+    if shard == 0 { name.to_string() } else { format!("{}{SHARD_SEP}{name}", shard_table(shard)) }
+}
+
+/// Whether `table` is one of ours (`nftproxy` or `nftproxy-<n>`).
+pub fn is_our_table(table: &str) -> bool {
+    table == TABLE
+        || table
+            .strip_prefix(TABLE)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Mark bit asking postrouting to masquerade (kube-proxy's value).
 pub const MASQ_MARK: u32 = 0x4000;
 
@@ -135,17 +168,17 @@ impl fmt::Display for Stmt {
             Stmt::NfProto(Family::V6) => f.write_str("meta nfproto ipv6"),
             Stmt::L4Proto(p) => write!(f, "meta l4proto {p}"),
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
-            Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{set}", ip_kw(*family)),
-            Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{set}", ip_kw(*family)),
+            Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{}", ip_kw(*family), local_name(set)),
+            Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{}", ip_kw(*family), local_name(set)),
             Stmt::HairpinInSet { family, set } => {
                 let k = ip_kw(*family);
                 write!(f, "{k} saddr . {k} daddr . ct original {k} daddr @{set}")
             }
             Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
-                write!(f, "update @{set} {{ {} saddr timeout {timeout_seconds}s }}", ip_kw(*family))
+                write!(f, "update @{} {{ {} saddr timeout {timeout_seconds}s }}", local_name(set), ip_kw(*family))
             }
             Stmt::DispatchVmap { family, map } => {
-                write!(f, "{} daddr . meta l4proto . th dport vmap @{map}", ip_kw(*family))
+                write!(f, "{} daddr . meta l4proto . th dport vmap @{}", ip_kw(*family), local_name(map))
             }
             Stmt::MarkBitClear(bit) => write!(f, "meta mark & {bit:#x} == 0"),
             Stmt::SetMarkBit(bit) => write!(f, "meta mark set meta mark | {bit:#x}"),
@@ -153,8 +186,8 @@ impl fmt::Display for Stmt {
             Stmt::NumgenBelow { modulus, below } => {
                 write!(f, "numgen random mod {modulus} < {below}")
             }
-            Stmt::Jump(c) => write!(f, "jump {c}"),
-            Stmt::Goto(c) => write!(f, "goto {c}"),
+            Stmt::Jump(c) => write!(f, "jump {}", local_name(c)),
+            Stmt::Goto(c) => write!(f, "goto {}", local_name(c)),
             Stmt::Return => f.write_str("return"),
             Stmt::Dnat { addr: a @ IpAddr::V4(_), port } => write!(f, "dnat ip to {a}:{port}"),
             Stmt::Dnat { addr, port } => write!(f, "dnat ip6 to [{addr}]:{port}"),

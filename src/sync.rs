@@ -186,7 +186,7 @@ impl Engine {
                 }
             }
             let plan = plan::plan(&have, &want);
-            let rebuilt = plan.ops.contains(&Op::DelTable);
+            let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
             self.state = match have.sets.get(STATE_SET) {
                 Some(s) if !rebuilt => s.elements.clone(),
                 _ => Vec::new(),

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use crate::compile::{CHAIN_OUTPUT, CHAIN_PREROUTING};
 use crate::model::{Family, Protocol};
-use crate::ruleset::{Element, MASQ_MARK, Ruleset, SetKind, Stmt, ip_bytes};
+use crate::ruleset::{Element, MASQ_MARK, Ruleset, SetKind, Stmt, ip_bytes, qualify};
 
 /// The first packet of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +63,20 @@ impl Ratio {
 pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<(Fate, Ratio)> {
     let start = if pkt.local { CHAIN_OUTPUT } else { CHAIN_PREROUTING };
     let mut out: Vec<(Fate, Ratio)> = Vec::new();
+    // Each table's base chain in turn (shards own disjoint ClusterIPs), until one acts.
     let mut branches = Vec::new();
-    run_chain(rs, pkt, start, 0, Ratio::ONE, &mut Vec::new(), &mut branches);
+    let mut shard = 0;
+    while let Some(chain) = Some(qualify(shard, start)).filter(|c| rs.chains.contains_key(c)) {
+        branches.clear();
+        run_chain(rs, pkt, &chain, 0, Ratio::ONE, &mut Vec::new(), &mut branches);
+        if branches.iter().any(|(f, _)| *f != Fate::Untouched) {
+            break;
+        }
+        shard += 1;
+    }
+    if branches.is_empty() {
+        branches.push((Fate::Untouched, Ratio::ONE));
+    }
     for (fate, p) in branches {
         match out.iter_mut().find(|(f, _)| *f == fate) {
             Some((_, q)) => *q = q.add(p),

@@ -146,3 +146,23 @@ fn weights_give_each_endpoint_exactly_its_share() {
 fn gcd(a: u128, b: u128) -> u128 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
+
+#[test]
+fn table_shards_change_where_rules_live_not_what_they_do() {
+    let one = demo(&Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..Default::default() });
+    let four =
+        demo(&Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], table_shards: 4, ..Default::default() });
+    assert!(four.chains.keys().any(|k| k.starts_with("nftproxy-3@")), "shard tables have their own chains");
+    for (src, dst, proto, port) in [
+        ("10.244.1.10", "10.96.0.80", Protocol::Tcp, 80),
+        ("192.0.2.2", "10.96.0.80", Protocol::Udp, 53),
+        ("10.244.1.2", "10.96.0.80", Protocol::Tcp, 80),
+        ("fd00:10:244:1::10", "fd00:10:96::80", Protocol::Tcp, 80),
+        ("10.244.1.10", "10.96.0.99", Protocol::Tcp, 80),
+        ("10.244.1.10", "10.96.0.80", Protocol::Tcp, 81),
+        ("10.244.1.10", "10.96.0.81", Protocol::Tcp, 80),
+    ] {
+        let p = pkt(src, dst, proto, port);
+        assert_eq!(trace(&four, &p), trace(&one, &p), "{src} -> {dst}:{port}");
+    }
+}

@@ -245,3 +245,56 @@ fn bad_manifests_are_reported_and_nothing_is_applied() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping object of a kind"));
 }
+
+fn tables(c: &Cluster) -> Vec<String> {
+    let out = c.exec_ok("node", &["nft", "list", "tables"]);
+    out.lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .filter(|t| t.starts_with("nftproxy"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn table_shards_serve_the_same_and_a_change_touches_one_table() {
+    let Some(mut c) = cluster() else { return };
+    for pod in ["web-a", "web-b", "web-c"] {
+        c.serve(pod, pod, &[8080], &[]);
+    }
+    let m = c.write("m.yaml", &many_services(12, None));
+    c.sync(&m, &["--table-shards", "4"]);
+    assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2", "nftproxy-3"]);
+    // Every Service answers, whichever table holds it; an unknown port is refused.
+    for i in 0..12 {
+        let vip = format!("10.96.10.{}:80", 1 + i);
+        let got = c.probe("client", "tcp", &vip, 4);
+        assert!(got.keys().all(|k| k == "web-a" || k == "web-b"), "{vip}: {got:?}");
+        assert_eq!(
+            c.probe("client", "tcp", &format!("10.96.10.{}:81", 1 + i), 1).get("error: connection refused"),
+            Some(&1)
+        );
+    }
+    let listings =
+        |c: &Cluster| -> Vec<String> { tables(c).iter().map(|t| c.nft_list(&format!("inet {t}"))).collect() };
+    let before = listings(&c);
+    c.sync(&m, &["--table-shards", "4"]);
+    assert_eq!(listings(&c), before, "an unchanged input must not touch any table");
+    // One Service changes: exactly one shard table changes (the Service's), plus the hairpin
+    // and state elements in the main table.
+    c.write("m.yaml", &many_services(12, Some(5)));
+    c.sync(&m, &["--table-shards", "4"]);
+    let after = listings(&c);
+    let changed: Vec<usize> = (1..4).filter(|i| after[*i] != before[*i]).collect();
+    assert_eq!(changed.len(), 1, "one shard table changed, not {changed:?}");
+    assert!(after[changed[0]].contains("svc4/default/svc-5/tcp/80"));
+    assert!(c.probe("client", "tcp", "10.96.10.6:80", 10).keys().all(|k| k == "web-a" || k == "web-c"));
+    // Fewer shards: the extra tables go, everything still answers.
+    c.sync(&m, &["--table-shards", "2"]);
+    assert_eq!(tables(&c), ["nftproxy", "nftproxy-1"]);
+    for i in 0..12 {
+        assert!(c.probe("client", "tcp", &format!("10.96.10.{}:80", 1 + i), 2).keys().all(|k| k.starts_with("web-")));
+    }
+    let out = c.exec_ok("node", &[NFTPROXY, "--cleanup"]);
+    assert!(out.contains("and 1 shard tables"), "{out}");
+    assert!(tables(&c).is_empty());
+}

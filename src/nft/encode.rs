@@ -63,7 +63,7 @@ fn bitwise(r: &mut RuleObj, mask: &[u8], xor: &[u8]) {
 fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
     let mut attrs = vec![(sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)), (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32))];
     if let Some(c) = chain {
-        attrs.push((sys::NFTNL_EXPR_IMM_CHAIN, Attr::Str(c)));
+        attrs.push((sys::NFTNL_EXPR_IMM_CHAIN, Attr::Str(local_name(c))));
     }
     r.expr(c"immediate", &attrs);
 }
@@ -119,7 +119,10 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG_1);
             r.expr(
                 c"lookup",
-                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
+                &[
+                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
+                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
+                ],
             );
         }
         Stmt::HairpinInSet { family, set } => {
@@ -138,7 +141,10 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             );
             r.expr(
                 c"lookup",
-                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
+                &[
+                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)),
+                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
+                ],
             );
         }
         Stmt::SaddrInSet { family, set } => {
@@ -146,7 +152,10 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
             r.expr(
                 c"lookup",
-                &[(sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(set))],
+                &[
+                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
+                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
+                ],
             );
         }
         Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
@@ -157,7 +166,7 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 &[
                     (sys::NFTNL_EXPR_DYNSET_SREG_KEY, U(NFT_REG_1)),
                     (sys::NFTNL_EXPR_DYNSET_OP, U(NFT_DYNSET_OP_UPDATE)),
-                    (sys::NFTNL_EXPR_DYNSET_SET_NAME, Attr::Str(set)),
+                    (sys::NFTNL_EXPR_DYNSET_SET_NAME, Attr::Str(local_name(set))),
                     (sys::NFTNL_EXPR_DYNSET_TIMEOUT, Attr::U64(u64::from(*timeout_seconds) * 1000)),
                 ],
             );
@@ -174,7 +183,7 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                 &[
                     (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)),
                     (sys::NFTNL_EXPR_LOOKUP_DREG, U(NFT_REG_VERDICT)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(map)),
+                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(map))),
                 ],
             );
         }
@@ -288,7 +297,8 @@ pub fn udata_comment(mut data: &[u8]) -> String {
 }
 
 pub fn rule_obj(chain: &str, rule: &Rule) -> RuleObj {
-    let mut r = RuleObj::new(TABLE, chain);
+    let (table, local) = split_name(chain);
+    let mut r = RuleObj::new(table, local);
     for s in &rule.0 {
         encode_stmt(&mut r, s);
     }
@@ -326,12 +336,13 @@ fn element_messages(
 ) {
     let mut i = 0;
     while i < elements.len() {
-        let mut obj = SetObj::new(TABLE, set, None);
+        let (table, local) = split_name(set);
+        let mut obj = SetObj::new(table, local, None);
         let mut bytes = 0;
         let first = i;
         while i < elements.len() && bytes < ELEMENT_BYTES_PER_MSG {
             let e = &elements[i];
-            obj.add_element(&e.key, e.goto.as_deref());
+            obj.add_element(&e.key, e.goto.as_deref().map(local_name));
             bytes += e.key.len() + e.goto.as_ref().map_or(0, |c| c.len()) + 48;
             i += 1;
         }
@@ -359,7 +370,7 @@ pub struct Encoded {
 /// A message's subject, naming chains (and so Services) for error messages.
 pub fn describe(plan: &Plan, o: &Owner) -> String {
     match plan.ops.get(o.op) {
-        Some(Op::DelTable | Op::AddTable) => format!("table {TABLE}"),
+        Some(Op::DelTable(t) | Op::AddTable(t)) => format!("table {t}"),
         Some(Op::AddSet { name, .. } | Op::DelSet(name)) => format!("set {name}"),
         Some(Op::AddChain { name, .. } | Op::DelChain(name)) => format!("chain {name}"),
         Some(Op::FlushChain(name)) => format!("flush of chain {name}"),
@@ -396,10 +407,11 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
     for (op_index, op) in plan.ops.iter().enumerate() {
         let mut tag = |seq: u32, item: usize, count: usize| owners.push(Owner { seq, op: op_index, item, count });
         match op {
-            Op::DelTable => tag(buf.table(NFT_MSG_DELTABLE, 0, TABLE), 0, 1),
-            Op::AddTable => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, TABLE), 0, 1),
+            Op::DelTable(t) => tag(buf.table(NFT_MSG_DELTABLE, 0, t), 0, 1),
+            Op::AddTable(t) => tag(buf.table(NFT_MSG_NEWTABLE, NLM_F_CREATE, t), 0, 1),
             Op::AddSet { name, kind } => {
-                let obj = SetObj::new(TABLE, name, Some(&set_spec(*kind, set_id)));
+                let (table, local) = split_name(name);
+                let obj = SetObj::new(table, local, Some(&set_spec(*kind, set_id)));
                 set_id += 1;
                 tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), 0, 1);
             }
@@ -413,9 +425,13 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                     };
                     (hooknum, b.priority, b.hook.chain_type())
                 });
-                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, TABLE, name, hook), 0, 1);
+                let (table, local) = split_name(name);
+                tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, table, local, hook), 0, 1);
             }
-            Op::FlushChain(name) => tag(buf.flush_chain(TABLE, name), 0, 1),
+            Op::FlushChain(name) => {
+                let (table, local) = split_name(name);
+                tag(buf.flush_chain(table, local), 0, 1)
+            }
             Op::AddRules { chain, rules } => {
                 for (i, rule) in rules.iter().enumerate() {
                     tag(buf.rule(&rule_obj(chain, rule)), i, 1);
@@ -427,9 +443,13 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
             Op::AddElements { set, elements, .. } => {
                 element_messages(&mut buf, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements, &mut tag)
             }
-            Op::DelChain(name) => tag(buf.chain(NFT_MSG_DELCHAIN, 0, TABLE, name, None), 0, 1),
+            Op::DelChain(name) => {
+                let (table, local) = split_name(name);
+                tag(buf.chain(NFT_MSG_DELCHAIN, 0, table, local, None), 0, 1)
+            }
             Op::DelSet(name) => {
-                let obj = SetObj::new(TABLE, name, None);
+                let (table, local) = split_name(name);
+                let obj = SetObj::new(table, local, None);
                 tag(buf.set(NFT_MSG_DELSET, 0, &obj), 0, 1);
             }
         }

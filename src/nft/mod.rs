@@ -16,7 +16,7 @@ use std::io;
 use consts::*;
 
 use crate::plan::{KernelChain, KernelSet, KernelState, Plan};
-use crate::ruleset::{BaseChain, Element, Hook, TABLE};
+use crate::ruleset::{BaseChain, Element, Hook, TABLE, is_our_table, qualify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -239,23 +239,39 @@ impl Netlink {
     }
 
     /// Reads everything in our table; a missing table gives `KernelState::default()`.
+    /// Our tables that exist: `nftproxy` and any `nftproxy-<n>` shard.
+    pub fn our_tables(&mut self) -> Result<Vec<String>> {
+        let msgs = self.request("tables", |b| b.table(NFT_MSG_GETTABLE, NLM_F_DUMP, ""))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| attributes(m).find(|(k, _)| *k == 1).map(|(_, v)| attr_str(v).to_vec()))
+            .filter_map(|n| String::from_utf8(n).ok())
+            .filter(|n| is_our_table(n))
+            .collect())
+    }
+
+    /// Reads everything in our tables; none gives `KernelState::default()`. Objects of shard
+    /// tables come back qualified (`nftproxy-3@svc4/...`), as the compiler names them.
     pub fn read_table(&mut self) -> Result<KernelState> {
-        let table = self.request("table", |b| b.table(NFT_MSG_GETTABLE, NLM_F_ACK, TABLE));
-        match table {
-            Ok(_) => {}
-            Err(NftError::ReadBack { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(KernelState::default());
-            }
-            Err(e) => return Err(e),
+        let tables = self.our_tables()?;
+        let mut state = KernelState {
+            table_exists: tables.iter().any(|t| t == TABLE),
+            shard_tables: tables.iter().filter(|t| *t != TABLE).cloned().collect(),
+            ..Default::default()
+        };
+        if tables.is_empty() {
+            return Ok(state);
         }
-        let mut state = KernelState { table_exists: true, ..Default::default() };
+        let shard_of = |table: &str| -> Option<u32> {
+            if table == TABLE { Some(0) } else { table.strip_prefix(TABLE)?.strip_prefix('-')?.parse().ok() }
+        };
         for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
             let Some(c) = sys::parse_chain(&msg) else {
                 continue;
             };
-            if c.table != TABLE {
+            let Some(shard) = shard_of(&c.table).filter(|_| tables.contains(&c.table)) else {
                 continue;
-            }
+            };
             let base = c.hook.map(|(hooknum, priority, kind)| {
                 let hook = match hooknum {
                     NF_INET_PRE_ROUTING => Some(Hook::Prerouting),
@@ -270,26 +286,31 @@ impl Netlink {
                     _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
                 }
             });
-            state.chains.insert(c.name, KernelChain { base, rules: Vec::new() });
+            state.chains.insert(qualify(shard, &c.name), KernelChain { base, rules: Vec::new() });
         }
-        for msg in self.request("rules", |b| b.rules_dump(TABLE))? {
-            // Only table, chain and comment matter: a plain attribute walk, no expression parsing.
-            let Some(r) = rule_summary(&msg) else { continue };
-            if r.table != TABLE.as_bytes() {
-                continue;
-            }
-            if let Some(chain) = std::str::from_utf8(r.chain).ok().and_then(|c| state.chains.get_mut(c)) {
-                chain.rules.push(encode::udata_comment(r.userdata));
+        for table in &tables {
+            let shard = shard_of(table).unwrap_or(0);
+            for msg in self.request("rules", |b| b.rules_dump(table))? {
+                // Only table, chain and comment matter: a plain attribute walk, no expression parsing.
+                let Some(r) = rule_summary(&msg) else { continue };
+                if r.table != table.as_bytes() {
+                    continue;
+                }
+                let chain = std::str::from_utf8(r.chain).map(|c| qualify(shard, c));
+                if let Some(chain) = chain.ok().and_then(|c| state.chains.get_mut(&c)) {
+                    chain.rules.push(encode::udata_comment(r.userdata));
+                }
             }
         }
         let sets: Vec<sys::ParsedSet> = self
             .request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(TABLE, "", None)))?
             .iter()
             .filter_map(|m| sys::parse_set(m))
-            .filter(|s| s.table == TABLE)
+            .filter(|s| tables.contains(&s.table))
             .collect();
         for s in sets {
-            let obj = sys::SetObj::new(TABLE, &s.name, None);
+            let shard = shard_of(&s.table).unwrap_or(0);
+            let obj = sys::SetObj::new(&s.table, &s.name, None);
             let mut elements = Vec::new();
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
             let dynamic = s.flags & NFT_SET_TIMEOUT != 0;
@@ -298,10 +319,14 @@ impl Netlink {
             } else {
                 self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))?
             } {
-                elements.extend(sys::parse_elements(&msg).into_iter().map(|(key, goto)| Element { key, goto }));
+                elements.extend(
+                    sys::parse_elements(&msg)
+                        .into_iter()
+                        .map(|(key, goto)| Element { key, goto: goto.map(|g| qualify(shard, &g)) }),
+                );
             }
             let is_map = s.flags & NFT_SET_MAP != 0;
-            state.sets.insert(s.name, KernelSet { key_len: s.key_len, is_map, elements });
+            state.sets.insert(qualify(shard, &s.name), KernelSet { key_len: s.key_len, is_map, elements });
         }
         Ok(state)
     }
@@ -328,18 +353,16 @@ impl Netlink {
         }
     }
 
-    /// Deletes our table and everything in it. `Ok(false)` when there was none.
-    pub fn delete_table(&mut self) -> Result<bool> {
-        let mut buf = sys::MsgBuf::new(self.seq);
-        buf.batch_begin();
-        let seq = buf.table(NFT_MSG_DELTABLE, 0, TABLE);
-        buf.batch_end();
-        self.seq = self.seq.wrapping_add(3);
-        match self.send_batch(buf.bytes(), &|s| (s == seq).then(|| format!("table {TABLE}"))) {
-            Ok(()) => Ok(true),
-            Err(NftError::Rejected { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(e),
+    /// Deletes our tables (`nftproxy` and its shards) and everything in them, in one
+    /// transaction. Returns how many there were.
+    pub fn delete_tables(&mut self) -> Result<usize> {
+        let tables = self.our_tables()?;
+        if tables.is_empty() {
+            return Ok(0);
         }
+        let plan = Plan { ops: tables.iter().map(|t| crate::plan::Op::DelTable(t.clone())).collect() };
+        self.apply(&plan)?;
+        Ok(tables.len())
     }
 }
 
