@@ -63,8 +63,10 @@ fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Snapshot {
     snap
 }
 
+/// The child's options; `NFTPROXY_BENCH_SHARDS` sets `--table-shards`.
 fn options() -> Options {
-    Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], ..Default::default() }
+    let table_shards = std::env::var("NFTPROXY_BENCH_SHARDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], table_shards, ..Default::default() }
 }
 
 fn vm_hwm_kib() -> u64 {
@@ -172,8 +174,18 @@ impl Ns {
     }
 
     fn child(&self, args: &[&str]) -> std::collections::BTreeMap<String, f64> {
+        self.child_sharded(args, 1)
+    }
+
+    fn child_sharded(&self, args: &[&str], shards: u32) -> std::collections::BTreeMap<String, f64> {
         let exe = std::env::current_exe().unwrap();
-        let out = self.cmd(exe.to_str().unwrap()).arg("child").args(args).output().unwrap();
+        let out = self
+            .cmd(exe.to_str().unwrap())
+            .env("NFTPROXY_BENCH_SHARDS", shards.to_string())
+            .arg("child")
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "child {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
@@ -350,6 +362,21 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         r.add("incremental", n, e, "nftproxy p50", "ms", inc.get("p50_ms").copied());
         r.add("incremental", n, e, "nftproxy p99", "ms", inc.get("p99_ms").copied());
     }
+    if n >= 10_000 {
+        // One shard table per 500 Services (at most 64): a partial sync re-validates one shard.
+        let k = (n / 500).min(64) as u32;
+        let path = format!("nftproxy, {k} tables");
+        let ns = Ns::new("shards");
+        let full = ns.child_sharded(&["full", &ns_, &es], k);
+        r.add("full sync", n, e, &path, "ms", full.get("total_ms").copied());
+        r.add("full sync", n, e, &path, "peak RSS MiB", full.get("rss_kib").map(|k| k / 1024.0));
+        let restart = ns.child_sharded(&["restart", &ns_, &es], k);
+        r.add("restart", n, e, &path, "ms", restart.get("total_ms").copied());
+        let reps = if n > 10_000 { "50" } else { "200" };
+        let inc = ns.child_sharded(&["incremental", &ns_, &es, reps], k);
+        r.add("incremental", n, e, &format!("{path} p50"), "ms", inc.get("p50_ms").copied());
+        r.add("incremental", n, e, &format!("{path} p99"), "ms", inc.get("p99_ms").copied());
+    }
     {
         let ns = Ns::new("floor");
         let floor = ns.child(&["floor", &ns_, &es]);
@@ -453,6 +480,11 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&vip);
     record(r, "nftproxy ClusterIP", via);
     record(r, "direct pod-to-pod (paired with nftproxy)", direct);
+    let k = (n / 500).clamp(1, 64) as u32;
+    node.child_sharded(&["dataplane", &n.to_string(), "5"], k);
+    let (via, direct) = paired(&vip);
+    record(r, &format!("nftproxy ClusterIP, {k} tables"), via);
+    record(r, &format!("direct pod-to-pod (paired with {k} tables)"), direct);
     bench_conntrack(r, dir, &node, &ns("client"), &testpod);
     let _ = node.cmd("nft").args(["delete", "table", "inet", "nftproxy"]).status();
     let mut rules = kube_proxy_iptables(n, 5, None);

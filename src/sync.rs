@@ -6,6 +6,7 @@
 //!   we last wrote, so only the Services whose model changed are compiled and diffed.
 //! - Unchanged: no Service changed and the generation did not move: one GETGEN round trip.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -68,6 +69,8 @@ pub struct Engine {
     /// What we last committed, per Service, with the digest of its objects.
     services: BTreeMap<ServiceId, (Service, ServiceObjects, u64)>,
     skeleton_digest: u64,
+    /// XOR of the digests in `services`.
+    services_digest: u64,
     /// The state element(s) our table holds, as far as we know.
     state: Vec<Element>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
@@ -99,6 +102,7 @@ impl Engine {
             skeleton,
             services: BTreeMap::new(),
             skeleton_digest,
+            services_digest: 0,
             state: Vec::new(),
             generation: None,
             conntrack: None,
@@ -121,19 +125,25 @@ impl Engine {
     fn try_sync(&mut self, snapshot: &Snapshot) -> crate::Result<Outcome> {
         let start = Instant::now();
         let generation = self.nl.generation()?;
+        // One ordered walk over both maps: added, removed and changed Services.
         let mut changed: Vec<ServiceId> = Vec::new();
         let mut endpoints_changed = 0;
-        for (id, svc) in &snapshot.services {
-            let old = self.services.get(id).map(|(s, _, _)| s);
-            if old != Some(svc) {
-                endpoints_changed += endpoint_changes(old, Some(svc));
-                changed.push(id.clone());
-            }
-        }
-        for (id, (old, _, _)) in &self.services {
-            if !snapshot.services.contains_key(id) {
-                endpoints_changed += endpoint_changes(Some(old), None);
-                changed.push(id.clone());
+        let (mut new, mut old) = (snapshot.services.iter().peekable(), self.services.iter().peekable());
+        loop {
+            let (n, o) = match (new.peek(), old.peek()) {
+                (None, None) => break,
+                (Some((nk, _)), Some((ok, _))) => match nk.cmp(ok) {
+                    Ordering::Less => (new.next(), None),
+                    Ordering::Greater => (None, old.next()),
+                    Ordering::Equal => (new.next(), old.next()),
+                },
+                (Some(_), None) => (new.next(), None),
+                (None, Some(_)) => (None, old.next()),
+            };
+            let (n, o) = (n.map(|(_, s)| s), o.map(|(_, (s, _, _))| s));
+            if let Some(svc) = n.or(o).filter(|_| n != o) {
+                endpoints_changed += endpoint_changes(o, n);
+                changed.push(svc.id.clone());
             }
         }
         let compiled: BTreeMap<ServiceId, (ServiceObjects, u64)> = changed
@@ -144,9 +154,12 @@ impl Engine {
                 Some((id.clone(), (objs, digest)))
             })
             .collect();
-        // The digest of everything wanted: the skeleton's and each Service's, combined.
-        let digest = snapshot.services.keys().fold(self.skeleton_digest, |acc, id| {
-            acc ^ compiled.get(id).map_or_else(|| self.services[id].2, |(_, d)| *d)
+        // The digest of everything wanted: the skeleton's and each Service's, combined (XOR, so
+        // only the changed Services' parts need updating).
+        let digest = changed.iter().fold(self.skeleton_digest ^ self.services_digest, |acc, id| {
+            let old = self.services.get(id).map_or(0, |(_, _, d)| *d);
+            let new = compiled.get(id).map_or(0, |(_, d)| *d);
+            acc ^ old ^ new
         });
 
         let trusted = self.generation == Some(generation);
@@ -238,13 +251,15 @@ impl Engine {
         let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
         let mut compiled = compiled;
         for id in &changed {
-            match (snapshot.services.get(id), compiled.remove(id)) {
+            let replaced = match (snapshot.services.get(id), compiled.remove(id)) {
                 (Some(svc), Some((objs, d))) => {
-                    self.services.insert(id.clone(), (svc.clone(), objs, d));
+                    self.services_digest ^= d;
+                    self.services.insert(id.clone(), (svc.clone(), objs, d))
                 }
-                _ => {
-                    self.services.remove(id);
-                }
+                _ => self.services.remove(id),
+            };
+            if let Some((_, _, d)) = replaced {
+                self.services_digest ^= d;
             }
         }
         let mut outcome = self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start);
