@@ -8,7 +8,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::compile::STATE_SET;
@@ -20,22 +19,6 @@ use crate::nft::{ApplyStats, Netlink};
 use crate::plan::{self, Op, Plan};
 use crate::ruleset::Ruleset;
 use crate::ruleset::{Element, SetKind};
-use crate::source::{manifest, resolve};
-
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub manifests: Vec<PathBuf>,
-    pub resolve: resolve::ResolveOptions,
-    pub compile: Options,
-}
-
-/// What the node should serve (from manifests) and the objects that do it.
-pub fn desired(cfg: &Config) -> crate::Result<(Snapshot, Ruleset)> {
-    let objects = manifest::load(&cfg.manifests)?;
-    let snapshot = resolve::resolve(&objects, &cfg.resolve)?;
-    let rules = compile::compile(&snapshot, &cfg.compile);
-    Ok((snapshot, rules))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncKind {

@@ -144,8 +144,9 @@ fn a_rejected_transaction_leaves_the_previous_rules_in_place() {
     let m2 = c.write("m2.yaml", &many_services(5, Some(3)));
     let node = c.node();
     let err = in_netns(&node, move || {
-        let cfg = nftproxy::sync::Config { manifests: vec![m2], ..Default::default() };
-        let (_, want) = nftproxy::sync::desired(&cfg).unwrap();
+        let objects = nftproxy::source::manifest::load(&[m2]).unwrap();
+        let snapshot = nftproxy::source::resolve::resolve(&objects, &Default::default()).unwrap();
+        let want = nftproxy::compile::compile(&snapshot, &Default::default());
         let mut nl = nftproxy::nft::Netlink::open().unwrap();
         let mut plan = nftproxy::plan::plan(&nl.read_table().unwrap(), &want);
         assert!(plan.touched_chains().iter().any(|c| c.contains("svc-3")));

@@ -60,6 +60,17 @@ fn bitwise(r: &mut RuleObj, mask: &[u8], xor: &[u8]) {
     );
 }
 
+/// Looks the key in `sreg` up in `set`; with `dreg`, loads the map's data there (a vmap: the
+/// verdict register).
+fn lookup(r: &mut RuleObj, sreg: u32, set: &str, dreg: Option<u32>) {
+    let mut attrs =
+        vec![(sys::NFTNL_EXPR_LOOKUP_SREG, U(sreg)), (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set)))];
+    if let Some(d) = dreg {
+        attrs.push((sys::NFTNL_EXPR_LOOKUP_DREG, U(d)));
+    }
+    r.expr(c"lookup", &attrs);
+}
+
 fn verdict(r: &mut RuleObj, code: i32, chain: Option<&str>) {
     let mut attrs = vec![(sys::NFTNL_EXPR_IMM_DREG, U(NFT_REG_VERDICT)), (sys::NFTNL_EXPR_IMM_VERDICT, U(code as u32))];
     if let Some(c) = chain {
@@ -117,13 +128,7 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
         Stmt::DaddrInSet { family, set } => {
             let (_, daddr, len) = addr_offsets(*family);
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG_1);
-            r.expr(
-                c"lookup",
-                &[
-                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
-                ],
-            );
+            lookup(r, NFT_REG_1, set, None);
         }
         Stmt::HairpinInSet { family, set } => {
             let (saddr, daddr, len) = addr_offsets(*family);
@@ -139,24 +144,12 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
                     (sys::NFTNL_EXPR_CT_DREG, U(NFT_REG32_00 + 2 * regs)),
                 ],
             );
-            r.expr(
-                c"lookup",
-                &[
-                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
-                ],
-            );
+            lookup(r, NFT_REG32_00, set, None);
         }
         Stmt::SaddrInSet { family, set } => {
             let (saddr, _, len) = addr_offsets(*family);
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
-            r.expr(
-                c"lookup",
-                &[
-                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG_1)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(set))),
-                ],
-            );
+            lookup(r, NFT_REG_1, set, None);
         }
         Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
             let (saddr, _, len) = addr_offsets(*family);
@@ -178,14 +171,7 @@ pub fn encode_stmt(r: &mut RuleObj, stmt: &Stmt) {
             payload(r, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG32_00);
             meta_load(r, NFT_META_L4PROTO, proto_reg);
             payload(r, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, proto_reg + 1);
-            r.expr(
-                c"lookup",
-                &[
-                    (sys::NFTNL_EXPR_LOOKUP_SREG, U(NFT_REG32_00)),
-                    (sys::NFTNL_EXPR_LOOKUP_DREG, U(NFT_REG_VERDICT)),
-                    (sys::NFTNL_EXPR_LOOKUP_SET, Attr::Str(local_name(map))),
-                ],
-            );
+            lookup(r, NFT_REG32_00, map, Some(NFT_REG_VERDICT));
         }
         Stmt::MarkBitClear(bit) => {
             meta_load(r, NFT_META_MARK, NFT_REG_1);

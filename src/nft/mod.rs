@@ -310,20 +310,11 @@ impl Netlink {
             .collect();
         for s in sets {
             let shard = shard_of(&s.table).unwrap_or(0);
-            let obj = sys::SetObj::new(&s.table, &s.name, None);
-            let mut elements = Vec::new();
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
-            let dynamic = s.flags & NFT_SET_TIMEOUT != 0;
-            for msg in if dynamic {
-                Vec::new()
-            } else {
-                self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))?
-            } {
-                elements.extend(
-                    sys::parse_elements(&msg)
-                        .into_iter()
-                        .map(|(key, goto)| Element { key, goto: goto.map(|g| qualify(shard, &g)) }),
-                );
+            let mut elements =
+                if s.flags & NFT_SET_TIMEOUT != 0 { Vec::new() } else { self.set_elements(&s.table, &s.name)? };
+            for e in &mut elements {
+                e.goto = e.goto.take().map(|g| qualify(shard, &g));
             }
             let is_map = s.flags & NFT_SET_MAP != 0;
             state.sets.insert(qualify(shard, &s.name), KernelSet { key_len: s.key_len, is_map, elements });
@@ -341,13 +332,17 @@ impl Netlink {
         })
     }
 
-    /// The elements of one of our sets; `None` when the table or set does not exist.
+    /// The elements of a set in `table`, as the kernel names them (goto chains unqualified).
+    fn set_elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>> {
+        let obj = sys::SetObj::new(table, set, None);
+        let msgs = self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))?;
+        Ok(msgs.iter().flat_map(|m| sys::parse_elements(m)).map(|(key, goto)| Element { key, goto }).collect())
+    }
+
+    /// The elements of one set of our main table; `None` when the table or set does not exist.
     pub fn read_elements(&mut self, set: &str) -> Result<Option<Vec<Element>>> {
-        let obj = sys::SetObj::new(TABLE, set, None);
-        match self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj)) {
-            Ok(msgs) => Ok(Some(
-                msgs.iter().flat_map(|m| sys::parse_elements(m)).map(|(key, goto)| Element { key, goto }).collect(),
-            )),
+        match self.set_elements(TABLE, set) {
+            Ok(elements) => Ok(Some(elements)),
             Err(NftError::ReadBack { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
