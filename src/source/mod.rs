@@ -1,4 +1,4 @@
-//! Where desired state comes from. Manifest files (and later the Kubernetes API) produce the
+//! Where desired state comes from. Manifest files and the Kubernetes API produce the
 //! same [`Objects`], and [`resolve::resolve`] turns them into a [`crate::model::Snapshot`].
 
 pub mod manifest;
