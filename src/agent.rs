@@ -2,6 +2,7 @@
 //! sync, record metrics and health. A failure keeps the rules in place and retries with a
 //! full sync; the same error is logged once, not on every retry.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -9,8 +10,10 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
 use crate::metrics::{Health, Metrics};
+use crate::model::ServiceId;
+use crate::source::changes::{Changed, Desired};
 use crate::source::resolve::{self, ResolveOptions};
-use crate::source::{Change, Source};
+use crate::source::{Change, InputErrors, Source};
 use crate::sync::{Engine, SyncKind};
 
 #[derive(Debug, Clone)]
@@ -43,6 +46,8 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     let mut last_sync: Option<Instant> = None;
     let mut next_check = tokio::time::Instant::now();
     let mut last_error: Option<String> = None;
+    let mut desired = Desired::default();
+    let mut resolve_all = true;
     loop {
         tokio::select! {
             biased;
@@ -67,13 +72,16 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             }
         }
         last_sync = Some(Instant::now());
-        let result =
-            source.objects().and_then(|o| resolve::resolve(&o, &resolve_opts)).map_err(crate::Error::from).and_then(
-                |snapshot| {
-                    let n = snapshot.services.len();
-                    tokio::task::block_in_place(|| engine.sync(&snapshot)).map(|o| (o, n))
-                },
-            );
+        let changed = source.take_changed();
+        let result = refresh(&*source, &resolve_opts, &mut desired, changed, resolve_all)
+            .map_err(crate::Error::from)
+            .and_then(|hint| {
+                let snapshot = desired.snapshot();
+                let n = snapshot.services.len();
+                tokio::task::block_in_place(|| engine.sync_changed(snapshot, hint.as_ref())).map(|o| (o, n))
+            });
+        // After a failure the changes taken are lost: the next sync reads everything.
+        resolve_all = result.is_err();
         match result {
             Ok((outcome, services)) => {
                 metrics.synced(&outcome, services, &changed_at);
@@ -108,4 +116,24 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         }
     }
     tracing::info!("shutting down; the rules stay in place");
+}
+
+/// Brings `desired` up to date: only the changed Services when the source can tell which and
+/// read just those, everything otherwise (or when `everything`). Returns the Services that may
+/// have changed, `None` for any.
+fn refresh(
+    source: &dyn Source,
+    opts: &ResolveOptions,
+    desired: &mut Desired,
+    changed: Changed,
+    everything: bool,
+) -> Result<Option<BTreeSet<ServiceId>>, InputErrors> {
+    if let (false, Changed::Services(ids)) = (everything, changed)
+        && let Some(objects) = source.objects_of(&ids)
+    {
+        desired.apply_partial(&ids, resolve::resolve(&objects, opts)?)?;
+        return Ok(Some(ids));
+    }
+    desired.replace_all(resolve::resolve(&source.objects()?, opts)?);
+    Ok(None)
 }

@@ -115,7 +115,7 @@ const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
     let mut rs = skeleton(opts);
     for svc in snapshot.services.values() {
-        merge(&mut rs, &compile_service(svc, opts));
+        merge(&mut rs, compile_service(svc, opts));
     }
     rs
 }
@@ -157,16 +157,12 @@ pub fn parse_state_element(e: &Element) -> Option<(u32, u64)> {
 }
 
 /// Adds one Service's objects to a ruleset that has the skeleton's sets.
-pub fn merge(rs: &mut Ruleset, objs: &ServiceObjects) {
-    for (name, chain) in &objs.chains {
-        rs.chains.insert(name.clone(), chain.clone());
-    }
-    for (name, set) in &objs.sets {
-        rs.sets.insert(name.clone(), set.clone());
-    }
-    for (set, e) in &objs.elements {
-        if let Some(s) = rs.sets.get_mut(set) {
-            s.elements.push(e.clone());
+pub fn merge(rs: &mut Ruleset, objs: ServiceObjects) {
+    rs.chains.extend(objs.chains);
+    rs.sets.extend(objs.sets);
+    for (set, e) in objs.elements {
+        if let Some(s) = rs.sets.get_mut(&set) {
+            s.elements.push(e);
         }
     }
 }

@@ -155,7 +155,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
                 Default::default()
             });
-            print!("{}", plan::plan(&have, &want));
+            print!("{}", plan::plan(&have, want));
             return Ok(());
         }
         let mut engine = Engine::new(Netlink::open()?, opts);

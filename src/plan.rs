@@ -124,10 +124,11 @@ pub fn shard_tables_of(rs: &Ruleset) -> BTreeSet<String> {
         .collect()
 }
 
-/// The operations that turn `have` into `want`.
-pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
+/// The operations that turn `have` into `want`. Takes `want` by value: its objects move into
+/// the plan (at 10,000 Services, copying them would be tens of MiB at the sync's peak).
+pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     let mut ops = Vec::new();
-    let want_shards = shard_tables_of(want);
+    let want_shards = shard_tables_of(&want);
     // Shard tables no longer used go whole.
     let stale: BTreeSet<&str> =
         have.shard_tables.iter().map(String::as_str).filter(|t| !want_shards.contains(*t)).collect();
@@ -137,20 +138,20 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
     // A base chain on the wrong hook or a set of the wrong shape cannot be fixed in place: rebuild
     // that table in the same transaction (the hooks are re-registered at commit). Only our main
     // table is rebuilt this way; a reshaped shard is dropped and recreated likewise.
-    let reshaped: BTreeSet<&str> = want
+    let reshaped: BTreeSet<String> = want
         .sets
         .iter()
         .filter(|(n, s)| have.sets.get(*n).is_some_and(|h| !set_shape_ok(s, h)))
-        .map(|(n, _)| split_name(n).0)
+        .map(|(n, _)| split_name(n).0.to_string())
         .chain(
             want.chains
                 .iter()
                 .filter(|(n, c)| have.chains.get(*n).is_some_and(|h| h.base != c.base))
-                .map(|(n, _)| split_name(n).0),
+                .map(|(n, _)| split_name(n).0.to_string()),
         )
         .collect();
     for t in &reshaped {
-        ops.push(Op::DelTable(t.to_string()));
+        ops.push(Op::DelTable(t.clone()));
     }
     let gone = |name: &String| stale.contains(split_name(name).0) || reshaped.contains(split_name(name).0);
     let filtered;
@@ -176,53 +177,56 @@ pub fn plan(have: &KernelState, want: &Ruleset) -> Plan {
     for t in want_shards.iter().filter(|t| !have.shard_tables.contains(*t)) {
         ops.push(Op::AddTable(t.clone()));
     }
-    for (name, set) in &want.sets {
-        if !have.sets.contains_key(name) {
+    let gone_chains: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
+    let gone_sets: Vec<&String> = have.sets.keys().filter(|n| !want.sets.contains_key(*n)).collect();
+    // Order: sets, chains, rules (which name both), element deletions, element additions.
+    let (mut rules, mut dels, mut adds) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, set) in want.sets {
+        if !have.sets.contains_key(&name) {
             ops.push(Op::AddSet { name: name.clone(), kind: set.kind });
         }
-    }
-    for (name, chain) in &want.chains {
-        if !have.chains.contains_key(name) {
-            ops.push(Op::AddChain { name: name.clone(), base: chain.base });
+        if !set.kind.managed_elements() {
+            continue;
         }
-    }
-    for (name, chain) in &want.chains {
-        match have.chains.get(name) {
-            Some(h) if h.rules == comments(chain) => {}
-            Some(_) => {
-                ops.push(Op::FlushChain(name.clone()));
-                ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() });
-            }
-            None if chain.rules.is_empty() => {}
-            None => ops.push(Op::AddRules { chain: name.clone(), rules: chain.rules.clone() }),
-        }
-    }
-    let mut adds = Vec::new();
-    for (name, set) in want.sets.iter().filter(|(_, s)| s.kind.managed_elements()) {
         let have_elems: BTreeSet<&Element> =
-            have.sets.get(name).map(|s| s.elements.iter().collect()).unwrap_or_default();
+            have.sets.get(&name).map(|s| s.elements.iter().collect()).unwrap_or_default();
         let want_elems: BTreeSet<&Element> = set.elements.iter().collect();
         let del: Vec<Element> = have_elems.difference(&want_elems).map(|e| (*e).clone()).collect();
-        let add: Vec<Element> = want_elems.difference(&have_elems).map(|e| (*e).clone()).collect();
+        let add: Vec<Element> = set.elements.into_iter().filter(|e| !have_elems.contains(e)).collect();
         if !del.is_empty() {
-            ops.push(Op::DelElements { set: name.clone(), kind: set.kind, elements: del });
+            dels.push(Op::DelElements { set: name.clone(), kind: set.kind, elements: del });
         }
         if !add.is_empty() {
-            adds.push(Op::AddElements { set: name.clone(), kind: set.kind, elements: add });
+            adds.push(Op::AddElements { set: name, kind: set.kind, elements: add });
+        }
+    }
+    for (name, chain) in want.chains {
+        let rewrite = match have.chains.get(&name) {
+            Some(h) if h.rules == comments(&chain) => false,
+            Some(_) => {
+                rules.push(Op::FlushChain(name.clone()));
+                true
+            }
+            None => {
+                ops.push(Op::AddChain { name: name.clone(), base: chain.base });
+                !chain.rules.is_empty()
+            }
+        };
+        if rewrite {
+            rules.push(Op::AddRules { chain: name, rules: chain.rules });
         }
     }
     // Deletions first: a changed element (same key, other verdict) is deleted, then added.
-    ops.extend(adds);
-    let gone: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
-    for name in &gone {
+    ops.extend(rules.into_iter().chain(dels).chain(adds));
+    for name in &gone_chains {
         if !have.chains[*name].rules.is_empty() {
             ops.push(Op::FlushChain((*name).clone()));
         }
     }
-    for name in gone {
+    for name in gone_chains {
         ops.push(Op::DelChain(name.clone()));
     }
-    for name in have.sets.keys().filter(|n| !want.sets.contains_key(*n)) {
+    for name in gone_sets {
         ops.push(Op::DelSet(name.clone()));
     }
     Plan { ops }
@@ -290,22 +294,28 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
 
 /// A partial sync: the change from `old` to `new` objects of some Services, trusting that the
 /// kernel holds exactly `old` for them (checked with the ruleset generation beforehand).
-pub fn plan_services<'a>(
-    old: impl IntoIterator<Item = &'a crate::compile::ServiceObjects>,
-    new: impl IntoIterator<Item = &'a crate::compile::ServiceObjects>,
+pub fn plan_services(
+    old: impl IntoIterator<Item = crate::compile::ServiceObjects>,
+    new: impl IntoIterator<Item = crate::compile::ServiceObjects>,
     skeleton: &Ruleset,
 ) -> Plan {
-    let empty_sets = || -> BTreeMap<String, Set> {
-        skeleton.sets.iter().map(|(n, s)| (n.clone(), Set { kind: s.kind, elements: vec![] })).collect()
-    };
-    let collect = |objs: &mut dyn Iterator<Item = &'a crate::compile::ServiceObjects>| {
-        let mut rs = Ruleset { chains: BTreeMap::new(), sets: empty_sets() };
+    let (old, new): (Vec<_>, Vec<_>) = (old.into_iter().collect(), new.into_iter().collect());
+    // Only the skeleton's sets these Services have elements in (of hundreds with many shards),
+    // empty on both sides: the plan then holds just the element changes.
+    let touched: BTreeSet<String> =
+        old.iter().chain(&new).flat_map(|o| o.elements.iter().map(|(set, _)| set.clone())).collect();
+    let collect = |objs: Vec<crate::compile::ServiceObjects>| {
+        let sets = touched
+            .iter()
+            .filter_map(|n| skeleton.sets.get(n).map(|s| (n.clone(), Set { kind: s.kind, elements: vec![] })))
+            .collect();
+        let mut rs = Ruleset { chains: BTreeMap::new(), sets };
         for o in objs {
             crate::compile::merge(&mut rs, o);
         }
         rs
     };
-    let have = as_kernel_state(&collect(&mut old.into_iter()));
-    let want = collect(&mut new.into_iter());
-    plan(&have, &want)
+    let have = as_kernel_state(&collect(old));
+    let want = collect(new);
+    plan(&have, want)
 }

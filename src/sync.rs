@@ -50,7 +50,9 @@ pub struct Engine {
     opts: Options,
     skeleton: Ruleset,
     /// What we last committed, per Service, with the digest of its objects.
-    services: BTreeMap<ServiceId, (Service, ServiceObjects, u64)>,
+    /// (Their objects are not kept: a partial sync recompiles the old model of each changed
+    /// Service, which costs microseconds and saves tens of MiB at 10,000 Services.)
+    services: BTreeMap<ServiceId, (Service, u64)>,
     skeleton_digest: u64,
     /// XOR of the digests in `services`.
     services_digest: u64,
@@ -60,6 +62,9 @@ pub struct Engine {
     generation: Option<u32>,
     /// Opened on first use; `None` after it failed to open (conntrack cleanup is then skipped).
     conntrack: Option<Result<Conntrack, ()>>,
+    /// `services` holds exactly the models of the last snapshot synced: a caller's list of
+    /// changed Services can be trusted. False after a failed sync.
+    models_current: bool,
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
@@ -89,6 +94,7 @@ impl Engine {
             state: Vec::new(),
             generation: None,
             conntrack: None,
+            models_current: false,
         }
     }
 
@@ -98,19 +104,42 @@ impl Engine {
     }
 
     pub fn sync(&mut self, snapshot: &Snapshot) -> crate::Result<Outcome> {
-        let result = self.try_sync(snapshot);
-        if result.is_err() {
-            self.generation = None;
+        self.sync_changed(snapshot, None)
+    }
+
+    /// Like [`Engine::sync`], told that only the Services `changed` can differ from the last
+    /// snapshot synced: the others are not even compared. Ignored (everything is compared) after
+    /// a failed sync, when what the engine holds may lag behind the caller's snapshots.
+    pub fn sync_changed(
+        &mut self,
+        snapshot: &Snapshot,
+        changed: Option<&BTreeSet<ServiceId>>,
+    ) -> crate::Result<Outcome> {
+        let hint = changed.filter(|_| self.models_current);
+        self.models_current = false;
+        let result = self.try_sync(snapshot, hint);
+        match result {
+            Ok(_) => self.models_current = true,
+            Err(_) => self.generation = None,
         }
         result
     }
 
-    fn try_sync(&mut self, snapshot: &Snapshot) -> crate::Result<Outcome> {
-        let start = Instant::now();
-        let generation = self.nl.generation()?;
-        // One ordered walk over both maps: added, removed and changed Services.
+    /// The Services whose model differs from what we last synced, and how many endpoints that is.
+    fn changed_services(&self, snapshot: &Snapshot, hint: Option<&BTreeSet<ServiceId>>) -> (Vec<ServiceId>, usize) {
         let mut changed: Vec<ServiceId> = Vec::new();
         let mut endpoints_changed = 0;
+        if let Some(ids) = hint {
+            for id in ids {
+                let (n, o) = (snapshot.services.get(id), self.services.get(id).map(|(s, _)| s));
+                if n != o {
+                    endpoints_changed += endpoint_changes(o, n);
+                    changed.push(id.clone());
+                }
+            }
+            return (changed, endpoints_changed);
+        }
+        // One ordered walk over both maps: added, removed and changed Services.
         let (mut new, mut old) = (snapshot.services.iter().peekable(), self.services.iter().peekable());
         loop {
             let (n, o) = match (new.peek(), old.peek()) {
@@ -123,26 +152,29 @@ impl Engine {
                 (Some(_), None) => (new.next(), None),
                 (None, Some(_)) => (None, old.next()),
             };
-            let (n, o) = (n.map(|(_, s)| s), o.map(|(_, (s, _, _))| s));
+            let (n, o) = (n.map(|(_, s)| s), o.map(|(_, (s, _))| s));
             if let Some(svc) = n.or(o).filter(|_| n != o) {
                 endpoints_changed += endpoint_changes(o, n);
                 changed.push(svc.id.clone());
             }
         }
-        let compiled: BTreeMap<ServiceId, (ServiceObjects, u64)> = changed
+        (changed, endpoints_changed)
+    }
+
+    fn try_sync(&mut self, snapshot: &Snapshot, hint: Option<&BTreeSet<ServiceId>>) -> crate::Result<Outcome> {
+        let start = Instant::now();
+        let generation = self.nl.generation()?;
+        let (changed, endpoints_changed) = self.changed_services(snapshot, hint);
+        let mut compiled: BTreeMap<ServiceId, ServiceObjects> = changed
             .iter()
-            .filter_map(|id| {
-                let objs = compile::compile_service(snapshot.services.get(id)?, &self.opts);
-                let digest = objs.digest();
-                Some((id.clone(), (objs, digest)))
-            })
+            .filter_map(|id| Some((id.clone(), compile::compile_service(snapshot.services.get(id)?, &self.opts))))
             .collect();
+        let digests: BTreeMap<ServiceId, u64> = compiled.iter().map(|(id, o)| (id.clone(), o.digest())).collect();
         // The digest of everything wanted: the skeleton's and each Service's, combined (XOR, so
         // only the changed Services' parts need updating).
         let digest = changed.iter().fold(self.skeleton_digest ^ self.services_digest, |acc, id| {
-            let old = self.services.get(id).map_or(0, |(_, _, d)| *d);
-            let new = compiled.get(id).map_or(0, |(_, d)| *d);
-            acc ^ old ^ new
+            let old = self.services.get(id).map_or(0, |(_, d)| *d);
+            acc ^ old ^ digests.get(id).copied().unwrap_or(0)
         });
 
         let trusted = self.generation == Some(generation);
@@ -158,8 +190,11 @@ impl Engine {
                     start,
                 ));
             }
-            let old = changed.iter().filter_map(|id| self.services.get(id).map(|(_, o, _)| o));
-            let plan = plan::plan_services(old, compiled.values().map(|(o, _)| o), &self.skeleton);
+            let old = changed
+                .iter()
+                .filter_map(|id| self.services.get(id))
+                .map(|(s, _)| compile::compile_service(s, &self.opts));
+            let plan = plan::plan_services(old, std::mem::take(&mut compiled).into_values(), &self.skeleton);
             let record = !plan.is_empty();
             (SyncKind::Partial, plan, Duration::ZERO, record)
         } else if self
@@ -175,13 +210,11 @@ impl Engine {
             let have = self.nl.read_table()?;
             let read_back = start.elapsed();
             let mut want = self.skeleton.clone();
-            for id in snapshot.services.keys() {
-                match compiled.get(id) {
-                    Some((objs, _)) => compile::merge(&mut want, objs),
-                    None => compile::merge(&mut want, &self.services[id].1),
-                }
+            for (id, svc) in &snapshot.services {
+                let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+                compile::merge(&mut want, objs);
             }
-            let plan = plan::plan(&have, &want);
+            let plan = plan::plan(&have, want);
             let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
             self.state = match have.sets.get(STATE_SET) {
                 Some(s) if !rebuilt => s.elements.clone(),
@@ -216,7 +249,7 @@ impl Engine {
         // Stale UDP flows go after the commit, so that new packets already meet the new rules.
         let mut targets = UdpTargets::default();
         for id in &changed {
-            if let Some((old, _, _)) = self.services.get(id)
+            if let Some((old, _)) = self.services.get(id)
                 && !snapshot.services.contains_key(id)
             {
                 targets.add(old, true);
@@ -232,16 +265,15 @@ impl Engine {
         let ct_start = Instant::now();
         let conntrack_deleted = if targets.is_empty() { 0 } else { self.clean_conntrack(&targets) };
         let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
-        let mut compiled = compiled;
         for id in &changed {
-            let replaced = match (snapshot.services.get(id), compiled.remove(id)) {
-                (Some(svc), Some((objs, d))) => {
+            let replaced = match (snapshot.services.get(id), digests.get(id)) {
+                (Some(svc), Some(&d)) => {
                     self.services_digest ^= d;
-                    self.services.insert(id.clone(), (svc.clone(), objs, d))
+                    self.services.insert(id.clone(), (svc.clone(), d))
                 }
                 _ => self.services.remove(id),
             };
-            if let Some((_, _, d)) = replaced {
+            if let Some((_, d)) = replaced {
                 self.services_digest ^= d;
             }
         }

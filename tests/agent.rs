@@ -68,6 +68,25 @@ fn agent_follows_the_api_and_keeps_serving_through_outages() {
     assert!(wait_until(10, || !listing(&s.c).contains("10.96.0.81")), "{}", a.log_text());
     assert!(!s.c.probe("client", "tcp", "10.96.0.81:80", 1).contains_key("web-c"));
 
+    // A second EndpointSlice adds to its Service; relabelled to another Service, it moves there
+    // (both Services change though the event names only the slice); deleted, it is gone.
+    let extra = |owner: &str| {
+        let mut v = slice(owner, 8080, &["10.244.1.4"]);
+        v["metadata"]["name"] = "extra".into();
+        v
+    };
+    s.api.apply(Kind::Service, service("api3", "10.96.0.82", 80, 8080));
+    s.api.apply(Kind::EndpointSlice, extra("web"));
+    assert!(wait_until(10, || s.c.probe("client", "tcp", VIP, 30).contains_key("web-c")), "{}", a.log_text());
+    s.api.apply(Kind::EndpointSlice, extra("api3"));
+    assert!(wait_until(10, || s.c.probe("client", "tcp", "10.96.0.82:80", 1).contains_key("web-c")));
+    let got = s.c.probe("client", "tcp", VIP, 60);
+    assert!(only_web(&got) && !got.contains_key("web-c"), "{got:?}");
+    s.api.delete(Kind::EndpointSlice, "default", "extra");
+    let refused = |got: std::collections::BTreeMap<String, usize>| got.contains_key("error: connection refused");
+    assert!(wait_until(10, || refused(s.c.probe("client", "tcp", "10.96.0.82:80", 1))), "{}", a.log_text());
+    s.api.delete(Kind::Service, "default", "api3");
+
     // The API goes away: nothing is removed, traffic keeps flowing.
     s.api.stop();
     std::thread::sleep(std::time::Duration::from_secs(5));

@@ -148,7 +148,7 @@ fn a_rejected_transaction_leaves_the_previous_rules_in_place() {
         let snapshot = nftproxy::source::resolve::resolve(&objects, &Default::default()).unwrap();
         let want = nftproxy::compile::compile(&snapshot, &Default::default());
         let mut nl = nftproxy::nft::Netlink::open().unwrap();
-        let mut plan = nftproxy::plan::plan(&nl.read_table().unwrap(), &want);
+        let mut plan = nftproxy::plan::plan(&nl.read_table().unwrap(), want);
         assert!(plan.touched_chains().iter().any(|c| c.contains("svc-3")));
         plan.ops.push(Op::AddRules {
             chain: "svc4/default/svc-3/tcp/80".into(),
@@ -298,4 +298,56 @@ fn table_shards_serve_the_same_and_a_change_touches_one_table() {
     let out = c.exec_ok("node", &[NFTPROXY, "--cleanup"]);
     assert!(out.contains("and 1 shard tables"), "{out}");
     assert!(tables(&c).is_empty());
+}
+
+/// Services svc-0..svc-(n-1) built directly as models; `moved` gives Service i a new endpoint.
+fn models(n: usize, moved: Option<usize>) -> nftproxy::model::Snapshot {
+    use nftproxy::model::{Endpoint, Protocol, Service, ServiceId, ServicePort};
+    let mut snap = nftproxy::model::Snapshot::default();
+    for i in 0..n {
+        let second = if Some(i) == moved { "10.244.1.4" } else { "10.244.1.3" };
+        let endpoints = ["10.244.1.2", second].iter().map(|ip| Endpoint::ready(ip.parse().unwrap(), 8080)).collect();
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints };
+        let id = ServiceId::new("default", format!("svc-{i}"));
+        let vip = format!("10.96.10.{}", i + 1).parse().unwrap();
+        snap.services.insert(id.clone(), Service::new(id, vec![vip], vec![port]));
+    }
+    snap
+}
+
+#[test]
+fn a_sync_told_which_services_changed_applies_them_and_stops_trusting_that_after_a_failure() {
+    use nftproxy::model::{Service, ServiceId};
+    use nftproxy::sync::{Engine, SyncKind};
+    let Some(c) = cluster() else { return };
+    let node = c.node();
+    let svc = |i: usize| ServiceId::new("default", format!("svc-{i}"));
+    let (kinds, err) = in_netns(&node, move || {
+        let mut engine = Engine::new(nftproxy::nft::Netlink::open().unwrap(), Default::default());
+        engine.sync(&models(5, None)).unwrap();
+        // Told that svc-3 changed: only it is compared, compiled and sent.
+        let told = engine.sync_changed(&models(5, Some(3)), Some(&[svc(3)].into())).unwrap();
+        // A Service whose chain name the kernel refuses (longer than 255 bytes): rolled back.
+        let mut bad = models(5, Some(3));
+        let long = ServiceId::new("default", "x".repeat(300));
+        bad.services.insert(long.clone(), Service { id: long.clone(), ..bad.services[&svc(0)].clone() });
+        bad.services.get_mut(&long).unwrap().cluster_ips = vec!["10.96.10.99".parse().unwrap()];
+        let err = engine.sync_changed(&bad, Some(&[long].into())).unwrap_err().to_string();
+        // After the failure the engine no longer trusts what it is told: svc-1 changed though
+        // the caller names nothing, and the change is applied.
+        let mut next = models(5, Some(3));
+        next.services.get_mut(&svc(1)).unwrap().ports[0].endpoints[1].ip = "10.244.1.4".parse().unwrap();
+        let after = engine.sync_changed(&next, Some(&Default::default())).unwrap();
+        ((told.kind, told.services_changed, after.kind, after.services_changed), err)
+    });
+    assert_eq!(kinds, (SyncKind::Partial, 1, SyncKind::Full, 1), "{err}");
+    assert!(err.contains("xxxx"), "the error names the chain: {err}");
+    let listing = c.nft_list("inet nftproxy");
+    let blocks = chain_blocks(&listing);
+    for i in [1, 3] {
+        let chain = format!("svc4/default/svc-{i}/tcp/80");
+        assert!(blocks[&chain].contains("10.244.1.4"), "{chain}:\n{listing}");
+    }
+    assert!(!blocks["svc4/default/svc-2/tcp/80"].contains("10.244.1.4"), "{listing}");
+    assert!(!listing.contains("xxxx"), "{listing}");
 }

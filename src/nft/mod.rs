@@ -133,6 +133,8 @@ fn gen_id(msg: &[u8]) -> Option<u32> {
 pub struct ApplyStats {
     pub messages: usize,
     pub bytes: usize,
+    /// From sending the batch to its last ack: the kernel's share of a sync.
+    pub kernel: std::time::Duration,
 }
 
 pub struct Netlink {
@@ -162,10 +164,12 @@ impl Netlink {
         if plan.is_empty() {
             return Ok(ApplyStats::default());
         }
+        sys::release_free_heap();
         let enc = encode::encode_plan(plan, self.seq);
         self.seq = self.seq.wrapping_add(enc.messages as u32 + 2);
+        let start = std::time::Instant::now();
         self.send_encoded(&enc, plan)?;
-        Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len() })
+        Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len(), kernel: start.elapsed() })
     }
 
     /// Sends an already encoded plan (also the benchmark's kernel-only floor).

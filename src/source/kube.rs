@@ -2,20 +2,26 @@
 //! reflectors. The stores keep the last state when the API goes away; the watchers re-list
 //! with backoff (also after 410 Gone); each outage is logged once, not in a loop.
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::changes::{self, Changed, Tracker};
+use super::resolve::LABEL_SERVICE_NAME;
 use super::{Change, InputErrors, Objects, Origin, Source};
+use crate::model::ServiceId;
 
 /// kube-proxy's server-side filter on Services.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
@@ -38,6 +44,22 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
+    changes: Arc<Mutex<Tracker>>,
+}
+
+fn service_id(meta: &ObjectMeta) -> ServiceId {
+    ServiceId::new(meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+/// The Service an EndpointSlice belongs to, by its `kubernetes.io/service-name` label.
+fn slice_owner(slice: &EndpointSlice) -> Option<ServiceId> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ServiceId::new(slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name.clone()))
+}
+
+fn lock(t: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    // The tracker holds no invariant a panicking holder could break halfway.
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn change_time<K: Resource>(obj: &K) -> SystemTime {
@@ -50,13 +72,22 @@ fn change_time<K: Resource>(obj: &K) -> SystemTime {
         .unwrap_or_else(SystemTime::now)
 }
 
-fn spawn_reflector<K>(api: Api<K>, config: watcher::Config, kind: &'static str, tx: mpsc::Sender<Change>) -> Store<K>
+/// Runs a reflector for `K`; `observe` sees each event after the store has taken it (and
+/// records what changed) before the loop is notified.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    tx: mpsc::Sender<Change>,
+    mut observe: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
+) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config).default_backoff().reflect(writer);
+    let store = reader.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut down = false;
@@ -67,6 +98,7 @@ where
                         tracing::info!(kind, "Kubernetes API watch recovered");
                         down = false;
                     }
+                    observe(&event, &store);
                     let at = match &event {
                         watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(change_time(o)),
                         watcher::Event::InitDone => Some(SystemTime::now()),
@@ -90,25 +122,58 @@ where
 
 impl KubeSource {
     pub fn start(client: Client, node_name: &str, tx: mpsc::Sender<Change>) -> KubeSource {
+        let changes = Arc::new(Mutex::new(Tracker::default()));
+        let c = changes.clone();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_SELECTOR),
             "Service",
             tx.clone(),
+            move |event, _| match event {
+                watcher::Event::Apply(s) | watcher::Event::Delete(s) => lock(&c).service(service_id(&s.metadata)),
+                watcher::Event::InitDone => lock(&c).everything(),
+                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            },
         );
+        let c = changes.clone();
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
             "EndpointSlice",
             tx.clone(),
+            move |event, store| {
+                let meta = |s: &EndpointSlice| service_id(&s.metadata);
+                match event {
+                    watcher::Event::Apply(s) => {
+                        let at = meta(s);
+                        lock(&c).slice_applied(&at.namespace, &at.name, slice_owner(s));
+                    }
+                    watcher::Event::Delete(s) => {
+                        let at = meta(s);
+                        lock(&c).slice_deleted(&at.namespace, &at.name);
+                    }
+                    watcher::Event::InitDone => {
+                        let all = store.state();
+                        let index: Vec<_> = all.iter().map(|s| (meta(s), slice_owner(s))).collect();
+                        lock(&c).slices_relisted(index.iter().map(|(at, o)| (&*at.namespace, &*at.name, o.clone())));
+                    }
+                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                }
+            },
         );
+        let c = changes.clone();
         let node = spawn_reflector(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             "Node",
             tx,
+            move |event, _| {
+                if !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    lock(&c).everything();
+                }
+            },
         );
-        KubeSource { services, slices, node }
+        KubeSource { services, slices, node, changes }
     }
 
     /// Waits until Services and EndpointSlices have been listed once.
@@ -133,5 +198,21 @@ impl Source for KubeSource {
             slices: self.slices.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
             ..Default::default()
         })
+    }
+
+    fn take_changed(&self) -> Changed {
+        lock(&self.changes).take()
+    }
+
+    fn objects_of(&self, ids: &BTreeSet<ServiceId>) -> Option<Objects> {
+        let origin = Origin("the Kubernetes API".into());
+        let changes = lock(&self.changes);
+        Some(changes::objects_of(
+            &changes,
+            ids,
+            &origin,
+            |id| self.services.get(&ObjectRef::new(&id.name).within(&id.namespace)).map(|s| (*s).clone()),
+            |ns, name| self.slices.get(&ObjectRef::new(name).within(ns)).map(|s| (*s).clone()),
+        ))
     }
 }

@@ -1,13 +1,17 @@
 //! Where desired state comes from. Manifest files and the Kubernetes API produce the
 //! same [`Objects`], and [`resolve::resolve`] turns them into a [`crate::model::Snapshot`].
 
+pub mod changes;
 pub mod manifest;
 pub mod resolve;
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::ServiceId;
 
 /// Where an object came from: `file.yaml (document 2)`, or `the API`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,6 +65,17 @@ impl Change {
 /// Where the agent's loop reads the current objects from.
 pub trait Source: Send + Sync {
     fn objects(&self) -> Result<Objects, InputErrors>;
+
+    /// The Services changed since the last call; `All` when this source cannot tell.
+    fn take_changed(&self) -> changes::Changed {
+        changes::Changed::All
+    }
+
+    /// Only the Services `ids` and the objects that give their endpoints, or `None` when this
+    /// source cannot narrow its read (the caller then reads and resolves everything).
+    fn objects_of(&self, _ids: &BTreeSet<ServiceId>) -> Option<Objects> {
+        None
+    }
 }
 
 /// Manifest files, read afresh on every sync.
