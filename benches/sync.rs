@@ -27,7 +27,7 @@ use nftproxy::compile::{self, Options};
 use nftproxy::model::{Endpoint, Protocol, Service, ServiceId, ServicePort, Snapshot};
 use nftproxy::nft::Netlink;
 use nftproxy::plan::{Op, Plan};
-use nftproxy::ruleset::SetKind;
+use nftproxy::ruleset::{Chain, SetKind};
 use nftproxy::source::changes::{self, Changed, Desired, Tracker};
 use nftproxy::source::resolve::{ResolveOptions, resolve};
 use nftproxy::source::{Objects, Origin};
@@ -126,6 +126,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The price of any commit in this namespace, whatever it changes: one element added to and one
+/// removed from our state set (no rule, nothing to validate), 100 times each; sorted, in ms.
+fn commit_tax(nl: &mut Netlink) -> Vec<f64> {
+    let mut tax = Vec::new();
+    for k in 0..100u32 {
+        let el = compile::state_element(k, u64::from(k));
+        for add in [true, false] {
+            let (set, kind, elements) = (compile::STATE_SET.to_string(), SetKind::State, vec![el.clone()]);
+            let op =
+                if add { Op::AddElements { set, kind, elements } } else { Op::DelElements { set, kind, elements } };
+            tax.push(ms(nl.apply(&Plan { ops: vec![op] }).unwrap().kernel));
+        }
+    }
+    tax.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    tax
+}
+
 /// Runs inside the namespace; prints `key=value` pairs.
 fn child(args: &[String]) {
     let cmd = args[0].as_str();
@@ -204,23 +221,7 @@ fn child(args: &[String]) {
                     messages = messages.max(o.stats.messages);
                 }
             }
-            // The price of any commit in this namespace, whatever it changes: one element added
-            // to and one removed from our state set (no rule, nothing to validate).
-            let mut nl = Netlink::open().unwrap();
-            let mut tax = Vec::new();
-            for k in 0..100u32 {
-                let el = compile::state_element(k, u64::from(k));
-                for add in [true, false] {
-                    let (set, kind, elements) = (compile::STATE_SET.to_string(), SetKind::State, vec![el.clone()]);
-                    let op = if add {
-                        Op::AddElements { set, kind, elements }
-                    } else {
-                        Op::DelElements { set, kind, elements }
-                    };
-                    tax.push(ms(nl.apply(&Plan { ops: vec![op] }).unwrap().kernel));
-                }
-            }
-            tax.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let tax = commit_tax(&mut Netlink::open().unwrap());
             let mut resolve_all = times.split_off(reps);
             for v in [&mut times, &mut kernel, &mut resolve_all] {
                 v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -236,6 +237,26 @@ fn child(args: &[String]) {
                 percentile(&resolve_all, 0.5),
                 percentile(&tax, 0.5),
                 percentile(&tax, 0.99),
+            )
+            .unwrap();
+        }
+        "commit-tax" => {
+            // The price of a commit against the number of chains in the namespace: `n` empty
+            // chains (no rules, nothing to validate), then the same one-element commits as
+            // above. The kernel walks every chain of every table on each commit.
+            let mut want = compile::skeleton(&options());
+            for i in 0..n {
+                let chain = Chain { base: None, rules: Vec::new().into() };
+                want.chains.insert(format!("c/{i}"), chain);
+            }
+            let mut nl = Netlink::open().unwrap();
+            nl.apply(&nftproxy::plan::plan(&Default::default(), want)).unwrap();
+            let tax = commit_tax(&mut nl);
+            write!(
+                out,
+                "any_commit_p50_ms={:.3} any_commit_p99_ms={:.3}",
+                percentile(&tax, 0.5),
+                percentile(&tax, 0.99)
             )
             .unwrap();
         }
@@ -483,8 +504,8 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         incremental_rows(r, n, e, "nftproxy", &inc);
     }
     if n >= 10_000 {
-        // One shard table per 500 Services (at most 64): a partial sync re-validates one shard.
-        let k = (n / 500).min(64) as u32;
+        // What `--table-shards auto` (the default) picks: one table per 500 Services, at most 32.
+        let k = compile::auto_shards(n, 0);
         let path = format!("nftproxy, {k} tables");
         let ns = Ns::new("shards");
         let full = ns.child_sharded(&["full", &ns_, &es], k);
@@ -599,7 +620,7 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&vip);
     record(r, "nftproxy ClusterIP", via);
     record(r, "direct pod-to-pod (paired with nftproxy)", direct);
-    let k = (n / 500).clamp(1, 64) as u32;
+    let k = compile::auto_shards(n, 0);
     node.child_sharded(&["dataplane", &n.to_string(), "5"], k);
     let (via, direct) = paired(&vip);
     record(r, &format!("nftproxy ClusterIP, {k} tables"), via);
@@ -731,11 +752,40 @@ fn harness(args: &[String]) {
     if !args.iter().any(|a| a == "--no-big") {
         bench_size(&mut r, &work, 10, 1000, true);
     }
+    if !args.iter().any(|a| a == "--no-tax") {
+        bench_commit_tax(&mut r);
+    }
     if !args.iter().any(|a| a == "--no-dataplane") {
         bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
     }
     let _ = std::fs::remove_dir_all(&work);
     write_outputs(&r, &out_dir);
+}
+
+/// Any commit's price against the number of chains in the namespace (empty chains, nothing to
+/// validate): the floor under every partial sync, whoever sends it.
+fn bench_commit_tax(r: &mut Report) {
+    eprintln!("== commit price against chains in the namespace");
+    for chains in [6_000, 12_000, 24_000, 36_000, 48_000, 60_000, 120_000, 180_000] {
+        let ns = Ns::new("tax");
+        let tax = ns.child(&["commit-tax", &chains.to_string(), "0"]);
+        r.add(
+            "commit tax",
+            chains,
+            0,
+            "any commit, N empty chains present, p50",
+            "ms",
+            tax.get("any_commit_p50_ms").copied(),
+        );
+        r.add(
+            "commit tax",
+            chains,
+            0,
+            "any commit, N empty chains present, p99",
+            "ms",
+            tax.get("any_commit_p99_ms").copied(),
+        );
+    }
 }
 
 fn write_outputs(r: &Report, dir: &Path) {
@@ -748,7 +798,8 @@ fn write_outputs(r: &Report, dir: &Path) {
     let mut md = format!("# Benchmark results\n\nMachine: {}\n\n", machine());
     md.push_str("| case | Services x endpoints | path | metric | value |\n| --- | --- | --- | --- | ---: |\n");
     for (case, n, e, path, metric, v) in &r.rows {
-        writeln!(md, "| {case} | {n} x {e} | {path} | {metric} | {v:.1} |").unwrap();
+        let v = if *v < 10.0 { format!("{v:.2}") } else { format!("{v:.1}") };
+        writeln!(md, "| {case} | {n} x {e} | {path} | {metric} | {v} |").unwrap();
     }
     let mut f = std::fs::File::create(dir.join("benchmark-results.md")).unwrap();
     f.write_all(md.as_bytes()).unwrap();

@@ -43,6 +43,21 @@ pub struct Options {
     pub table_shards: u32,
 }
 
+/// Services per table that `--table-shards auto` aims for: a partial sync re-validates one table,
+/// and at about 500 Services a table that stays well under the kernel's per-commit floor.
+pub const SERVICES_PER_SHARD: usize = 500;
+/// Most tables `auto` picks: each table adds its base chains to every new connection's path.
+pub const MAX_AUTO_SHARDS: u32 = 32;
+
+/// `--table-shards auto`: one table per 500 Services (1 to 32), chosen once at start. Tables we
+/// already have are kept while their count is within a factor of two of that, so that a restart
+/// after the cluster grew or shrank a little does not move every Service to another table.
+pub fn auto_shards(services: usize, existing: usize) -> u32 {
+    let want = services.div_ceil(SERVICES_PER_SHARD).clamp(1, MAX_AUTO_SHARDS as usize);
+    let keep = existing >= 1 && existing <= MAX_AUTO_SHARDS as usize && existing * 2 >= want && existing <= want * 2;
+    (if keep { existing } else { want }) as u32
+}
+
 impl Options {
     pub fn shards(&self) -> u32 {
         self.table_shards.max(1)
@@ -378,4 +393,24 @@ pub fn render(rs: &Ruleset) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_shards_follow_the_service_count_and_keep_what_is_close_enough() {
+        assert_eq!(auto_shards(0, 0), 1);
+        assert_eq!(auto_shards(400, 0), 1);
+        assert_eq!(auto_shards(10_000, 0), 20);
+        assert_eq!(auto_shards(100_000, 0), MAX_AUTO_SHARDS);
+        // A restart keeps the tables there are while within a factor of two...
+        assert_eq!(auto_shards(10_000, 12), 12);
+        assert_eq!(auto_shards(12_000, 20), 20);
+        assert_eq!(auto_shards(400, 2), 2);
+        // ...and reshards beyond it.
+        assert_eq!(auto_shards(10_000, 1), 20);
+        assert_eq!(auto_shards(1_000, 20), 2);
+    }
 }

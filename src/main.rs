@@ -59,10 +59,11 @@ struct Args {
     /// the same name; set it only if your CNI relies on such packets passing).
     #[arg(long)]
     conntrack_tcp_be_liberal: bool,
-    /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...). A partial sync
-    /// then re-validates one table in the kernel instead of all: use 10-20 above ~5,000 Services.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    table_shards: u32,
+    /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...; 1 to 64). A
+    /// partial sync then re-validates one table in the kernel instead of all. `auto`: one table
+    /// per 500 Services at start (1 to 32), keeping the tables there are if close to that.
+    #[arg(long, default_value = "auto", value_parser = parse_shards)]
+    table_shards: Shards,
     /// This node's zone for topology hints (default: the Node's topology.kubernetes.io/zone
     /// label when reading the API).
     #[arg(long)]
@@ -91,6 +92,37 @@ struct Args {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Copy)]
+enum Shards {
+    Auto,
+    Fixed(u32),
+}
+
+fn parse_shards(s: &str) -> Result<Shards, String> {
+    match s {
+        "auto" => Ok(Shards::Auto),
+        _ => match s.parse::<u32>() {
+            Ok(k @ 1..=64) => Ok(Shards::Fixed(k)),
+            _ => Err(format!("{s:?}: expected auto or a number of tables from 1 to 64")),
+        },
+    }
+}
+
+/// The number of tables: given, or for `auto` from the Services there are now and our tables
+/// already in the kernel.
+fn table_shards(wanted: Shards, source: &dyn Source) -> u32 {
+    match wanted {
+        Shards::Fixed(k) => k,
+        Shards::Auto => {
+            let services = source.objects().map(|o| o.services.len()).unwrap_or(0);
+            let existing = Netlink::open().and_then(|mut nl| nl.our_tables()).map(|t| t.len()).unwrap_or(0);
+            let tables = compile::auto_shards(services, existing);
+            tracing::info!(services, existing_tables = existing, tables, "--table-shards auto");
+            tables
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -144,7 +176,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         masquerade_all: args.masquerade_all,
         conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
         locality: locality.clone(),
-        table_shards: args.table_shards,
+        table_shards: table_shards(args.table_shards, &*source),
     };
 
     if args.sync_once {

@@ -351,3 +351,26 @@ fn a_sync_told_which_services_changed_applies_them_and_stops_trusting_that_after
     assert!(!blocks["svc4/default/svc-2/tcp/80"].contains("10.244.1.4"), "{listing}");
     assert!(!listing.contains("xxxx"), "{listing}");
 }
+
+#[test]
+fn auto_shards_pick_a_table_per_500_services_and_keep_them_across_a_restart() {
+    let Some(c) = cluster() else { return };
+    let big = c.write("big.yaml", &many_services(1200, None));
+    c.sync(&big, &[]);
+    assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2"]);
+    // Run again (a restart) with a few Services more: same tables, nothing moved.
+    let before = c.nft_list("inet nftproxy-1");
+    let bigger = c.write("bigger.yaml", &many_services(1210, None));
+    c.sync(&bigger, &[]);
+    assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2"]);
+    let after = c.nft_list("inet nftproxy-1");
+    let (before, after) = (chain_blocks(&before), chain_blocks(&after));
+    let moved: Vec<&String> = before.iter().filter(|(n, b)| after.get(*n) != Some(b)).map(|(n, _)| n).collect();
+    assert!(moved.is_empty() && before.len() > 1000, "every chain of nftproxy-1 kept with its handles: {moved:?}");
+    // Far fewer Services: back to one table, and they still answer.
+    let small = c.write("small.yaml", &many_services(3, None));
+    c.sync(&small, &[]);
+    assert_eq!(tables(&c), ["nftproxy"]);
+    let got = c.probe("client", "tcp", "10.96.10.1:80", 10);
+    assert_eq!(got.values().sum::<usize>(), 10, "{got:?}");
+}
