@@ -280,6 +280,13 @@ fn table_shards_serve_the_same_and_a_change_touches_one_table() {
     let before = listings(&c);
     c.sync(&m, &["--table-shards", "4"]);
     assert_eq!(listings(&c), before, "an unchanged input must not touch any table");
+    // Someone else commits (the generation moves): the sync reads every shard back, finds
+    // nothing to change and sends only its state record (one element out, one in).
+    c.nft("add table ip someone-else");
+    let out = c.nftproxy(&["--sync-once", "--manifests", m.to_str().unwrap(), "--table-shards", "4"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("kind=Full") && log.contains("messages=2 "), "{log}");
+    assert!(listings(&c)[1..] == before[1..], "a read-back resync must not touch any shard table");
     // One Service changes: exactly one shard table changes (the Service's), plus the hairpin
     // and state elements in the main table.
     c.write("m.yaml", &many_services(12, Some(5)));

@@ -306,12 +306,13 @@ impl Netlink {
                 }
             }
         }
-        let sets: Vec<sys::ParsedSet> = self
-            .request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(TABLE, "", None)))?
-            .iter()
-            .filter_map(|m| sys::parse_set(m))
-            .filter(|s| tables.contains(&s.table))
-            .collect();
+        // A set dump naming a table lists only that table's sets: ask each of ours.
+        let mut sets: Vec<sys::ParsedSet> = Vec::new();
+        for table in &tables {
+            let msgs =
+                self.request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(table, "", None)))?;
+            sets.extend(msgs.iter().filter_map(|m| sys::parse_set(m)).filter(|s| &s.table == table));
+        }
         for s in sets {
             let shard = shard_of(&s.table).unwrap_or(0);
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
