@@ -33,6 +33,8 @@ for path, style in [
         a.plot(x, y, style, label=path)
 a.set(xscale="log", yscale="log", xlabel="Services (x 5 endpoints)", ylabel="ms", title="Full sync into an empty kernel")
 a.legend(fontsize=7)
+labels = {"nftproxy, * tables p50": "nftproxy, auto tables p50", "nftproxy, * tables p99": "nftproxy, auto tables p99",
+          "nftproxy p50": "nftproxy, one table p50", "nftproxy p99": "nftproxy, one table p99"}
 for case, path, style in [
     ("incremental", "nftproxy p50", "o-"),
     ("incremental", "nftproxy p99", "o:"),
@@ -44,7 +46,7 @@ for case, path, style in [
 ]:
     x, y = series(case, path)
     if x:
-        b.plot(x, y, style, label=f"{case}: {path}")
+        b.plot(x, y, style, label=f"{case}: {labels.get(path, path)}")
 b.set(xscale="log", yscale="log", xlabel="Services (x 5 endpoints)", ylabel="ms", title="One change (nftproxy: one endpoint; anchors: add one Service)")
 b.legend(fontsize=7)
 for path, style in [("any commit, N empty chains present, p50", "o-"), ("any commit, N empty chains present, p99", "o:")]:
