@@ -579,6 +579,9 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
     }
 }
 
+/// (p50, p99) in microseconds.
+type P50P99 = (f64, f64);
+
 /// New-connection latency from a pod: direct, through nftproxy's ClusterIP with N Services,
 /// and through kube-proxy's iptables rules with the Service placed last.
 fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
@@ -624,7 +627,7 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     };
     // The machine drifts over minutes: measure a path and its direct baseline in alternating
     // rounds and report the median round of each.
-    let paired = |addr: &str| -> (Option<(f64, f64)>, Option<(f64, f64)>) {
+    let paired = |addr: &str| -> (Option<P50P99>, Option<P50P99>) {
         let (mut a, mut d) = (Vec::new(), Vec::new());
         for _ in 0..16 {
             a.extend(measure_once(addr));

@@ -118,7 +118,9 @@ fn table_shards(wanted: Shards, source: &dyn Source) -> u32 {
             let services = source.objects().map(|o| o.services.len()).unwrap_or(0);
             let existing = Netlink::open().and_then(|mut nl| nl.our_tables()).map(|t| t.len()).unwrap_or(0);
             let tables = compile::auto_shards(services, existing);
-            tracing::info!(services, existing_tables = existing, tables, "--table-shards auto");
+            if tables > 1 {
+                tracing::info!(services, existing_tables = existing, tables, "--table-shards auto");
+            }
             tables
         }
     }

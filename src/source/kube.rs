@@ -47,14 +47,20 @@ pub struct KubeSource {
     changes: Arc<Mutex<Tracker>>,
 }
 
+/// (namespace, name) of an object.
+fn key_of(meta: &ObjectMeta) -> (&str, &str) {
+    (meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or_default())
+}
+
 fn service_id(meta: &ObjectMeta) -> ServiceId {
-    ServiceId::new(meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+    let (namespace, name) = key_of(meta);
+    ServiceId::new(namespace, name)
 }
 
 /// The Service an EndpointSlice belongs to, by its `kubernetes.io/service-name` label.
 fn slice_owner(slice: &EndpointSlice) -> Option<ServiceId> {
     let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(ServiceId::new(slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name.clone()))
+    Some(ServiceId::new(key_of(&slice.metadata).0, name.as_str()))
 }
 
 fn lock(t: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
@@ -141,24 +147,24 @@ impl KubeSource {
             watcher::Config::default(),
             "EndpointSlice",
             tx.clone(),
-            move |event, store| {
-                let meta = |s: &EndpointSlice| service_id(&s.metadata);
-                match event {
-                    watcher::Event::Apply(s) => {
-                        let at = meta(s);
-                        lock(&c).slice_applied(&at.namespace, &at.name, slice_owner(s));
-                    }
-                    watcher::Event::Delete(s) => {
-                        let at = meta(s);
-                        lock(&c).slice_deleted(&at.namespace, &at.name);
-                    }
-                    watcher::Event::InitDone => {
-                        let all = store.state();
-                        let index: Vec<_> = all.iter().map(|s| (meta(s), slice_owner(s))).collect();
-                        lock(&c).slices_relisted(index.iter().map(|(at, o)| (&*at.namespace, &*at.name, o.clone())));
-                    }
-                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            move |event, store| match event {
+                watcher::Event::Apply(s) => {
+                    let (namespace, name) = key_of(&s.metadata);
+                    lock(&c).slice_applied(namespace, name, slice_owner(s));
                 }
+                watcher::Event::Delete(s) => {
+                    let (namespace, name) = key_of(&s.metadata);
+                    lock(&c).slice_deleted(namespace, name);
+                }
+                watcher::Event::InitDone => {
+                    let all = store.state();
+                    let index = all.iter().map(|s| {
+                        let (namespace, name) = key_of(&s.metadata);
+                        (namespace, name, slice_owner(s))
+                    });
+                    lock(&c).slices_relisted(index);
+                }
+                watcher::Event::Init | watcher::Event::InitApply(_) => {}
             },
         );
         let c = changes.clone();
