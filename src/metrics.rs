@@ -96,6 +96,16 @@ impl Default for Metrics {
             m.unchanged.clone(),
         );
         registry.register("nftproxy_services", "Services programmed", m.services.clone());
+        registry.register(
+            "nftproxy_conntrack_entries_deleted",
+            "Stale UDP conntrack entries deleted after commits",
+            m.conntrack_deleted.clone(),
+        );
+        registry.register(
+            "nftproxy_conntrack_cleanup_duration_seconds",
+            "Time to dump conntrack and delete the stale UDP entries after a commit",
+            m.conntrack_time.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

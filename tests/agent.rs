@@ -128,6 +128,9 @@ fn metrics_and_healthz_move_with_syncs() {
     assert!(metric(&first, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(3.0), "{first}");
     assert_eq!(metric(&first, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"), Some(0.0));
     assert!(first.contains("kubeproxy_network_programming_duration_seconds_bucket"));
+    // The conntrack cleanup's metrics are exported (no UDP flow here: nothing deleted yet).
+    assert_eq!(metric(&first, "nftproxy_conntrack_entries_deleted_total"), Some(0.0), "{first}");
+    assert!(first.contains("nftproxy_conntrack_cleanup_duration_seconds_bucket"), "{first}");
     // A change: a partial sync, the timestamp and the counters move.
     s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.2"]));
     assert!(wait_until(10, || metric(&get(), "kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= Some(1.0)));
