@@ -115,7 +115,7 @@ fn table_shards(wanted: Shards, source: &dyn Source) -> u32 {
     match wanted {
         Shards::Fixed(k) => k,
         Shards::Auto => {
-            let services = source.objects().map(|o| o.services.len()).unwrap_or(0);
+            let services = source.service_count();
             let existing = Netlink::open().and_then(|mut nl| nl.our_tables()).map(|t| t.len()).unwrap_or(0);
             let tables = compile::auto_shards(services, existing);
             if tables > 1 {

@@ -269,6 +269,8 @@ impl Netlink {
         let shard_of = |table: &str| -> Option<u32> {
             if table == TABLE { Some(0) } else { table.strip_prefix(TABLE)?.strip_prefix('-')?.parse().ok() }
         };
+        // The kernel does not narrow a chain dump to the table named (it does for sets, below):
+        // this lists every inet chain, and ours are picked by table name.
         for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
             let Some(c) = sys::parse_chain(&msg) else {
                 continue;

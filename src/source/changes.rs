@@ -11,7 +11,7 @@ use crate::model::{ServiceId, Snapshot};
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{InputError, InputErrors, Objects, Origin};
+use super::{API_ORIGIN, InputError, InputErrors, Objects, Origin};
 
 /// What a sync has to look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,7 @@ impl Desired {
             for ip in &svc.cluster_ips {
                 if let Some(other) = self.owners.get(ip).filter(|o| !ids.contains(*o)) {
                     errors.push(InputError {
-                        origin: "the Kubernetes API".into(),
+                        origin: API_ORIGIN.into(),
                         object: format!("Service {}", svc.id),
                         field: "spec.clusterIP".into(),
                         message: format!(

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::changes::{self, Changed, Tracker};
 use super::resolve::LABEL_SERVICE_NAME;
-use super::{Change, InputErrors, Objects, Origin, Source};
+use super::{API_ORIGIN, Change, InputErrors, Objects, Origin, Source};
 use crate::model::ServiceId;
 
 /// kube-proxy's server-side filter on Services.
@@ -198,7 +198,7 @@ impl KubeSource {
 
 impl Source for KubeSource {
     fn objects(&self) -> Result<Objects, InputErrors> {
-        let origin = Origin("the Kubernetes API".into());
+        let origin = Origin(API_ORIGIN.into());
         Ok(Objects {
             services: self.services.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
             slices: self.slices.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
@@ -206,12 +206,16 @@ impl Source for KubeSource {
         })
     }
 
+    fn service_count(&self) -> usize {
+        self.services.state().len()
+    }
+
     fn take_changed(&self) -> Changed {
         lock(&self.changes).take()
     }
 
     fn objects_of(&self, ids: &BTreeSet<ServiceId>) -> Option<Objects> {
-        let origin = Origin("the Kubernetes API".into());
+        let origin = Origin(API_ORIGIN.into());
         let changes = lock(&self.changes);
         Some(changes::objects_of(
             &changes,

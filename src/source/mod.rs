@@ -13,7 +13,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::ServiceId;
 
-/// Where an object came from: `file.yaml (document 2)`, or `the API`.
+/// The origin named in errors about objects read from the Kubernetes API.
+pub const API_ORIGIN: &str = "the Kubernetes API";
+
+/// Where an object came from: `file.yaml (document 2)`, or [`API_ORIGIN`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Origin(pub String);
 
@@ -65,6 +68,11 @@ impl Change {
 /// Where the agent's loop reads the current objects from.
 pub trait Source: Send + Sync {
     fn objects(&self) -> Result<Objects, InputErrors>;
+
+    /// How many Services there are (for `--table-shards auto`); 0 when the input is unreadable.
+    fn service_count(&self) -> usize {
+        self.objects().map_or(0, |o| o.services.len())
+    }
 
     /// The Services changed since the last call; `All` when this source cannot tell.
     fn take_changed(&self) -> changes::Changed {
