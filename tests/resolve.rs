@@ -198,3 +198,140 @@ fn steering_fields_are_read_and_checked() {
         "{err}"
     );
 }
+
+/// A Service `name` in `namespace` with a ClusterIP and an EndpointSlice endpoint.
+fn service_with_endpoint(namespace: &str, name: &str, ip: &str, endpoint: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name:?}, namespace: {namespace:?}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s, namespace: {namespace:?}, labels: {{kubernetes.io/service-name: {name:?}}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{endpoint}]}}]\n"
+    )
+}
+
+/// Issue 11: Service `b/c` in `a` and Service `c` in `a/b` were both chain `svc4/a/b/c/tcp/80`.
+#[test]
+fn names_that_would_collide_in_kernel_names_are_refused() {
+    let yaml = format!(
+        "{}{}",
+        service_with_endpoint("a", "b/c", "10.96.0.1", "10.244.0.1"),
+        service_with_endpoint("a/b", "c", "10.96.0.2", "10.244.0.2")
+    );
+    let err = load(&yaml, &ResolveOptions::default()).unwrap_err();
+    let lines: Vec<String> = err.0.iter().map(|e| e.to_string()).collect();
+    let has = |needle: &str| assert!(lines.iter().any(|l| l.contains(needle)), "{needle}\n{}", lines.join("\n"));
+    has(
+        "t.yaml (document 1): Service a/b/c: metadata.name: \"b/c\" is not a valid DNS-1035 label (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit, at most 63 characters)",
+    );
+    has("t.yaml (document 3): Service a/b/c: metadata.namespace: \"a/b\" is not a valid DNS-1123 label (");
+    has("t.yaml (document 4): EndpointSlice a/b/s: metadata.namespace: \"a/b\" is not a valid DNS-1123 label (");
+    // Every problem at once: the valid-looking halves are not reported, the bad parts all are.
+    assert_eq!(err.0.len(), 3, "{}", lines.join("\n"));
+
+    // Names differing only in where the dash is stay two Services with two ClusterIPs.
+    let yaml = format!(
+        "{}{}",
+        service_with_endpoint("a-b", "c", "10.96.0.1", "10.244.0.1"),
+        service_with_endpoint("a", "b-c", "10.96.0.2", "10.244.0.2")
+    );
+    let s = ok(&yaml);
+    assert_eq!(s.services.len(), 2);
+    let one = &s.services[&ServiceId::new("a-b", "c")];
+    let two = &s.services[&ServiceId::new("a", "b-c")];
+    assert_eq!(one.cluster_ips, ["10.96.0.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(two.cluster_ips, ["10.96.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(one.ports[0].endpoints.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>(), ["10.244.0.1"]);
+    assert_eq!(two.ports[0].endpoints.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>(), ["10.244.0.2"]);
+}
+
+#[test]
+fn names_are_checked_as_the_api_server_checks_them() {
+    let long = "a".repeat(64);
+    let cases = [
+        // (namespace, name, the field refused, its rule)
+        ("default", "Web", "metadata.name", "DNS-1035 label"),
+        ("default", &long, "metadata.name", "DNS-1035 label"),
+        ("team.a", "web", "metadata.namespace", "DNS-1123 label"),
+        // A valid DNS-1123 label, but Service names are DNS-1035: no leading digit.
+        ("default", "1web", "metadata.name", "DNS-1035 label"),
+    ];
+    for (namespace, name, field, rule) in cases {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name:?}, namespace: {namespace:?}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+        );
+        let err = load(&yaml, &ResolveOptions::default()).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        let e = &err.0[0];
+        assert_eq!(e.object, format!("Service {namespace}/{name}"), "{err}");
+        assert_eq!(e.field, field, "{err}");
+        let value = if field == "metadata.name" { name } else { namespace };
+        assert!(e.message.starts_with(&format!("{value:?} is not a valid {rule} (")), "{err}");
+    }
+    // 63 characters is fine, and so is a Service name that is also a valid namespace.
+    let max = "a".repeat(63);
+    ok(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {max}, namespace: {max}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+    ));
+}
+
+#[test]
+fn other_objects_and_ports_are_named_as_the_api_server_requires() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}\n";
+    // Pods, EndpointSlices and Endpoints: DNS-1123 subdomains, so dots are fine.
+    ok(&format!(
+        "{svc}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web.a-1, labels: {{app: web}}}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web.x, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: []\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: team-a}}\n"
+    ));
+    let cases = [
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: Web_A}\n",
+            "Pod default/Web_A: metadata.name: \"Web_A\" is not a valid DNS-1123 subdomain",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: Prod}\n",
+            "Pod Prod/p: metadata.namespace: \"Prod\" is not a valid DNS-1123 label",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {labels: {app: web}}\n",
+            "Pod default/: metadata.name: a Pod needs a name",
+        ),
+        (
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web/x}\n",
+            "Endpoints default/web/x: metadata.name: \"web/x\" is not a valid DNS-1123 subdomain",
+        ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s., labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\n",
+            "EndpointSlice default/s.: metadata.name: \"s.\" is not a valid DNS-1123 subdomain",
+        ),
+        (
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: team.a}\n",
+            "Namespace team.a: metadata.name: \"team.a\" is not a valid DNS-1123 label",
+        ),
+        // Not proxied, but still a name the API server would refuse.
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: Ext}\nspec: {type: ExternalName, externalName: example.com}\n",
+            "Service default/Ext: metadata.name: \"Ext\" is not a valid DNS-1035 label",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{name: HTTP, port: 80}]}\n",
+            "Service default/two: spec.ports[0].name: \"HTTP\" is not a valid DNS-1123 label",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{port: 80, targetPort: my--port}]}\n",
+            "Service default/two: spec.ports[0].targetPort: \"my--port\" is not a valid port name",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{port: 80, targetPort: a-very-long-port-name}]}\n",
+            "Service default/two: spec.ports[0].targetPort: \"a-very-long-port-name\" is not a valid port name",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: two}\nspec: {ports: [{name: a, port: 80}, {name: a, port: 81}]}\n",
+            "Service default/two: spec.ports[1].name: duplicate port name \"a\"",
+        ),
+    ];
+    for (object, expected) in cases {
+        let err = load(&format!("{svc}---\n{object}"), &ResolveOptions::default()).unwrap_err().to_string();
+        assert!(err.contains(&format!("t.yaml (document 2): {expected}")), "{expected}\n{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

@@ -85,7 +85,7 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
     }
     let kind = str_at(&value, &["kind"]).unwrap_or_default().to_string();
     let api = str_at(&value, &["apiVersion"]).unwrap_or_default().to_string();
-    let ns = str_at(&value, &["metadata", "namespace"]).unwrap_or("default");
+    let ns = str_at(&value, &["metadata", "namespace"]).filter(|n| !n.is_empty()).unwrap_or("default");
     let name = str_at(&value, &["metadata", "name"]).unwrap_or("<unnamed>");
     let object = format!("{kind} {ns}/{name}");
     match (api.as_str(), kind.as_str()) {

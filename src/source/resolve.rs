@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{InputError, InputErrors, Objects, Origin};
@@ -48,8 +49,105 @@ impl Errors<'_> {
     }
 }
 
-fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".into())
+/// An object's namespace; absent (or empty, as `kubectl` treats it) means `default`.
+fn ns_of(meta: &ObjectMeta) -> String {
+    meta.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into())
+}
+
+/// The `[a-z0-9]([-a-z0-9]*[a-z0-9])?` shape (no length limit), with `first` deciding the first
+/// character. Byte-wise: any non-ASCII byte fails the character set.
+fn is_label_shaped(s: &str, first: fn(u8) -> bool) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    match (b.first(), b.last()) {
+        (Some(&f), Some(&l)) => first(f) && alnum(l) && b.iter().all(|&c| alnum(c) || c == b'-'),
+        _ => false,
+    }
+}
+
+/// RFC 1123 label, as Kubernetes checks namespaces: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63.
+fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && is_label_shaped(s, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// RFC 1035 label, as Kubernetes checks Service names: `[a-z]([-a-z0-9]*[a-z0-9])?`, at most 63.
+fn is_dns1035_label(s: &str) -> bool {
+    s.len() <= 63 && is_label_shaped(s, |c| c.is_ascii_lowercase())
+}
+
+/// RFC 1123 subdomain, as Kubernetes checks Pod, EndpointSlice and Endpoints names: at most 253
+/// characters of dot-separated label-shaped parts (Kubernetes limits only the whole, not each part).
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|part| is_label_shaped(part, |c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+}
+
+/// IANA_SVC_NAME, as Kubernetes checks a named `targetPort` (and container port names): at most
+/// 15 of `[a-z0-9-]`, at least one letter, no leading, trailing or doubled '-'.
+fn is_port_name(s: &str) -> bool {
+    s.len() <= 15
+        && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && s.bytes().any(|c| c.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// The name rules the API server applies, each with the words an error explains it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameRule {
+    Dns1123Label,
+    Dns1035Label,
+    Dns1123Subdomain,
+}
+
+impl NameRule {
+    fn accepts(self, s: &str) -> bool {
+        match self {
+            NameRule::Dns1123Label => is_dns1123_label(s),
+            NameRule::Dns1035Label => is_dns1035_label(s),
+            NameRule::Dns1123Subdomain => is_dns1123_subdomain(s),
+        }
+    }
+
+    /// `"b/c" is not a valid DNS-1035 label (...)`
+    fn refuse(self, s: &str) -> String {
+        let what = match self {
+            NameRule::Dns1123Label => {
+                "DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit, \
+                 at most 63 characters)"
+            }
+            NameRule::Dns1035Label => {
+                "DNS-1035 label (lowercase letters, digits and '-', starting with a letter, ending with a letter \
+                 or digit, at most 63 characters)"
+            }
+            NameRule::Dns1123Subdomain => {
+                "DNS-1123 subdomain (lowercase letters, digits, '-' and '.', each '.'-separated part starting and \
+                 ending with a letter or digit, at most 253 characters)"
+            }
+        };
+        format!("{s:?} is not a valid {what}")
+    }
+}
+
+/// `Pod default/web-a`: how errors name a namespaced object.
+fn object_name(kind: &str, meta: &ObjectMeta) -> String {
+    format!("{kind} {}/{}", ns_of(meta), meta.name.as_deref().unwrap_or_default())
+}
+
+/// Checks a namespaced object's namespace and name as the API server would (the name by `rule`).
+/// Valid names never contain '/', so `<ns>/<name>` (and the kernel
+/// names built from it) cannot be read two ways.
+fn check_meta(meta: &ObjectMeta, kind: &str, rule: NameRule, errs: &mut Errors<'_>) {
+    if let Some(ns) = meta.namespace.as_deref().filter(|n| !n.is_empty())
+        && !is_dns1123_label(ns)
+    {
+        errs.add("metadata.namespace", NameRule::Dns1123Label.refuse(ns));
+    }
+    match meta.name.as_deref() {
+        None | Some("") => errs.add("metadata.name", format!("a {kind} needs a name")),
+        Some(name) if !rule.accepts(name) => errs.add("metadata.name", rule.refuse(name)),
+        Some(_) => {}
+    }
 }
 
 fn port_u16(value: i32, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
@@ -111,9 +209,7 @@ fn accept<'a>(
     let id = ServiceId::new(ns_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
     let mut errs = Errors { origin, object: format!("Service {id}"), list: errors };
     let before = errs.list.len();
-    if id.name.is_empty() {
-        errs.add("metadata.name", "a Service needs a name");
-    }
+    check_meta(&svc.metadata, "Service", NameRule::Dns1035Label, &mut errs);
     let spec = svc.spec.clone().unwrap_or_default();
 
     let mut ips = Vec::new();
@@ -163,6 +259,9 @@ fn accept<'a>(
     for (i, p) in specs.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let name = p.name.clone().unwrap_or_default();
+        if !name.is_empty() && !is_dns1123_label(&name) {
+            errs.add(field("name"), NameRule::Dns1123Label.refuse(&name));
+        }
         if !names.insert(name.clone()) {
             errs.add(field("name"), format!("duplicate port name {name:?}"));
         }
@@ -177,8 +276,18 @@ fn accept<'a>(
             }
         };
         let port = port_u16(p.port, &field("port"), &mut errs);
-        if let Some(IntOrString::Int(t)) = &p.target_port {
-            port_u16(*t, &field("targetPort"), &mut errs);
+        match &p.target_port {
+            Some(IntOrString::Int(t)) => {
+                port_u16(*t, &field("targetPort"), &mut errs);
+            }
+            Some(IntOrString::String(t)) if !is_port_name(t) => errs.add(
+                field("targetPort"),
+                format!(
+                    "{t:?} is not a valid port name (at most 15 lowercase letters, digits and '-', with at least \
+                     one letter, not starting or ending with '-', no \"--\")"
+                ),
+            ),
+            Some(IntOrString::String(_)) | None => {}
         }
         if let (Some(port), Some(protocol)) = (port, protocol) {
             if !keys.insert((port, protocol)) {
@@ -256,8 +365,7 @@ fn slice_endpoints(
     port: &ServicePort,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let name = format!("EndpointSlice {}/{}", ns_of(&slice.metadata), slice.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: name, list: errors };
+    let mut errs = Errors { origin, object: object_name("EndpointSlice", &slice.metadata), list: errors };
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -313,8 +421,7 @@ fn legacy_endpoints(
     port: &ServicePort,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let name = format!("Endpoints {}/{}", ns_of(&eps.metadata), eps.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: name, list: errors };
+    let mut errs = Errors { origin, object: object_name("Endpoints", &eps.metadata), list: errors };
     let mut out = Vec::new();
     for (si, subset) in eps.subsets.iter().flatten().enumerate() {
         let Some(p) = subset.ports.iter().flatten().find(|p| {
@@ -418,6 +525,22 @@ fn pod_endpoints(
 /// Turns objects into a snapshot, or every problem found.
 pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, InputErrors> {
     let mut errors = Vec::new();
+    // Names as the API server checks them (Services: in `accept`, or below when not proxied).
+    for (origin, ns) in &objects.namespaces {
+        let name = ns.metadata.name.as_deref().unwrap_or_default();
+        let mut errs = Errors { origin, object: format!("Namespace {name}"), list: &mut errors };
+        if name.is_empty() {
+            errs.add("metadata.name", "a Namespace needs a name");
+        } else if !is_dns1123_label(name) {
+            errs.add("metadata.name", NameRule::Dns1123Label.refuse(name));
+        }
+    }
+    let metas = objects.slices.iter().map(|(o, s)| (o, "EndpointSlice", &s.metadata));
+    let metas = metas.chain(objects.endpoints.iter().map(|(o, e)| (o, "Endpoints", &e.metadata)));
+    for (origin, kind, meta) in metas.chain(objects.pods.iter().map(|(o, p)| (o, "Pod", &p.metadata))) {
+        let mut errs = Errors { origin, object: object_name(kind, meta), list: &mut errors };
+        check_meta(meta, kind, NameRule::Dns1123Subdomain, &mut errs);
+    }
     let declared: Option<BTreeSet<String>> = (!objects.namespaces.is_empty()).then(|| {
         let mut set: BTreeSet<String> =
             objects.namespaces.iter().filter_map(|(_, n)| n.metadata.name.clone()).collect();
@@ -429,6 +552,8 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     let mut seen = BTreeSet::new();
     for (origin, svc) in &objects.services {
         if !is_proxied(svc) {
+            let mut errs = Errors { origin, object: object_name("Service", &svc.metadata), list: &mut errors };
+            check_meta(&svc.metadata, "Service", NameRule::Dns1035Label, &mut errs);
             continue;
         }
         let Some(a) = accept(origin, svc, &mut errors, opts) else {
@@ -502,12 +627,14 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     for entry in &objects.slices {
         let (origin, slice) = entry;
         let ns = ns_of(&slice.metadata);
+        // An invalid namespace was reported above.
         if let Some(declared) = &declared
+            && is_dns1123_label(&ns)
             && !declared.contains(&ns)
         {
             errors.push(InputError {
                 origin: origin.to_string(),
-                object: format!("EndpointSlice {ns}/{}", slice.metadata.name.clone().unwrap_or_default()),
+                object: object_name("EndpointSlice", &slice.metadata),
                 field: "metadata.namespace".into(),
                 message: format!("namespace {ns:?} is not declared by any Namespace object"),
             });
@@ -548,4 +675,86 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         snapshot.services.insert(a.id, service);
     }
     if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (input, DNS-1123 label, DNS-1035 label, DNS-1123 subdomain, IANA port name)
+    const NAMES: &[(&str, bool, bool, bool, bool)] = &[
+        ("", false, false, false, false),
+        ("a", true, true, true, true),
+        ("0", true, false, true, false),
+        ("web", true, true, true, true),
+        ("web-1", true, true, true, true),
+        ("a-b-c", true, true, true, true),
+        ("a--b", true, true, true, false),
+        ("1abc", true, false, true, true),
+        ("123", true, false, true, false),
+        ("-a", false, false, false, false),
+        ("a-", false, false, false, false),
+        ("-", false, false, false, false),
+        ("Web", false, false, false, false),
+        ("WEB", false, false, false, false),
+        ("b/c", false, false, false, false),
+        ("a/b", false, false, false, false),
+        ("a.b", false, false, true, false),
+        ("web.example.com", false, false, true, false),
+        (".a", false, false, false, false),
+        ("a.", false, false, false, false),
+        ("a..b", false, false, false, false),
+        ("a.-b", false, false, false, false),
+        ("a_b", false, false, false, false),
+        ("a b", false, false, false, false),
+        (" a", false, false, false, false),
+        ("a\n", false, false, false, false),
+        ("é", false, false, false, false),
+        ("café", false, false, false, false),
+        ("ａ", false, false, false, false),
+        ("http", true, true, true, true),
+        ("abcdefghijklmno", true, true, true, true),
+        ("abcdefghijklmnop", true, true, true, false),
+    ];
+
+    #[test]
+    fn name_rules_match_the_api_server() {
+        for &(s, label, l1035, subdomain, port) in NAMES {
+            assert_eq!(is_dns1123_label(s), label, "DNS-1123 label {s:?}");
+            assert_eq!(is_dns1035_label(s), l1035, "DNS-1035 label {s:?}");
+            assert_eq!(is_dns1123_subdomain(s), subdomain, "DNS-1123 subdomain {s:?}");
+            assert_eq!(is_port_name(s), port, "port name {s:?}");
+        }
+    }
+
+    #[test]
+    fn name_lengths() {
+        let a = |n: usize| "a".repeat(n);
+        // Labels: 63 characters, not 64.
+        assert!(is_dns1123_label(&a(63)) && is_dns1035_label(&a(63)));
+        assert!(!is_dns1123_label(&a(64)) && !is_dns1035_label(&a(64)));
+        // Subdomains: 253 in all; Kubernetes does not limit each part to 63.
+        assert!(is_dns1123_subdomain(&a(64)));
+        assert!(is_dns1123_subdomain(&a(253)));
+        assert!(!is_dns1123_subdomain(&a(254)));
+        let dotted = format!("{}.{}", a(126), a(126));
+        assert_eq!(dotted.len(), 253);
+        assert!(is_dns1123_subdomain(&dotted));
+        assert!(!is_dns1123_subdomain(&format!("{dotted}a")));
+        // Port names: 15.
+        assert!(is_port_name(&a(15)) && !is_port_name(&a(16)));
+        // Length counts bytes; multi-byte characters fail the character set anyway.
+        assert!(!is_dns1123_label(&"é".repeat(10)));
+    }
+
+    #[test]
+    fn refusals_name_the_rule() {
+        assert_eq!(
+            NameRule::Dns1035Label.refuse("b/c"),
+            "\"b/c\" is not a valid DNS-1035 label (lowercase letters, digits and '-', starting with a letter, \
+             ending with a letter or digit, at most 63 characters)"
+        );
+        assert!(NameRule::Dns1123Label.refuse("A").starts_with("\"A\" is not a valid DNS-1123 label ("));
+        assert!(NameRule::Dns1123Subdomain.refuse("a_b").starts_with("\"a_b\" is not a valid DNS-1123 subdomain ("));
+    }
 }
