@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -76,6 +77,9 @@ pub const CHAIN_SERVICES: &str = "services";
 pub const CHAIN_FORWARD: &str = "filter-forward";
 pub const STATE_SET: &str = "state";
 
+const HAIRPIN: &str = "hairpin: a pod reached itself through its Service";
+const NO_SUCH_PORT: &str = "a Service address on a port it does not serve";
+
 fn suffix(family: Family) -> &'static str {
     match family {
         Family::V4 => "v4",
@@ -121,8 +125,9 @@ pub fn endpoint_chain(service_chain: &str, ep: &Endpoint) -> String {
     }
 }
 
-fn rule(stmts: Vec<Stmt>) -> Rule {
-    Rule(stmts)
+/// A rule of the fixed skeleton, labelled with what it is for.
+fn fixed(label: &str, stmts: Vec<Stmt>) -> Rule {
+    Rule::new(&Arc::from(label), stmts)
 }
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -156,19 +161,30 @@ pub fn skeleton_digest(rs: &Ruleset) -> u64 {
     digest(&rs.chains, &rs.sets, std::iter::empty())
 }
 
-/// The element recording (generation, digest) in the state set.
+/// What the state set records about the commit that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateRecord {
+    /// The ruleset generation the commit produced.
+    pub generation: u32,
+    /// The [`RULE_FORMAT`] of the agent that wrote the rules.
+    pub format: u32,
+    /// The digest of everything the commit left.
+    pub digest: u64,
+}
+
+/// The element recording a [`StateRecord`] in the state set (16 bytes, big-endian fields).
 pub fn state_element(generation: u32, digest: u64) -> Element {
     let mut key = generation.to_be_bytes().to_vec();
-    key.extend([0; 4]);
+    key.extend(RULE_FORMAT.to_be_bytes());
     key.extend(digest.to_be_bytes());
     Element { key, goto: None }
 }
 
-/// (generation, digest) from a state element.
-pub fn parse_state_element(e: &Element) -> Option<(u32, u64)> {
-    let k = &e.key;
-    (k.len() == 16)
-        .then(|| (u32::from_be_bytes(k[..4].try_into().unwrap()), u64::from_be_bytes(k[8..].try_into().unwrap())))
+/// The record in a state element (format 0: written before formats were recorded).
+pub fn parse_state_element(e: &Element) -> Option<StateRecord> {
+    let k: &[u8; 16] = e.key.as_slice().try_into().ok()?;
+    let u32_at = |i: usize| u32::from_be_bytes([k[i], k[i + 1], k[i + 2], k[i + 3]]);
+    Some(StateRecord { generation: u32_at(0), format: u32_at(4), digest: u64::from_be_bytes(k[8..].try_into().ok()?) })
 }
 
 /// Adds one Service's objects to a ruleset that has the skeleton's sets.
@@ -209,19 +225,25 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
             SRCNAT,
             vec![
                 // Hairpin: a pod that reached its own Service and landed on itself.
-                rule(vec![
-                    Stmt::NfProto(Family::V4),
-                    Stmt::HairpinInSet { family: Family::V4, set: hairpin_set(Family::V4) },
-                    Stmt::Masquerade,
-                ]),
-                rule(vec![
-                    Stmt::NfProto(Family::V6),
-                    Stmt::HairpinInSet { family: Family::V6, set: hairpin_set(Family::V6) },
-                    Stmt::Masquerade,
-                ]),
-                rule(vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
-                rule(vec![Stmt::ClearMarkBit(MASQ_MARK)]),
-                rule(vec![Stmt::Masquerade]),
+                fixed(
+                    HAIRPIN,
+                    vec![
+                        Stmt::NfProto(Family::V4),
+                        Stmt::HairpinInSet { family: Family::V4, set: hairpin_set(Family::V4) },
+                        Stmt::Masquerade,
+                    ],
+                ),
+                fixed(
+                    HAIRPIN,
+                    vec![
+                        Stmt::NfProto(Family::V6),
+                        Stmt::HairpinInSet { family: Family::V6, set: hairpin_set(Family::V6) },
+                        Stmt::Masquerade,
+                    ],
+                ),
+                fixed("not marked for masquerade", vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
+                fixed("masquerade what the services chain marked", vec![Stmt::ClearMarkBit(MASQ_MARK)]),
+                fixed("masquerade what the services chain marked", vec![Stmt::Masquerade]),
             ],
         ),
     );
@@ -232,7 +254,14 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         // INVALID conntrack entries").
         rs.chains.insert(
             CHAIN_FORWARD.into(),
-            base(Hook::Forward, FILTER, vec![rule(vec![Stmt::CtStateInvalid, Stmt::Counter, Stmt::Drop])]),
+            base(
+                Hook::Forward,
+                FILTER,
+                vec![fixed(
+                    "INVALID forwarded packets (kube-proxy's default; --conntrack-tcp-be-liberal)",
+                    vec![Stmt::CtStateInvalid, Stmt::Counter, Stmt::Drop],
+                )],
+            ),
         );
     }
 
@@ -249,28 +278,34 @@ fn base(hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
 /// One shard's dispatch: its base chains, `services` chain, masquerade check and sets.
 fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
     let q = |name: &str| qualify(shard, name);
-    let to_services = || vec![rule(vec![Stmt::Jump(q(CHAIN_SERVICES))])];
+    let to_services = || vec![fixed("Service traffic", vec![Stmt::Jump(q(CHAIN_SERVICES))])];
     rs.chains.insert(q(CHAIN_PREROUTING), base(Hook::Prerouting, DSTNAT, to_services()));
     rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, to_services()));
     let mut services = Vec::new();
     for family in FAMILIES {
         if masq_check_rules(family, opts).is_some() {
-            services.push(rule(vec![
-                Stmt::NfProto(family),
-                Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
-                Stmt::Jump(q(&masq_check_chain(family))),
-            ]));
+            services.push(fixed(
+                "masquerade unless from the pod network",
+                vec![
+                    Stmt::NfProto(family),
+                    Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
+                    Stmt::Jump(q(&masq_check_chain(family))),
+                ],
+            ));
         }
-        services.push(rule(vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }]));
+        services.push(fixed(
+            "dispatch by address, protocol and port",
+            vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
+        ));
     }
     for family in FAMILIES {
         let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) }];
         let mut tcp = to_vip();
         tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
-        services.push(rule(tcp));
+        services.push(fixed(NO_SUCH_PORT, tcp));
         let mut other = to_vip();
         other.push(Stmt::RejectPortUnreachable);
-        services.push(rule(other));
+        services.push(fixed(NO_SUCH_PORT, other));
     }
     rs.chains.insert(q(CHAIN_SERVICES), Chain { base: None, rules: services.into() });
     for family in FAMILIES {
@@ -285,7 +320,7 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
 /// Rules that set the masquerade mark for traffic that needs SNAT, or `None` when nothing of
 /// this family is ever masqueraded (apart from hairpin, handled per endpoint).
 fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
-    let mark = rule(vec![Stmt::SetMarkBit(MASQ_MARK)]);
+    let mark = fixed("mark for masquerade", vec![Stmt::SetMarkBit(MASQ_MARK)]);
     if opts.masquerade_all {
         return Some(vec![mark]);
     }
@@ -293,8 +328,10 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
     if cidrs.is_empty() {
         return None;
     }
-    let mut rules: Vec<Rule> =
-        cidrs.into_iter().map(|c| rule(vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return])).collect();
+    let mut rules: Vec<Rule> = cidrs
+        .into_iter()
+        .map(|c| fixed("from the pod network", vec![Stmt::NfProto(family), Stmt::SaddrIn(*c), Stmt::Return]))
+        .collect();
     rules.push(mark);
     Some(rules)
 }
@@ -307,14 +344,15 @@ fn affinity_set(endpoint_chain: &str) -> String {
 /// The endpoint picks: endpoint i of n, weight w_i, is taken with probability
 /// w_i / (w_i + ... + w_n) once the ones before it were not, so each gets exactly its share of
 /// the total; integers only.
-fn pick_rules(picks: &[(String, u32)]) -> Vec<Rule> {
+fn pick_rules(label: &Arc<str>, picks: &[(String, u32)]) -> Vec<Rule> {
     let mut remaining: u32 = picks.iter().map(|(_, w)| w).sum();
     let mut rules = Vec::new();
     for (i, (chain, weight)) in picks.iter().enumerate() {
         if i + 1 == picks.len() {
-            rules.push(rule(vec![Stmt::Goto(chain.clone())]));
+            rules.push(Rule::new(label, vec![Stmt::Goto(chain.clone())]));
         } else {
-            rules.push(rule(vec![Stmt::NumgenBelow { modulus: remaining, below: *weight }, Stmt::Goto(chain.clone())]));
+            let pick = Stmt::NumgenBelow { modulus: remaining, below: *weight };
+            rules.push(Rule::new(label, vec![pick, Stmt::Goto(chain.clone())]));
         }
         remaining -= weight;
     }
@@ -323,6 +361,9 @@ fn pick_rules(picks: &[(String, u32)]) -> Vec<Rule> {
 
 fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
+    // Every rule of a Service says which Service it serves (the chain names say the rest).
+    let label: Arc<str> = svc.id.to_string().into();
+    let rule = |stmts| Rule::new(&label, stmts);
     let shard = opts.shard_of(&svc.id);
     let q = |name: &str| qualify(shard, name);
     objs.elements.push((q(&cluster_ips_set(family)), Element::address(vip)));
@@ -331,8 +372,9 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
         let chain = q(&local_chain);
         let endpoints = svc.usable_endpoints(port, family, &opts.locality);
         let mut rules = Vec::new();
-        if endpoints.is_empty() && svc.internal_local {
-            // kube-proxy drops (rather than rejects) when no local endpoint exists.
+        let elsewhere = || !port.usable_endpoints(family, false, &Locality::default()).is_empty();
+        if endpoints.is_empty() && svc.internal_local && elsewhere() {
+            // kube-proxy drops (rather than rejects) when endpoints exist, but none on this node.
             rules.push(rule(vec![Stmt::Drop]));
         } else if endpoints.is_empty() {
             if port.protocol == crate::model::Protocol::Tcp {
@@ -363,7 +405,7 @@ fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &
             objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules.into() });
             picks.push((ep_chain, ep.weight));
         }
-        rules.extend(pick_rules(&picks));
+        rules.extend(pick_rules(&label, &picks));
         objs.elements.push((q(&dispatch_map(family)), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
         objs.chains.insert(chain, Chain { base: None, rules: rules.into() });
     }
@@ -387,7 +429,7 @@ pub fn render(rs: &Ruleset) -> String {
             );
         }
         for r in chain.rules.iter() {
-            out.push_str(&format!("    {r}\n"));
+            out.push_str(&format!("    {r} comment \"{}\"\n", r.comment()));
         }
         out.push_str("  }\n");
     }

@@ -1,29 +1,34 @@
 //! Old vs new -> the smallest change. Pure: the kernel state comes in as a value read back by
 //! `nft::read_table`, the plan goes out as a list of operations for `nft::apply`.
 //!
-//! Granularity is the object: a chain whose rule comments differ is flushed and refilled, a set
-//! element that differs is deleted and added, untouched chains keep their handles. Operations
+//! Granularity is the object: a chain whose rules differ (by their expressions and comments as
+//! the kernel holds them, see `nft::expr::fingerprint`) is flushed and refilled, a set element
+//! that differs (key or verdict) is deleted and added, a base chain with another policy or a
+//! table with flags (dormant) is updated in place, untouched chains keep their handles. Operations
 //! are ordered so that every reference exists when it is made and is gone before its target is
 //! deleted; the whole plan is one kernel transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::nft::consts::NF_ACCEPT;
+use crate::nft::expr::rule_fingerprint;
 use crate::ruleset::*;
 
 /// One chain as read from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelChain {
     pub base: Option<BaseChain>,
-    /// The comment of each rule, in order ("" for a rule without one: not ours).
-    pub rules: Vec<String>,
+    /// A base chain's policy (NF_ACCEPT, NF_DROP).
+    pub policy: Option<u32>,
+    /// The fingerprint of each rule (`nft::expr::fingerprint`), in order.
+    pub rules: Vec<u64>,
 }
 
 /// One set as read from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSet {
-    pub key_len: u32,
-    pub is_map: bool,
+    pub shape: SetShape,
     pub elements: Vec<Element>,
 }
 
@@ -34,6 +39,8 @@ pub struct KernelState {
     pub table_exists: bool,
     /// Our shard tables that exist (`nftproxy-1`, ...).
     pub shard_tables: BTreeSet<String>,
+    /// Our tables whose flags are not ours (someone made them dormant).
+    pub flagged_tables: BTreeSet<String>,
     pub chains: BTreeMap<String, KernelChain>,
     pub sets: BTreeMap<String, KernelSet>,
 }
@@ -44,11 +51,18 @@ pub enum Op {
     /// someone reshaped it (it is rebuilt in the same transaction).
     DelTable(String),
     AddTable(String),
+    /// Resets an existing table's flags (wakes a dormant table).
+    UpdateTable(String),
     AddSet {
         name: String,
         kind: SetKind,
     },
     AddChain {
+        name: String,
+        base: Option<BaseChain>,
+    },
+    /// Resends an existing base chain: resets its policy to accept.
+    UpdateChain {
         name: String,
         base: Option<BaseChain>,
     },
@@ -97,7 +111,10 @@ impl Plan {
         self.ops
             .iter()
             .filter_map(|op| match op {
-                Op::AddChain { name, .. } | Op::FlushChain(name) | Op::DelChain(name) => Some(name.as_str()),
+                Op::AddChain { name, .. }
+                | Op::UpdateChain { name, .. }
+                | Op::FlushChain(name)
+                | Op::DelChain(name) => Some(name.as_str()),
                 Op::AddRules { chain, .. } => Some(chain.as_str()),
                 _ => None,
             })
@@ -106,11 +123,12 @@ impl Plan {
 }
 
 fn set_shape_ok(want: &Set, have: &KernelSet) -> bool {
-    have.key_len == want.kind.key_len() && have.is_map == matches!(want.kind, SetKind::Dispatch(_))
+    have.shape == want.kind.shape()
 }
 
-fn comments(chain: &Chain) -> Vec<String> {
-    chain.rules.iter().map(Rule::comment).collect()
+/// The fingerprints of a chain's rules as the kernel would hold them.
+fn fingerprints(chain: &Chain, scratch: &mut Vec<u8>) -> Vec<u64> {
+    chain.rules.iter().map(|r| rule_fingerprint(r, scratch)).collect()
 }
 
 /// The shard tables a ruleset's qualified names live in.
@@ -160,6 +178,7 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     } else {
         filtered = KernelState {
             table_exists: have.table_exists && !reshaped.contains(TABLE),
+            flagged_tables: have.flagged_tables.difference(&reshaped).cloned().collect(),
             shard_tables: have
                 .shard_tables
                 .iter()
@@ -176,6 +195,10 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     }
     for t in want_shards.iter().filter(|t| !have.shard_tables.contains(*t)) {
         ops.push(Op::AddTable(t.clone()));
+    }
+    let kept = |t: &&String| t.as_str() == TABLE || want_shards.contains(*t);
+    for t in have.flagged_tables.iter().filter(kept) {
+        ops.push(Op::UpdateTable(t.clone()));
     }
     let gone_chains: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
     let gone_sets: Vec<&String> = have.sets.keys().filter(|n| !want.sets.contains_key(*n)).collect();
@@ -200,9 +223,16 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
             adds.push(Op::AddElements { set: name, kind: set.kind, elements: add });
         }
     }
+    let mut scratch = Vec::new();
     for (name, chain) in want.chains {
+        if let Some(h) = have.chains.get(&name)
+            && chain.base.is_some()
+            && h.policy != Some(NF_ACCEPT)
+        {
+            ops.push(Op::UpdateChain { name: name.clone(), base: chain.base });
+        }
         let rewrite = match have.chains.get(&name) {
-            Some(h) if h.rules == comments(&chain) => false,
+            Some(h) if h.rules == fingerprints(&chain, &mut scratch) => false,
             Some(_) => {
                 rules.push(Op::FlushChain(name.clone()));
                 true
@@ -242,11 +272,17 @@ impl fmt::Display for Plan {
             match op {
                 Op::DelTable(t) => writeln!(f, "- table inet {t}")?,
                 Op::AddTable(t) => writeln!(f, "+ table inet {t}")?,
+                Op::UpdateTable(t) => writeln!(f, "~ table inet {t} (flags reset: no longer dormant)")?,
                 Op::AddSet { name, kind } => writeln!(f, "+ set {name} ({kind:?})")?,
-                Op::AddChain { name, base: Some(b) } => {
-                    writeln!(f, "+ chain {name} (type nat hook {:?} priority {})", b.hook, b.priority)?
-                }
+                Op::AddChain { name, base: Some(b) } => writeln!(
+                    f,
+                    "+ chain {name} (type {} hook {} priority {})",
+                    b.hook.chain_type(),
+                    format!("{:?}", b.hook).to_lowercase(),
+                    b.priority
+                )?,
                 Op::AddChain { name, base: None } => writeln!(f, "+ chain {name}")?,
+                Op::UpdateChain { name, .. } => writeln!(f, "~ chain {name} (policy accept)")?,
                 Op::FlushChain(name) => writeln!(f, "~ flush chain {name}")?,
                 Op::AddRules { chain, rules } => {
                     for r in rules.iter() {
@@ -273,21 +309,23 @@ impl fmt::Display for Plan {
 
 /// What the kernel would hold after a plan built from `want` is applied: `want` itself, as read back.
 pub fn as_kernel_state(want: &Ruleset) -> KernelState {
+    let mut scratch = Vec::new();
     KernelState {
         table_exists: true,
         shard_tables: shard_tables_of(want),
+        flagged_tables: BTreeSet::new(),
         chains: want
             .chains
             .iter()
-            .map(|(n, c)| (n.clone(), KernelChain { base: c.base, rules: comments(c) }))
+            .map(|(n, c)| {
+                let policy = c.base.map(|_| NF_ACCEPT);
+                (n.clone(), KernelChain { base: c.base, policy, rules: fingerprints(c, &mut scratch) })
+            })
             .collect(),
         sets: want
             .sets
             .iter()
-            .map(|(n, s)| {
-                let is_map = matches!(s.kind, SetKind::Dispatch(_));
-                (n.clone(), KernelSet { key_len: s.kind.key_len(), is_map, elements: s.elements.clone() })
-            })
+            .map(|(n, s)| (n.clone(), KernelSet { shape: s.kind.shape(), elements: s.elements.clone() }))
             .collect(),
     }
 }
@@ -318,4 +356,125 @@ pub fn plan_services(
     let have = as_kernel_state(&collect(old));
     let want = collect(new);
     plan(&have, want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{self, CHAIN_FORWARD, CHAIN_OUTPUT, Options};
+    use crate::model::{Endpoint, Family, Protocol, Service, ServiceId, ServicePort, Snapshot};
+
+    /// The demo-like rule set: one Service with two endpoints, one shard.
+    fn wanted() -> Ruleset {
+        let eps = ["10.244.1.2", "10.244.1.3"].map(|ip| Endpoint::ready(ip.parse().unwrap(), 8080));
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps.to_vec() };
+        let svc = Service::new(ServiceId::new("default", "web"), vec!["10.96.0.80".parse().unwrap()], vec![port]);
+        let mut snap = Snapshot::default();
+        snap.services.insert(svc.id.clone(), svc);
+        compile::compile(
+            &snap,
+            &Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..Default::default() },
+        )
+    }
+
+    const SVC: &str = "svc4/default/web/tcp/80";
+
+    #[test]
+    fn a_kernel_holding_what_we_want_needs_nothing() {
+        assert_eq!(plan(&as_kernel_state(&wanted()), wanted()), Plan::default());
+    }
+
+    #[test]
+    fn a_rule_with_other_content_under_the_same_comment_is_rewritten() {
+        let mut have = as_kernel_state(&wanted());
+        // What `nft replace rule` leaves: same position, same comment, another target.
+        let mut hijacked = wanted().chains[SVC].rules.to_vec();
+        hijacked[1].stmts[0] = Stmt::Goto("ep4/default/other/tcp/80/10.244.9.9/80".into());
+        have.chains.get_mut(SVC).unwrap().rules =
+            fingerprints(&Chain { base: None, rules: hijacked.into() }, &mut Vec::new());
+        let p = plan(&have, wanted());
+        assert_eq!(p.touched_chains(), BTreeSet::from([SVC]));
+        assert_eq!(p.ops[0], Op::FlushChain(SVC.into()));
+        assert!(matches!(&p.ops[1], Op::AddRules { chain, rules } if chain == SVC && rules.len() == 2));
+    }
+
+    #[test]
+    fn rules_in_another_order_are_rewritten() {
+        let mut have = as_kernel_state(&wanted());
+        have.chains.get_mut(SVC).unwrap().rules.reverse();
+        assert_eq!(plan(&have, wanted()).touched_chains(), BTreeSet::from([SVC]));
+    }
+
+    #[test]
+    fn a_base_chain_policy_is_reset_in_place() {
+        for chain in [CHAIN_FORWARD, CHAIN_OUTPUT] {
+            let mut have = as_kernel_state(&wanted());
+            have.chains.get_mut(chain).unwrap().policy = Some(0); // NF_DROP
+            let p = plan(&have, wanted());
+            let base = wanted().chains[chain].base;
+            assert_eq!(p.ops, vec![Op::UpdateChain { name: chain.into(), base }], "{chain}");
+        }
+    }
+
+    #[test]
+    fn a_dormant_table_is_woken_in_place() {
+        let mut have = as_kernel_state(&wanted());
+        have.flagged_tables.insert(TABLE.into());
+        assert_eq!(plan(&have, wanted()).ops, vec![Op::UpdateTable(TABLE.into())]);
+    }
+
+    #[test]
+    fn a_map_element_with_another_verdict_is_replaced() {
+        let mut have = as_kernel_state(&wanted());
+        let map = have.sets.get_mut("service-ips-v4").unwrap();
+        let want_elem = map.elements[0].clone();
+        map.elements[0].goto = Some(format!("jump {SVC}"));
+        let p = plan(&have, wanted());
+        let kind = SetKind::Dispatch(Family::V4);
+        let mut jump = want_elem.clone();
+        jump.goto = Some(format!("jump {SVC}"));
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::DelElements { set: "service-ips-v4".into(), kind, elements: vec![jump] },
+                Op::AddElements { set: "service-ips-v4".into(), kind, elements: vec![want_elem] },
+            ]
+        );
+        assert!(p.to_string().contains(&format!("- element service-ips-v4: 10.96.0.80 . tcp . 80 : jump {SVC}")));
+    }
+
+    #[test]
+    fn a_set_of_another_type_rebuilds_the_table_in_the_same_transaction() {
+        let mut have = as_kernel_state(&wanted());
+        have.sets.get_mut("cluster-ips-v4").unwrap().shape.flags |= crate::nft::consts::NFT_SET_TIMEOUT;
+        let p = plan(&have, wanted());
+        assert_eq!(p.ops[0], Op::DelTable(TABLE.into()));
+        assert_eq!(p.ops[1], Op::AddTable(TABLE.into()));
+        assert_eq!(plan(&Default::default(), wanted()).ops, p.ops[1..].to_vec(), "then built as on an empty kernel");
+    }
+
+    #[test]
+    fn a_renamed_endpoint_chain_is_unreferenced_before_it_is_deleted() {
+        // `nft rename chain ... zz`: the Service chain now says `goto zz`.
+        let want = wanted();
+        let ep = "ep4/default/web/tcp/80/10.244.1.3/8080";
+        let mut have = as_kernel_state(&want);
+        let renamed = have.chains.remove(ep).unwrap();
+        have.chains.insert("zz".into(), renamed);
+        let mut rules = want.chains[SVC].rules.to_vec();
+        rules[1].stmts[0] = Stmt::Goto("zz".into());
+        have.chains.get_mut(SVC).unwrap().rules =
+            fingerprints(&Chain { base: None, rules: rules.into() }, &mut Vec::new());
+        let p = plan(&have, want);
+        let at = |op: &Op| p.ops.iter().position(|o| o == op).unwrap();
+        assert!(at(&Op::FlushChain(SVC.into())) < at(&Op::DelChain("zz".into())));
+        assert!(at(&Op::AddChain { name: ep.into(), base: None }) < at(&Op::FlushChain(SVC.into())));
+    }
+
+    #[test]
+    fn dry_runs_print_each_base_chain_type() {
+        let text = plan(&Default::default(), wanted()).to_string();
+        assert!(text.contains("+ chain filter-forward (type filter hook forward priority 0)"), "{text}");
+        assert!(text.contains("+ chain nat-output (type nat hook output priority -100)"), "{text}");
+    }
 }

@@ -1,13 +1,16 @@
 //! The nftables objects nftproxy owns, as plain values: what the compiler produces, what the
 //! kernel read-back is compared with, and what the netlink layer encodes.
 //!
-//! Every rule prints as nft-like text ([`Rule`]'s `Display`). That text is also stored in the
-//! kernel as the rule's comment, so `nft list table inet nftproxy` explains itself and the diff
-//! can compare a kernel rule with a wanted rule without decoding expressions.
+//! Every rule prints as nft-like text ([`Rule`]'s `Display`, for dry runs and golden tests) and
+//! carries a label stored in the kernel as its comment: the Service it serves, or what a fixed
+//! rule is for, so `nft list table inet nftproxy` says what the rule does not already print.
+//! The diff never trusts the comment: it compares each rule's expressions as the kernel holds
+//! them (see `nft::expr`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -41,13 +44,24 @@ pub fn qualify(shard: u32, name: &str) -> String {
     if shard == 0 { name.to_string() } else { format!("{}{SHARD_SEP}{name}", shard_table(shard)) }
 }
 
-/// Whether `table` is one of ours (`nftproxy` or `nftproxy-<n>`).
+/// Most tables `--table-shards` spreads Services over.
+pub const MAX_SHARDS: u32 = 64;
+
+/// The shard a table name stands for, if it is one of ours: exactly the names [`shard_table`]
+/// generates (`nftproxy`, `nftproxy-1` .. `nftproxy-63`). Lookalikes another program may have
+/// created (`nftproxy-0`, `nftproxy-01`, `nftproxy-64`) are not ours: never read, changed or
+/// deleted.
+pub fn shard_of_table(table: &str) -> Option<u32> {
+    if table == TABLE {
+        return Some(0);
+    }
+    let n: u32 = table.strip_prefix(TABLE)?.strip_prefix('-')?.parse().ok()?;
+    (n > 0 && n < MAX_SHARDS && shard_table(n) == table).then_some(n)
+}
+
+/// Whether `table` is one of ours (see [`shard_of_table`]).
 pub fn is_our_table(table: &str) -> bool {
-    table == TABLE
-        || table
-            .strip_prefix(TABLE)
-            .and_then(|r| r.strip_prefix('-'))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    shard_of_table(table).is_some()
 }
 
 /// Mark bit asking postrouting to masquerade (kube-proxy's value).
@@ -183,9 +197,9 @@ impl fmt::Display for Stmt {
             Stmt::MarkBitClear(bit) => write!(f, "meta mark & {bit:#x} == 0"),
             Stmt::SetMarkBit(bit) => write!(f, "meta mark set meta mark | {bit:#x}"),
             Stmt::ClearMarkBit(bit) => write!(f, "meta mark set meta mark & ~{bit:#x}"),
-            Stmt::NumgenBelow { modulus, below } => {
-                write!(f, "numgen random mod {modulus} < {below}")
-            }
+            // As the kernel holds it (and nft prints it): one in `modulus` is an equality.
+            Stmt::NumgenBelow { modulus, below: 1 } => write!(f, "numgen random mod {modulus} == 0"),
+            Stmt::NumgenBelow { modulus, below } => write!(f, "numgen random mod {modulus} < {below}"),
             Stmt::Jump(c) => write!(f, "jump {}", local_name(c)),
             Stmt::Goto(c) => write!(f, "goto {}", local_name(c)),
             Stmt::Return => f.write_str("return"),
@@ -201,12 +215,17 @@ impl fmt::Display for Stmt {
     }
 }
 
+/// A rule: its statements, and a label for operators (stored as the rule's comment).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule(pub Vec<Stmt>);
+pub struct Rule {
+    pub stmts: Vec<Stmt>,
+    /// Shared by every rule of a Service, so 60,000 rules do not hold 60,000 copies.
+    pub label: Arc<str>,
+}
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, s) in self.0.iter().enumerate() {
+        for (i, s) in self.stmts.iter().enumerate() {
             if i > 0 {
                 f.write_str(" ")?;
             }
@@ -217,19 +236,63 @@ impl fmt::Display for Rule {
 }
 
 impl Rule {
-    /// The comment stored with the rule in the kernel: its own text, shortened with a hash of
-    /// the full text when it is too long, so that two different rules never share a comment.
-    pub fn comment(&self) -> String {
-        let text = self.to_string();
-        if text.len() <= MAX_COMMENT {
-            return text;
-        }
-        let hash = fnv1a(text.as_bytes());
-        let mut cut = MAX_COMMENT - 21;
-        while !text.is_char_boundary(cut) {
+    pub fn new(label: &Arc<str>, stmts: Vec<Stmt>) -> Self {
+        Rule { stmts, label: label.clone() }
+    }
+
+    /// The comment stored with the rule in the kernel: its label, cut to what nft accepts.
+    pub fn comment(&self) -> &str {
+        let mut cut = self.label.len().min(MAX_COMMENT);
+        while !self.label.is_char_boundary(cut) {
             cut -= 1;
         }
-        format!("{}... #{hash:016x}", &text[..cut])
+        &self.label[..cut]
+    }
+
+    /// Feeds a stable encoding of the rule (statements and label) to `h`: the digests that
+    /// restarts compare must not change between builds, so no `Debug` text and no std hasher.
+    pub fn hash_into(&self, h: &mut Fnv) {
+        h.write(self.label.as_bytes());
+        for s in &self.stmts {
+            s.hash_into(h);
+        }
+    }
+}
+
+impl Stmt {
+    fn hash_into(&self, h: &mut Fnv) {
+        let fam = |f: &Family| [*f as u8];
+        match self {
+            Stmt::NfProto(f) => h.write_tagged(1, &fam(f)),
+            Stmt::L4Proto(p) => h.write_tagged(2, &[p.number()]),
+            Stmt::SaddrIn(n) => {
+                let mut b = ip_bytes(&n.addr());
+                b.push(n.prefix_len());
+                h.write_tagged(3, &b)
+            }
+            Stmt::DaddrInSet { family, set } => h.write_tagged2(4, &fam(family), set.as_bytes()),
+            Stmt::HairpinInSet { family, set } => h.write_tagged2(5, &fam(family), set.as_bytes()),
+            Stmt::SaddrInSet { family, set } => h.write_tagged2(6, &fam(family), set.as_bytes()),
+            Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
+                h.write_tagged2(7, &fam(family), set.as_bytes());
+                h.write(&timeout_seconds.to_be_bytes());
+            }
+            Stmt::DispatchVmap { family, map } => h.write_tagged2(8, &fam(family), map.as_bytes()),
+            Stmt::MarkBitClear(b) => h.write_tagged(9, &b.to_be_bytes()),
+            Stmt::SetMarkBit(b) => h.write_tagged(10, &b.to_be_bytes()),
+            Stmt::ClearMarkBit(b) => h.write_tagged(11, &b.to_be_bytes()),
+            Stmt::NumgenBelow { modulus, below } => h.write_tagged2(12, &modulus.to_be_bytes(), &below.to_be_bytes()),
+            Stmt::Jump(c) => h.write_tagged(13, c.as_bytes()),
+            Stmt::Goto(c) => h.write_tagged(14, c.as_bytes()),
+            Stmt::Return => h.write_tagged(15, &[]),
+            Stmt::Dnat { addr, port } => h.write_tagged2(16, &ip_bytes(addr), &port.to_be_bytes()),
+            Stmt::Masquerade => h.write_tagged(17, &[]),
+            Stmt::RejectTcpReset => h.write_tagged(18, &[]),
+            Stmt::RejectPortUnreachable => h.write_tagged(19, &[]),
+            Stmt::CtStateInvalid => h.write_tagged(20, &[]),
+            Stmt::Counter => h.write_tagged(21, &[]),
+            Stmt::Drop => h.write_tagged(22, &[]),
+        }
     }
 }
 
@@ -259,7 +322,22 @@ impl Fnv {
             self.0 = self.0.wrapping_mul(0x100000001b3);
         }
     }
+
+    fn write_tagged(&mut self, tag: u8, bytes: &[u8]) {
+        self.write(&[tag]);
+        self.write(bytes);
+    }
+
+    fn write_tagged2(&mut self, tag: u8, a: &[u8], b: &[u8]) {
+        self.write_tagged(tag, a);
+        self.write(b);
+    }
 }
+
+/// How our rules are encoded for the kernel. Bump it whenever `nft::expr` or the labels change
+/// what a rule looks like in the kernel: it is part of every digest and of the state record,
+/// so an agent of a new release rewrites the rules an older one left, once, and says so.
+pub const RULE_FORMAT: u32 = 2;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -268,16 +346,22 @@ pub fn digest<'a>(
     elements: impl IntoIterator<Item = (&'a String, &'a Element)>,
 ) -> u64 {
     let mut h = Fnv::default();
+    h.write(&RULE_FORMAT.to_be_bytes());
     for (name, chain) in chains {
         h.write(name.as_bytes());
-        h.write(format!("{:?}", chain.base).as_bytes());
+        match chain.base {
+            Some(b) => h.write_tagged2(1, &[b.hook as u8], &b.priority.to_be_bytes()),
+            None => h.write_tagged(0, &[]),
+        }
         for r in chain.rules.iter() {
-            h.write(r.comment().as_bytes());
+            r.hash_into(&mut h);
         }
     }
     for (name, set) in sets {
         h.write(name.as_bytes());
-        h.write(format!("{:?}", set.kind).as_bytes());
+        let shape = set.kind.shape();
+        h.write_tagged2(2, &shape.key_type.to_be_bytes(), &shape.flags.to_be_bytes());
+        h.write(&shape.key_len.to_be_bytes());
     }
     for (set, e) in elements {
         h.write(set.as_bytes());
@@ -339,10 +423,48 @@ impl SetKind {
     }
 }
 
+/// A set's type as the kernel holds it: what the diff compares and what `nft` encodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetShape {
+    /// nft's data type ids, concatenations packed `TYPE_BITS` apart.
+    pub key_type: u32,
+    pub key_len: u32,
+    /// NFT_SET_* flags.
+    pub flags: u32,
+    /// For maps: NFT_DATA_VERDICT; 0 otherwise.
+    pub data_type: u32,
+}
+
+impl SetKind {
+    pub fn shape(self) -> SetShape {
+        use crate::nft::consts::*;
+        let addr_type = match self.family() {
+            Family::V4 => TYPE_IPADDR,
+            Family::V6 => TYPE_IP6ADDR,
+        };
+        let key_type = match self {
+            SetKind::Dispatch(_) => {
+                (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE
+            }
+            SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
+            SetKind::Hairpin(_) => (addr_type << (2 * TYPE_BITS)) | (addr_type << TYPE_BITS) | addr_type,
+            SetKind::State => TYPE_INTEGER,
+        };
+        let (flags, data_type) = match self {
+            SetKind::Dispatch(_) => (NFT_SET_MAP, NFT_DATA_VERDICT),
+            SetKind::Affinity(_) => (NFT_SET_TIMEOUT | NFT_SET_EVAL, 0),
+            _ => (0, 0),
+        };
+        SetShape { key_type, key_len: self.key_len(), flags, data_type }
+    }
+}
+
 /// A set element: its key bytes as the kernel stores them, and for maps the chain it jumps to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub key: Vec<u8>,
+    /// Our maps only ever `goto` a chain. Read back, any other verdict is written as nft
+    /// would print it (`jump svc4/...`, `accept`), so it differs from every element we want.
     pub goto: Option<String>,
 }
 
@@ -387,8 +509,12 @@ impl Element {
                     n => n.to_string(),
                 };
                 let port = u16::from_be_bytes([self.key[alen + 4], self.key[alen + 5]]);
-                let to = self.goto.as_deref().unwrap_or("?");
-                format!("{} . {proto} . {port} : goto {to}", addr(&self.key[..alen]))
+                let to = match self.goto.as_deref() {
+                    Some(chain) if !chain.contains(' ') => format!("goto {chain}"),
+                    Some(verdict) => verdict.to_string(),
+                    None => "?".to_string(),
+                };
+                format!("{} . {proto} . {port} : {to}", addr(&self.key[..alen]))
             }
             SetKind::Hairpin(_) => {
                 let n = self.key.len() / 3;
@@ -424,13 +550,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_comments_are_cut_with_a_distinguishing_hash() {
-        let long = |tail: &str| Rule(vec![Stmt::Goto(format!("{}{tail}", "x".repeat(200)))]);
-        let (a, b) = (long("a").comment(), long("b").comment());
-        assert!(a.len() <= MAX_COMMENT && b.len() <= MAX_COMMENT);
-        assert_ne!(a, b);
-        let short = Rule(vec![Stmt::L4Proto(Protocol::Tcp), Stmt::RejectTcpReset]);
-        assert_eq!(short.comment(), "meta l4proto tcp reject with tcp reset");
+    fn comments_are_labels_cut_to_what_nft_accepts() {
+        let label: Arc<str> = format!("{}é", "x".repeat(126)).into();
+        let r = Rule::new(&label, vec![Stmt::Drop]);
+        assert_eq!(r.comment(), "x".repeat(126), "cut at a character boundary");
+        let short = Rule::new(&"default/web".into(), vec![Stmt::L4Proto(Protocol::Tcp), Stmt::RejectTcpReset]);
+        assert_eq!(short.comment(), "default/web");
+        assert_eq!(short.to_string(), "meta l4proto tcp reject with tcp reset");
+    }
+
+    #[test]
+    fn only_generated_shard_names_are_our_tables() {
+        for ours in ["nftproxy", "nftproxy-1", "nftproxy-9", "nftproxy-10", "nftproxy-63"] {
+            assert!(is_our_table(ours), "{ours}");
+        }
+        for theirs in
+            ["nftproxy-0", "nftproxy-01", "nftproxy-007", "nftproxy-64", "nftproxy-", "nftproxy-+1", "nftproxyx", "nft"]
+        {
+            assert!(!is_our_table(theirs), "{theirs}");
+        }
+        for k in 0..MAX_SHARDS {
+            assert_eq!(shard_of_table(&shard_table(k)), Some(k));
+        }
+    }
+
+    #[test]
+    fn the_pick_of_one_in_n_prints_as_the_kernel_holds_it() {
+        assert_eq!(Stmt::NumgenBelow { modulus: 3, below: 1 }.to_string(), "numgen random mod 3 == 0");
+        assert_eq!(Stmt::NumgenBelow { modulus: 7, below: 3 }.to_string(), "numgen random mod 7 < 3");
+    }
+
+    #[test]
+    fn digests_are_stable_values_not_debug_text() {
+        // A fixed rule set has a fixed digest: a change here means every node rewrites its
+        // rules after the upgrade, so it must come with a RULE_FORMAT bump.
+        let label: Arc<str> = "default/web".into();
+        let chain = Chain {
+            base: Some(BaseChain { hook: Hook::Prerouting, priority: DSTNAT }),
+            rules: vec![Rule::new(&label, vec![Stmt::Jump("services".into())])].into(),
+        };
+        let name = "nat-prerouting".to_string();
+        let d = digest([(&name, &chain)], std::iter::empty(), std::iter::empty());
+        assert_eq!(d, digest([(&name, &chain.clone())], std::iter::empty(), std::iter::empty()));
+        let mut other = chain.clone();
+        other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
+        assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
+        assert_eq!(d, 0xd151_f62b_d5d2_8e23, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

@@ -10,15 +10,15 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::compile::STATE_SET;
 use crate::compile::{self, Options, ServiceObjects};
+use crate::compile::{STATE_SET, StateRecord};
 use crate::conntrack::Conntrack;
 use crate::conntrack::stale::UdpTargets;
 use crate::model::{Service, ServiceId, Snapshot};
 use crate::nft::{ApplyStats, Netlink};
 use crate::plan::{self, Op, Plan};
-use crate::ruleset::Ruleset;
 use crate::ruleset::{Element, SetKind};
+use crate::ruleset::{RULE_FORMAT, Ruleset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncKind {
@@ -197,31 +197,41 @@ impl Engine {
             let plan = plan::plan_services(old, std::mem::take(&mut compiled).into_values(), &self.skeleton);
             let record = !plan.is_empty();
             (SyncKind::Partial, plan, Duration::ZERO, record)
-        } else if self
-            .nl
-            .read_elements(STATE_SET)?
-            .is_some_and(|e| e.len() == 1 && compile::parse_state_element(&e[0]) == Some((generation, digest)))
-        {
-            // Nobody committed anything since our last commit (the generation is the one it
-            // produced) and that commit left exactly what we want (same digest): verified.
-            self.state = vec![compile::state_element(generation, digest)];
-            (SyncKind::Full, Plan::default(), start.elapsed(), false)
         } else {
-            let have = self.nl.read_table()?;
-            let read_back = start.elapsed();
-            let mut want = self.skeleton.clone();
-            for (id, svc) in &snapshot.services {
-                let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
-                compile::merge(&mut want, objs);
+            let recorded = self
+                .nl
+                .read_elements(STATE_SET)?
+                .and_then(|e| if e.len() == 1 { compile::parse_state_element(&e[0]) } else { None });
+            let wanted = StateRecord { generation, format: RULE_FORMAT, digest };
+            if recorded == Some(wanted) {
+                // Nobody committed anything since our last commit (the generation is the one it
+                // produced) and that commit left exactly what we want (same digest): verified.
+                self.state = vec![compile::state_element(generation, digest)];
+                (SyncKind::Full, Plan::default(), start.elapsed(), false)
+            } else {
+                if let Some(r) = recorded.filter(|r| r.format != RULE_FORMAT) {
+                    tracing::info!(
+                        from = r.format,
+                        to = RULE_FORMAT,
+                        "the rules in the kernel were written in another rule format; rewriting what differs"
+                    );
+                }
+                let have = self.nl.read_table()?;
+                let read_back = start.elapsed();
+                let mut want = self.skeleton.clone();
+                for (id, svc) in &snapshot.services {
+                    let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+                    compile::merge(&mut want, objs);
+                }
+                let plan = plan::plan(&have, want);
+                let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
+                self.state = match have.sets.get(STATE_SET) {
+                    Some(s) if !rebuilt => s.elements.clone(),
+                    _ => Vec::new(),
+                };
+                // Recorded even when nothing else changes, so that the next restart is quick.
+                (SyncKind::Full, plan, read_back, true)
             }
-            let plan = plan::plan(&have, want);
-            let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
-            self.state = match have.sets.get(STATE_SET) {
-                Some(s) if !rebuilt => s.elements.clone(),
-                _ => Vec::new(),
-            };
-            // Recorded even when nothing else changes, so that the next restart is quick.
-            (SyncKind::Full, plan, read_back, true)
         };
         let new_state = compile::state_element(generation.wrapping_add(1), digest);
         if record_state {
@@ -242,9 +252,16 @@ impl Engine {
         self.generation = if plan.is_empty() {
             Some(generation)
         } else {
-            let after = self.nl.generation()?;
-            // Another commit slipped in between ours and the check: trust nothing.
-            (after == generation.wrapping_add(1)).then_some(after)
+            match self.nl.generation() {
+                // Another commit slipped in between ours and the check: trust nothing.
+                Ok(after) => (after == generation.wrapping_add(1)).then_some(after),
+                // The commit stands (the rules, conntrack and bookkeeping below follow it); only
+                // the shortcut is lost: the next sync reads everything back.
+                Err(e) => {
+                    tracing::warn!(error = %e, "committed, but reading the generation afterwards failed");
+                    None
+                }
+            }
         };
         // Stale UDP flows go after the commit, so that new packets already meet the new rules.
         let mut targets = UdpTargets::default();

@@ -118,7 +118,7 @@ fn run_from(
     let family = Family::of(&pkt.dst);
     let rules: &[crate::ruleset::Rule] = rs.chains.get(chain).map(|c| &c.rules[..]).unwrap_or_default();
     'rules: for (ri, rule) in rules.iter().enumerate().skip(first_rule) {
-        for stmt in &rule.0 {
+        for stmt in &rule.stmts {
             match stmt {
                 Stmt::NfProto(f) if *f != family => continue 'rules,
                 Stmt::NfProto(_) => {}

@@ -166,3 +166,33 @@ fn table_shards_change_where_rules_live_not_what_they_do() {
         assert_eq!(trace(&four, &p), trace(&one, &p), "{src} -> {dst}:{port}");
     }
 }
+
+#[test]
+fn local_policy_drops_only_when_endpoints_exist_on_other_nodes() {
+    // (endpoint nodes, fate of a new connection on node "here"), as kube-proxy decides it.
+    let cases: Vec<(Vec<&str>, Fate)> = vec![
+        (vec![], Fate::Rejected),
+        (vec!["elsewhere"], Fate::Dropped),
+        (vec!["here", "elsewhere"], dnat("10.0.0.1", 80, false)),
+    ];
+    for (nodes, want) in cases {
+        let eps = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| nftproxy::model::Endpoint {
+                node_name: Some(n.to_string()),
+                ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
+            })
+            .collect();
+        let port = nftproxy::model::ServicePort { name: "".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps };
+        let id = nftproxy::model::ServiceId::new("default", "local");
+        let mut svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
+        svc.internal_local = true;
+        let mut snap = nftproxy::model::Snapshot::default();
+        snap.services.insert(id, svc);
+        let mut opts = Options::default();
+        opts.locality.node = Some("here".into());
+        let got = trace(&compile(&snap, &opts), &pkt("10.244.0.9", "10.96.0.1", Protocol::Tcp, 80));
+        assert_eq!(got, [(want, Ratio::ONE)], "endpoints on {nodes:?}");
+    }
+}

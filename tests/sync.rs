@@ -152,7 +152,11 @@ fn a_rejected_transaction_leaves_the_previous_rules_in_place() {
         assert!(plan.touched_chains().iter().any(|c| c.contains("svc-3")));
         plan.ops.push(Op::AddRules {
             chain: "svc4/default/svc-3/tcp/80".into(),
-            rules: vec![Rule(vec![Stmt::Goto("ep4/default/svc-3/tcp/80/missing".into())])].into(),
+            rules: vec![Rule::new(
+                &"default/svc-3".into(),
+                vec![Stmt::Goto("ep4/default/svc-3/tcp/80/missing".into())],
+            )]
+            .into(),
         });
         nl.apply(&plan).unwrap_err().to_string()
     });

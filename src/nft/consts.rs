@@ -56,6 +56,11 @@ pub const NFT_GOTO: i32 = -4;
 pub const NFT_RETURN: i32 = -5;
 
 pub const NFT_SET_MAP: u32 = 0x8;
+pub const NF_ACCEPT: u32 = 1;
+/// NFT_TABLE_F_DORMANT: the table's hooks are unregistered.
+pub const NFT_TABLE_F_DORMANT: u32 = 0x1;
+pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NFT_SET_TIMEOUT: u32 = 0x10;
 pub const NFT_SET_EVAL: u32 = 0x20;
 pub const NFT_DYNSET_OP_UPDATE: u32 = 1;
@@ -63,6 +68,8 @@ pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
 pub const NFT_NAT_DNAT: u32 = 1;
 pub const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
+pub const NF_NAT_RANGE_MAP_IPS: u32 = 0x1;
+pub const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 
 pub const NFT_REJECT_TCP_RST: u32 = 1;
 pub const NFT_REJECT_ICMPX_UNREACH: u32 = 2;

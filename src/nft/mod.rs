@@ -9,6 +9,7 @@
 
 pub mod consts;
 pub mod encode;
+pub mod expr;
 mod sys;
 
 use std::io;
@@ -16,7 +17,7 @@ use std::io;
 use consts::*;
 
 use crate::plan::{KernelChain, KernelSet, KernelState, Plan};
-use crate::ruleset::{BaseChain, Element, Hook, TABLE, is_our_table, qualify};
+use crate::ruleset::{BaseChain, Element, Hook, SetShape, TABLE, qualify, shard_of_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -80,22 +81,14 @@ fn error_of(msg: &NlMsg<'_>) -> Option<(i32, u32)> {
     Some((errno, seq))
 }
 
-/// The top-level attributes of an nf_tables message: (type, payload).
+/// The top-level attributes of an nf_tables message (after nlmsghdr and nfgenmsg).
 fn attributes(msg: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = msg.get(20..).unwrap_or_default();
-    std::iter::from_fn(move || {
-        if rest.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
-        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let value = &rest[4..len];
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
-        Some((kind, value))
-    })
+    expr::attributes(msg.get(20..).unwrap_or_default())
+}
+
+/// The address family in an nf_tables message's nfgenmsg.
+fn family_of(msg: &[u8]) -> Option<u16> {
+    msg.get(16).map(|f| u16::from(*f))
 }
 
 /// A NUL-terminated string attribute, without the NUL.
@@ -106,17 +99,20 @@ fn attr_str(v: &[u8]) -> &[u8] {
 struct RuleSummary<'a> {
     table: &'a [u8],
     chain: &'a [u8],
+    expressions: &'a [u8],
     userdata: &'a [u8],
 }
 
-/// NFTA_RULE_TABLE (1), NFTA_RULE_CHAIN (2), NFTA_RULE_USERDATA (7) of a NEWRULE message.
+/// NFTA_RULE_TABLE (1), NFTA_RULE_CHAIN (2), NFTA_RULE_EXPRESSIONS (4) and NFTA_RULE_USERDATA
+/// (7) of a NEWRULE message: a plain attribute walk; the expressions are compared as bytes.
 fn rule_summary(msg: &[u8]) -> Option<RuleSummary<'_>> {
-    let mut r = RuleSummary { table: &[], chain: &[], userdata: &[] };
+    let mut r = RuleSummary { table: &[], chain: &[], expressions: &[], userdata: &[] };
     for (kind, value) in attributes(msg) {
         match kind {
             1 => r.table = attr_str(value),
             2 => r.chain = attr_str(value),
-            7 => r.userdata = value,
+            expr::NFTA_RULE_EXPRESSIONS => r.expressions = value,
+            expr::NFTA_RULE_USERDATA => r.userdata = value,
             _ => {}
         }
     }
@@ -242,33 +238,47 @@ impl Netlink {
         }
     }
 
-    /// Reads everything in our table; a missing table gives `KernelState::default()`.
-    /// Our tables that exist: `nftproxy` and any `nftproxy-<n>` shard.
-    pub fn our_tables(&mut self) -> Result<Vec<String>> {
+    /// Our tables that exist, with their flags: `inet nftproxy` and the `inet nftproxy-<n>`
+    /// shards the shard scheme names (see `ruleset::shard_of_table`), nothing else.
+    fn tables_with_flags(&mut self) -> Result<Vec<(String, u32)>> {
         let msgs = self.request("tables", |b| b.table(NFT_MSG_GETTABLE, NLM_F_DUMP, ""))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| attributes(m).find(|(k, _)| *k == 1).map(|(_, v)| attr_str(v).to_vec()))
-            .filter_map(|n| String::from_utf8(n).ok())
-            .filter(|n| is_our_table(n))
-            .collect())
+        let mut out = Vec::new();
+        for m in msgs.iter().filter(|m| family_of(m) == Some(NFPROTO_INET)) {
+            let (mut name, mut flags) = (None, 0);
+            for (k, v) in attributes(m) {
+                match k {
+                    1 => name = std::str::from_utf8(attr_str(v)).ok(),
+                    2 if v.len() == 4 => flags = u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+                    _ => {}
+                }
+            }
+            if let Some(name) = name.filter(|n| shard_of_table(n).is_some()) {
+                out.push((name.to_string(), flags));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Our tables that exist (see `tables_with_flags`).
+    pub fn our_tables(&mut self) -> Result<Vec<String>> {
+        Ok(self.tables_with_flags()?.into_iter().map(|(t, _)| t).collect())
     }
 
     /// Reads everything in our tables; none gives `KernelState::default()`. Objects of shard
     /// tables come back qualified (`nftproxy-3@svc4/...`), as the compiler names them.
     pub fn read_table(&mut self) -> Result<KernelState> {
-        let tables = self.our_tables()?;
+        let with_flags = self.tables_with_flags()?;
+        let tables: Vec<String> = with_flags.iter().map(|(t, _)| t.clone()).collect();
         let mut state = KernelState {
             table_exists: tables.iter().any(|t| t == TABLE),
             shard_tables: tables.iter().filter(|t| *t != TABLE).cloned().collect(),
+            flagged_tables: with_flags.iter().filter(|(_, f)| *f != 0).map(|(t, _)| t.clone()).collect(),
             ..Default::default()
         };
         if tables.is_empty() {
             return Ok(state);
         }
-        let shard_of = |table: &str| -> Option<u32> {
-            if table == TABLE { Some(0) } else { table.strip_prefix(TABLE)?.strip_prefix('-')?.parse().ok() }
-        };
+        let shard_of = shard_of_table;
         // The kernel does not narrow a chain dump to the table named (it does for sets, below):
         // this lists every inet chain, and ours are picked by table name.
         for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
@@ -292,19 +302,18 @@ impl Netlink {
                     _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
                 }
             });
-            state.chains.insert(qualify(shard, &c.name), KernelChain { base, rules: Vec::new() });
+            state.chains.insert(qualify(shard, &c.name), KernelChain { base, policy: c.policy, rules: Vec::new() });
         }
         for table in &tables {
             let shard = shard_of(table).unwrap_or(0);
             for msg in self.request("rules", |b| b.rules_dump(table))? {
-                // Only table, chain and comment matter: a plain attribute walk, no expression parsing.
                 let Some(r) = rule_summary(&msg) else { continue };
                 if r.table != table.as_bytes() {
                     continue;
                 }
                 let chain = std::str::from_utf8(r.chain).map(|c| qualify(shard, c));
                 if let Some(chain) = chain.ok().and_then(|c| state.chains.get_mut(&c)) {
-                    chain.rules.push(encode::udata_comment(r.userdata));
+                    chain.rules.push(expr::fingerprint(r.expressions, r.userdata));
                 }
             }
         }
@@ -323,8 +332,8 @@ impl Netlink {
             for e in &mut elements {
                 e.goto = e.goto.take().map(|g| qualify(shard, &g));
             }
-            let is_map = s.flags & NFT_SET_MAP != 0;
-            state.sets.insert(qualify(shard, &s.name), KernelSet { key_len: s.key_len, is_map, elements });
+            let shape = SetShape { key_type: s.key_type, key_len: s.key_len, flags: s.flags, data_type: s.data_type };
+            state.sets.insert(qualify(shard, &s.name), KernelSet { shape, elements });
         }
         Ok(state)
     }

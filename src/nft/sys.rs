@@ -23,6 +23,8 @@ pub struct MsgBuf {
     buf: Vec<u8>,
     used: usize,
     seq: u32,
+    /// Where [`MsgBuf::raw`] builds a message before copying it in.
+    scratch: Vec<u8>,
 }
 
 impl MsgBuf {
@@ -32,7 +34,7 @@ impl MsgBuf {
 
     /// A buffer sized for about `bytes` of messages, so large batches are not copied as they grow.
     pub fn with_capacity(first_seq: u32, bytes: usize) -> Self {
-        MsgBuf { buf: vec![0; bytes], used: 0, seq: first_seq }
+        MsgBuf { buf: vec![0; bytes], used: 0, seq: first_seq, scratch: Vec::new() }
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -47,12 +49,8 @@ impl MsgBuf {
     /// Runs `write` on a pointer with room for one whole message, then keeps what it wrote.
     /// Returns the message's sequence number.
     fn put(&mut self, write: impl FnOnce(*mut c_char, u32) -> *mut libc::nlmsghdr) -> u32 {
-        if self.buf.len() - self.used < MAX_MSG {
-            let grow = (self.buf.len() / 2).max(MAX_MSG * 4);
-            self.buf.resize(self.buf.len() + grow, 0);
-        }
-        let seq = self.seq;
-        self.seq += 1;
+        self.reserve();
+        let seq = self.next_seq();
         // SAFETY: `put` guarantees MAX_MSG initialised bytes from `used`, more than any message
         // libnftnl writes; the header pointer returned points at that same region.
         let len = unsafe {
@@ -61,6 +59,44 @@ impl MsgBuf {
         };
         assert!(len <= MAX_MSG, "netlink message of {len} bytes overflowed its slot");
         self.used += (len + 3) & !3;
+        seq
+    }
+
+    /// Room for one more message of any size at `used`.
+    fn reserve(&mut self) {
+        if self.buf.len() - self.used < MAX_MSG {
+            let grow = (self.buf.len() / 2).max(MAX_MSG * 4);
+            self.buf.resize(self.buf.len() + grow, 0);
+        }
+    }
+
+    /// Sequence numbers wrap: a seed near u32::MAX must not overflow.
+    fn next_seq(&mut self) -> u32 {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        seq
+    }
+
+    /// An nf_tables message written in Rust: header, nfgenmsg (inet), and the attributes
+    /// `attrs` appends (see `expr::Attrs`). Rules and tables are written this way, so what we
+    /// send is exactly what the read-back compares.
+    pub fn raw(&mut self, kind: u16, flags: u16, attrs: impl FnOnce(&mut Vec<u8>)) -> u32 {
+        let mut msg = std::mem::take(&mut self.scratch);
+        msg.clear();
+        msg.resize(20, 0);
+        attrs(&mut msg);
+        let seq = self.next_seq();
+        let len = msg.len();
+        assert!(len <= MAX_MSG, "netlink message of {len} bytes");
+        msg[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        msg[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
+        msg[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        msg[8..12].copy_from_slice(&seq.to_ne_bytes());
+        msg[16] = NFPROTO_INET as u8;
+        self.reserve();
+        self.buf[self.used..self.used + len].copy_from_slice(&msg);
+        self.used += len.next_multiple_of(4);
+        self.scratch = msg;
         seq
     }
 
@@ -90,7 +126,8 @@ impl MsgBuf {
         self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr()) })
     }
 
-    /// A chain message; `hook` is (hook number, priority, chain type) for base chains.
+    /// A chain message; `hook` is (hook number, priority, chain type) for base chains, which
+    /// are sent with policy accept (so resending one repairs a changed policy).
     pub fn chain(&mut self, kind: u16, flags: u16, table: &str, name: &str, hook: Option<(u32, i32, &str)>) -> u32 {
         let c = Chain::new(table, name, hook);
         // SAFETY: c is a valid chain object; nlh is the header just written.
@@ -117,13 +154,6 @@ impl MsgBuf {
         // SAFETY: r is a valid rule object; nlh is the header just written.
         self.put_obj(NFT_MSG_GETRULE, NLM_F_DUMP, |nlh| unsafe {
             sys::nftnl_rule_nlmsg_build_payload(nlh, r.0.as_ptr())
-        })
-    }
-
-    pub fn rule(&mut self, rule: &RuleObj) -> u32 {
-        // SAFETY: rule is a valid rule object; nlh is the header just written.
-        self.put_obj(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |nlh| unsafe {
-            sys::nftnl_rule_nlmsg_build_payload(nlh, rule.0.as_ptr())
         })
     }
 
@@ -185,6 +215,7 @@ impl Chain {
                 sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_HOOKNUM as u16, hooknum);
                 sys::nftnl_chain_set_s32(p, sys::NFTNL_CHAIN_PRIO as u16, prio);
                 sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TYPE as u16, kind.as_ptr());
+                sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_POLICY as u16, NF_ACCEPT);
             }
             Chain(c)
         }
@@ -198,15 +229,7 @@ impl Drop for Chain {
     }
 }
 
-/// An attribute value for an expression.
-pub enum Attr<'a> {
-    U32(u32),
-    U64(u64),
-    Str(&'a str),
-    Data(&'a [u8]),
-}
-
-/// A rule under construction; expressions are appended in order.
+/// A rule naming a table and chain: a flush (DELRULE) or a dump request.
 pub struct RuleObj(NonNull<sys::nftnl_rule>);
 
 // SAFETY: the object is owned exclusively and libnftnl objects have no thread affinity.
@@ -224,42 +247,6 @@ impl RuleObj {
             RuleObj(r)
         }
     }
-
-    pub fn set_userdata(&mut self, data: &[u8]) {
-        // SAFETY: set_data copies `data.len()` bytes from a valid slice.
-        unsafe {
-            sys::nftnl_rule_set_data(
-                self.0.as_ptr(),
-                sys::NFTNL_RULE_USERDATA as u16,
-                data.as_ptr().cast::<c_void>(),
-                data.len() as u32,
-            );
-        }
-    }
-
-    /// Appends expression `name` (libnftnl's name: "meta", "payload", "cmp", ...) with attributes.
-    pub fn expr(&mut self, name: &CStr, attrs: &[(u32, Attr<'_>)]) {
-        // SAFETY: expr_alloc returns an owned object or NULL (checked); setters copy their input
-        // (strings through a CString that outlives the call); add_expr takes ownership of e.
-        unsafe {
-            let e = NonNull::new(sys::nftnl_expr_alloc(name.as_ptr())).expect("unknown expression or out of memory");
-            for (attr, value) in attrs {
-                let attr = *attr as u16;
-                match value {
-                    Attr::U32(v) => sys::nftnl_expr_set_u32(e.as_ptr(), attr, *v),
-                    Attr::U64(v) => sys::nftnl_expr_set_u64(e.as_ptr(), attr, *v),
-                    Attr::Str(s) => {
-                        let s = cstring(s);
-                        sys::nftnl_expr_set_str(e.as_ptr(), attr, s.as_ptr());
-                    }
-                    Attr::Data(d) => {
-                        sys::nftnl_expr_set(e.as_ptr(), attr, d.as_ptr().cast::<c_void>(), d.len() as u32);
-                    }
-                }
-            }
-            sys::nftnl_rule_add_expr(self.0.as_ptr(), e.as_ptr());
-        }
-    }
 }
 
 impl Drop for RuleObj {
@@ -274,11 +261,7 @@ pub struct SetObj(NonNull<sys::nftnl_set>);
 
 /// The shape of a set we create.
 pub struct SetSpec {
-    pub key_type: u32,
-    pub key_len: u32,
-    pub is_map: bool,
-    /// Elements added by the data path with a timeout (`flags dynamic,timeout`).
-    pub dynamic: bool,
+    pub shape: crate::ruleset::SetShape,
     pub id: u32,
 }
 
@@ -293,16 +276,13 @@ impl SetObj {
             sys::nftnl_set_set_str(p, sys::NFTNL_SET_NAME as u16, name.as_ptr());
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, NFPROTO_INET.into());
             if let Some(spec) = spec {
-                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, spec.key_type);
-                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, spec.key_len);
+                let shape = spec.shape;
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, shape.key_type);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, shape.key_len);
                 sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, spec.id);
-                if spec.is_map {
-                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_MAP);
-                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, NFT_DATA_VERDICT);
-                } else if spec.dynamic {
-                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_TIMEOUT | NFT_SET_EVAL);
-                } else {
-                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, 0);
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, shape.flags);
+                if shape.data_type != 0 {
+                    sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DATA_TYPE as u16, shape.data_type);
                 }
             }
             SetObj(s)
@@ -364,6 +344,8 @@ pub struct ParsedChain {
     pub name: String,
     /// (hook number, priority, type) for base chains.
     pub hook: Option<(u32, i32, String)>,
+    /// The verdict for packets that reach a base chain's end.
+    pub policy: Option<u32>,
 }
 
 pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
@@ -387,6 +369,8 @@ pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
                 table: owned_str(sys::nftnl_chain_get_str(p, sys::NFTNL_CHAIN_TABLE as u16)),
                 name: owned_str(sys::nftnl_chain_get_str(p, sys::NFTNL_CHAIN_NAME as u16)),
                 hook,
+                policy: sys::nftnl_chain_is_set(p, sys::NFTNL_CHAIN_POLICY as u16)
+                    .then(|| sys::nftnl_chain_get_u32(p, sys::NFTNL_CHAIN_POLICY as u16)),
             })
         };
         sys::nftnl_chain_free(p);
@@ -397,8 +381,10 @@ pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
 pub struct ParsedSet {
     pub table: String,
     pub name: String,
+    pub key_type: u32,
     pub key_len: u32,
     pub flags: u32,
+    pub data_type: u32,
 }
 
 pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
@@ -413,8 +399,10 @@ pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
             Some(ParsedSet {
                 table: owned_str(sys::nftnl_set_get_str(p, sys::NFTNL_SET_TABLE as u16)),
                 name: owned_str(sys::nftnl_set_get_str(p, sys::NFTNL_SET_NAME as u16)),
+                key_type: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_KEY_TYPE as u16),
                 key_len: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_KEY_LEN as u16),
                 flags: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_FLAGS as u16),
+                data_type: sys::nftnl_set_get_u32(p, sys::NFTNL_SET_DATA_TYPE as u16),
             })
         };
         sys::nftnl_set_free(p);
@@ -422,7 +410,9 @@ pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
     }
 }
 
-/// The elements in one GETSETELEM answer: (key bytes, goto/jump chain if any).
+/// The elements in one GETSETELEM answer: (key bytes, verdict if any). A `goto` verdict is its
+/// chain's name; any other is written as nft prints it (`jump svc4/...`, `accept`), so that it
+/// never equals an element we want.
 pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
     let buf = aligned(msg);
     let mut out = Vec::new();
@@ -447,7 +437,9 @@ pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
                     };
                     let chain = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16)
                         .then(|| owned_str(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)));
-                    out.push((key, chain));
+                    let code = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_VERDICT as u16)
+                        .then(|| sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) as i32);
+                    out.push((key, verdict_text(code, chain)));
                     e = sys::nftnl_set_elems_iter_next(it);
                 }
                 sys::nftnl_set_elems_iter_destroy(it);
@@ -456,6 +448,19 @@ pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
         sys::nftnl_set_free(p);
     }
     out
+}
+
+/// A read-back element verdict as the diff compares it (see `parse_elements`).
+fn verdict_text(code: Option<i32>, chain: Option<String>) -> Option<String> {
+    let name = match code? {
+        NFT_GOTO => return Some(chain.unwrap_or_default()),
+        NFT_JUMP => "jump",
+        NF_DROP => "drop",
+        NFT_RETURN => "return",
+        c if c == NF_ACCEPT as i32 => "accept",
+        c => return Some(format!("verdict {c}")),
+    };
+    Some(chain.map_or_else(|| name.to_string(), |c| format!("{name} {c}")))
 }
 
 /// Grows a socket buffer past the `rmem_max`/`wmem_max` limits (needs CAP_NET_ADMIN).
