@@ -155,7 +155,7 @@ fn child(args: &[String]) {
             if cmd == "restart-foreign" {
                 // Another program commits (a table of its own): the generation moves, so the
                 // restart cannot verify by generation and reads our tables back.
-                let foreign = Plan { ops: vec![Op::AddTable("bench-foreign".into())] };
+                let foreign = Plan { ops: vec![Op::AddTable { name: "bench-foreign".into(), flags: 0 }] };
                 Netlink::open().unwrap().apply(&foreign).unwrap();
             }
             let mut engine = Engine::new(Netlink::open().unwrap(), options());

@@ -42,6 +42,9 @@ pub struct Options {
     /// Spread Services over this many tables (0 and 1: one table). A partial sync then makes
     /// the kernel re-validate one shard instead of every Service (see docs/benchmark.md).
     pub table_shards: u32,
+    /// `--own-tables`: our tables carry the kernel's owner + persist flags, so that no other
+    /// process can change them while we run, and they stay when we exit.
+    pub own_tables: bool,
 }
 
 /// Services per table that `--table-shards auto` aims for: a partial sync re-validates one table,
@@ -156,9 +159,9 @@ impl ServiceObjects {
     }
 }
 
-/// The digest of a skeleton (its chains and sets; it has no elements).
+/// The digest of a skeleton (its chains, sets and table flags; it has no elements).
 pub fn skeleton_digest(rs: &Ruleset) -> u64 {
-    digest(&rs.chains, &rs.sets, std::iter::empty())
+    digest(&rs.chains, &rs.sets, std::iter::empty()) ^ u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// What the state set records about the commit that wrote it.
@@ -201,6 +204,9 @@ pub fn merge(rs: &mut Ruleset, objs: ServiceObjects) {
 /// Everything that does not depend on the Services.
 pub fn skeleton(opts: &Options) -> Ruleset {
     let mut rs = Ruleset::default();
+    if opts.own_tables {
+        rs.table_flags = crate::nft::consts::NFT_TABLE_F_OWNER | crate::nft::consts::NFT_TABLE_F_PERSIST;
+    }
     add_skeleton(&mut rs, opts);
     rs
 }

@@ -64,6 +64,11 @@ struct Args {
     /// per 500 Services at start (1 to 32), keeping the tables there are if close to that.
     #[arg(long, default_value = "auto", value_parser = parse_shards)]
     table_shards: Shards,
+    /// Make our tables the kernel's "owner, persist" tables (Linux 6.9+): while nftproxy runs no
+    /// other process can change or delete them, and they stay in place when it exits. Older
+    /// kernels: a warning, then drift is repaired by the periodic check as without the flag.
+    #[arg(long)]
+    own_tables: bool,
     /// This node's zone for topology hints (default: the Node's topology.kubernetes.io/zone
     /// label when reading the API).
     #[arg(long)]
@@ -147,7 +152,12 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
-        let removed = Netlink::open()?.delete_tables()?;
+        let removed = Netlink::open()?.delete_tables().map_err(|e| match &e {
+            nftproxy::nft::NftError::Rejected { source, .. } if source.raw_os_error() == Some(libc::EPERM) => {
+                format!("{e}: the tables are owned by a running nftproxy (--own-tables); stop it first").into()
+            }
+            _ => BoxError::from(e),
+        })?;
         match removed {
             0 => println!("nothing to remove"),
             1 => println!("removed table inet nftproxy"),
@@ -179,6 +189,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
         locality: locality.clone(),
         table_shards: table_shards(args.table_shards, &*source),
+        own_tables: args.own_tables,
     };
 
     if args.sync_once {

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::nft::consts::NF_ACCEPT;
+use crate::nft::consts::{NF_ACCEPT, NFT_TABLE_F_DORMANT, NFT_TABLE_F_OWNER, NFT_TABLE_F_PERSIST};
 use crate::nft::expr::rule_fingerprint;
 use crate::ruleset::*;
 
@@ -39,8 +39,8 @@ pub struct KernelState {
     pub table_exists: bool,
     /// Our shard tables that exist (`nftproxy-1`, ...).
     pub shard_tables: BTreeSet<String>,
-    /// Our tables whose flags are not ours (someone made them dormant).
-    pub flagged_tables: BTreeSet<String>,
+    /// The flags of those of our tables that have any (dormant, owner, persist).
+    pub table_flags: BTreeMap<String, u32>,
     pub chains: BTreeMap<String, KernelChain>,
     pub sets: BTreeMap<String, KernelSet>,
 }
@@ -50,9 +50,15 @@ pub enum Op {
     /// Deletes a table and everything in it: a shard no longer used, or our main table when
     /// someone reshaped it (it is rebuilt in the same transaction).
     DelTable(String),
-    AddTable(String),
-    /// Resets an existing table's flags (wakes a dormant table).
-    UpdateTable(String),
+    AddTable {
+        name: String,
+        flags: u32,
+    },
+    /// Sets an existing table's flags: wakes a dormant table, adopts an orphaned owned one.
+    UpdateTable {
+        name: String,
+        flags: u32,
+    },
     AddSet {
         name: String,
         kind: SetKind,
@@ -167,6 +173,14 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
                 .filter(|(n, c)| have.chains.get(*n).is_some_and(|h| h.base != c.base))
                 .map(|(n, _)| split_name(n).0.to_string()),
         )
+        // The kernel cannot turn `persist` on or off in place (--own-tables switched).
+        .chain(
+            have.table_flags
+                .iter()
+                .filter(|(_, f)| (**f ^ want.table_flags) & NFT_TABLE_F_PERSIST != 0)
+                .map(|(t, _)| t.clone()),
+        )
+        .filter(|t| !stale.contains(t.as_str()))
         .collect();
     for t in &reshaped {
         ops.push(Op::DelTable(t.clone()));
@@ -178,7 +192,12 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     } else {
         filtered = KernelState {
             table_exists: have.table_exists && !reshaped.contains(TABLE),
-            flagged_tables: have.flagged_tables.difference(&reshaped).cloned().collect(),
+            table_flags: have
+                .table_flags
+                .iter()
+                .filter(|(t, _)| !reshaped.contains(*t))
+                .map(|(t, f)| (t.clone(), *f))
+                .collect(),
             shard_tables: have
                 .shard_tables
                 .iter()
@@ -190,15 +209,18 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
         };
         &filtered
     };
+    let flags = want.table_flags;
     if !have.table_exists {
-        ops.push(Op::AddTable(TABLE.to_string()));
+        ops.push(Op::AddTable { name: TABLE.to_string(), flags });
     }
     for t in want_shards.iter().filter(|t| !have.shard_tables.contains(*t)) {
-        ops.push(Op::AddTable(t.clone()));
+        ops.push(Op::AddTable { name: t.clone(), flags });
     }
-    let kept = |t: &&String| t.as_str() == TABLE || want_shards.contains(*t);
-    for t in have.flagged_tables.iter().filter(kept) {
-        ops.push(Op::UpdateTable(t.clone()));
+    let existing = have.shard_tables.iter().filter(|t| want_shards.contains(*t));
+    for t in have.table_exists.then_some(TABLE).into_iter().chain(existing.map(String::as_str)) {
+        if have.table_flags.get(t).copied().unwrap_or(0) != flags {
+            ops.push(Op::UpdateTable { name: t.to_string(), flags });
+        }
     }
     let gone_chains: Vec<&String> = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).collect();
     let gone_sets: Vec<&String> = have.sets.keys().filter(|n| !want.sets.contains_key(*n)).collect();
@@ -271,8 +293,9 @@ impl fmt::Display for Plan {
         for op in &self.ops {
             match op {
                 Op::DelTable(t) => writeln!(f, "- table inet {t}")?,
-                Op::AddTable(t) => writeln!(f, "+ table inet {t}")?,
-                Op::UpdateTable(t) => writeln!(f, "~ table inet {t} (flags reset: no longer dormant)")?,
+                Op::AddTable { name, flags } => writeln!(f, "+ table inet {name}{}", flags_text(*flags))?,
+                Op::UpdateTable { name, flags: 0 } => writeln!(f, "~ table inet {name} (flags cleared)")?,
+                Op::UpdateTable { name, flags } => writeln!(f, "~ table inet {name}{}", flags_text(*flags))?,
                 Op::AddSet { name, kind } => writeln!(f, "+ set {name} ({kind:?})")?,
                 Op::AddChain { name, base: Some(b) } => writeln!(
                     f,
@@ -307,13 +330,26 @@ impl fmt::Display for Plan {
     }
 }
 
+/// ` { flags owner,persist; }` as nft writes table flags, or nothing.
+fn flags_text(flags: u32) -> String {
+    let names: Vec<&str> =
+        [(NFT_TABLE_F_DORMANT, "dormant"), (NFT_TABLE_F_OWNER, "owner"), (NFT_TABLE_F_PERSIST, "persist")]
+            .into_iter()
+            .filter(|(bit, _)| flags & bit != 0)
+            .map(|(_, name)| name)
+            .collect();
+    if names.is_empty() { String::new() } else { format!(" {{ flags {}; }}", names.join(",")) }
+}
+
 /// What the kernel would hold after a plan built from `want` is applied: `want` itself, as read back.
 pub fn as_kernel_state(want: &Ruleset) -> KernelState {
     let mut scratch = Vec::new();
+    let shard_tables = shard_tables_of(want);
+    let tables = std::iter::once(TABLE.to_string()).chain(shard_tables.iter().cloned());
     KernelState {
         table_exists: true,
-        shard_tables: shard_tables_of(want),
-        flagged_tables: BTreeSet::new(),
+        table_flags: tables.filter(|_| want.table_flags != 0).map(|t| (t, want.table_flags)).collect(),
+        shard_tables,
         chains: want
             .chains
             .iter()
@@ -347,7 +383,7 @@ pub fn plan_services(
             .iter()
             .filter_map(|n| skeleton.sets.get(n).map(|s| (n.clone(), Set { kind: s.kind, elements: vec![] })))
             .collect();
-        let mut rs = Ruleset { chains: BTreeMap::new(), sets };
+        let mut rs = Ruleset { chains: BTreeMap::new(), sets, ..Default::default() };
         for o in objs {
             crate::compile::merge(&mut rs, o);
         }
@@ -419,8 +455,8 @@ mod tests {
     #[test]
     fn a_dormant_table_is_woken_in_place() {
         let mut have = as_kernel_state(&wanted());
-        have.flagged_tables.insert(TABLE.into());
-        assert_eq!(plan(&have, wanted()).ops, vec![Op::UpdateTable(TABLE.into())]);
+        have.table_flags.insert(TABLE.into(), NFT_TABLE_F_DORMANT);
+        assert_eq!(plan(&have, wanted()).ops, vec![Op::UpdateTable { name: TABLE.into(), flags: 0 }]);
     }
 
     #[test]
@@ -449,7 +485,7 @@ mod tests {
         have.sets.get_mut("cluster-ips-v4").unwrap().shape.flags |= crate::nft::consts::NFT_SET_TIMEOUT;
         let p = plan(&have, wanted());
         assert_eq!(p.ops[0], Op::DelTable(TABLE.into()));
-        assert_eq!(p.ops[1], Op::AddTable(TABLE.into()));
+        assert_eq!(p.ops[1], Op::AddTable { name: TABLE.into(), flags: 0 });
         assert_eq!(plan(&Default::default(), wanted()).ops, p.ops[1..].to_vec(), "then built as on an empty kernel");
     }
 

@@ -543,6 +543,8 @@ pub struct Set {
 pub struct Ruleset {
     pub chains: BTreeMap<String, Chain>,
     pub sets: BTreeMap<String, Set>,
+    /// The flags every one of our tables carries: 0, or owner + persist (`--own-tables`).
+    pub table_flags: u32,
 }
 
 #[cfg(test)]

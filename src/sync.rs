@@ -30,6 +30,12 @@ pub enum SyncKind {
     Unchanged,
 }
 
+/// The kernel refused the owner + persist table flags (before Linux 6.9).
+fn kernel_lacks_persist(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Nft(crate::nft::NftError::Rejected { what, source, .. })
+        if what.starts_with("table ") && source.raw_os_error() == Some(libc::EOPNOTSUPP))
+}
+
 /// The outcome of one sync.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -65,6 +71,9 @@ pub struct Engine {
     /// `services` holds exactly the models of the last snapshot synced: a caller's list of
     /// changed Services can be trusted. False after a failed sync.
     models_current: bool,
+    /// With `--own-tables`, whether this process's socket owns our tables: nobody else can
+    /// have changed them, so other programs' commits need no read-back.
+    owns_tables: bool,
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
@@ -95,6 +104,7 @@ impl Engine {
             generation: None,
             conntrack: None,
             models_current: false,
+            owns_tables: false,
         }
     }
 
@@ -117,12 +127,38 @@ impl Engine {
     ) -> crate::Result<Outcome> {
         let hint = changed.filter(|_| self.models_current);
         self.models_current = false;
-        let result = self.try_sync(snapshot, hint);
+        let mut result = self.try_sync(snapshot, hint);
+        if self.opts.own_tables && result.as_ref().is_err_and(kernel_lacks_persist) {
+            tracing::warn!(
+                "this kernel cannot keep owned tables after their owner exits (needs Linux 6.9); \
+                 running without --own-tables: drift is repaired by the periodic check instead"
+            );
+            self.set_own_tables(false);
+            self.generation = None;
+            result = self.try_sync(snapshot, None);
+        }
         match result {
             Ok(_) => self.models_current = true,
-            Err(_) => self.generation = None,
+            Err(_) => {
+                self.generation = None;
+                self.owns_tables = false;
+            }
         }
         result
+    }
+
+    fn set_own_tables(&mut self, own: bool) {
+        self.opts.own_tables = own;
+        self.skeleton = compile::skeleton(&self.opts);
+        self.skeleton_digest = compile::skeleton_digest(&self.skeleton);
+    }
+
+    /// The operations that make this process's socket the owner of our tables (adopting them
+    /// from an agent that exited, or from a `--sync-once` run).
+    fn adoption(&self) -> Vec<Op> {
+        (0..self.opts.shards())
+            .map(|k| Op::UpdateTable { name: crate::ruleset::shard_table(k), flags: self.skeleton.table_flags })
+            .collect()
     }
 
     /// The Services whose model differs from what we last synced, and how many endpoints that is.
@@ -177,7 +213,9 @@ impl Engine {
             acc ^ old ^ digests.get(id).copied().unwrap_or(0)
         });
 
-        let trusted = self.generation == Some(generation);
+        // Owned tables can only have been changed by us: other programs' commits move the
+        // generation but need no read-back.
+        let trusted = self.generation == Some(generation) || (self.owns_tables && self.generation.is_some());
         let (kind, mut plan, read_back, record_state) = if trusted {
             if changed.is_empty() {
                 return Ok(self.outcome(
@@ -207,7 +245,10 @@ impl Engine {
                 // Nobody committed anything since our last commit (the generation is the one it
                 // produced) and that commit left exactly what we want (same digest): verified.
                 self.state = vec![compile::state_element(generation, digest)];
-                (SyncKind::Full, Plan::default(), start.elapsed(), false)
+                // Owned tables left by a previous run are orphaned: adopt them (one commit).
+                let adopt = self.opts.own_tables && !self.owns_tables;
+                let plan = Plan { ops: if adopt { self.adoption() } else { Vec::new() } };
+                (SyncKind::Full, plan, start.elapsed(), adopt)
             } else {
                 if let Some(r) = recorded.filter(|r| r.format != RULE_FORMAT) {
                     tracing::info!(
@@ -249,12 +290,15 @@ impl Engine {
         if record_state {
             self.state = vec![new_state];
         }
+        // A full sync's plan sets every table's flags, so after it we own them.
+        self.owns_tables = self.opts.own_tables && (self.owns_tables || kind == SyncKind::Full);
         self.generation = if plan.is_empty() {
             Some(generation)
         } else {
             match self.nl.generation() {
-                // Another commit slipped in between ours and the check: trust nothing.
-                Ok(after) => (after == generation.wrapping_add(1)).then_some(after),
+                // Another commit slipped in between ours and the check: trust nothing (unless
+                // the tables are ours alone).
+                Ok(after) => (after == generation.wrapping_add(1) || self.owns_tables).then_some(after),
                 // The commit stands (the rules, conntrack and bookkeeping below follow it); only
                 // the shortcut is lost: the next sync reads everything back.
                 Err(e) => {

@@ -385,3 +385,49 @@ fn auto_shards_pick_a_table_per_500_services_and_keep_them_across_a_restart() {
     let got = c.probe("client", "tcp", "10.96.10.1:80", 10);
     assert_eq!(got.values().sum::<usize>(), 10, "{got:?}");
 }
+
+#[test]
+fn rules_left_in_another_rule_format_are_rewritten_once_and_the_log_says_so() {
+    use nftproxy::compile::{STATE_SET, parse_state_element, state_element};
+    use nftproxy::nft::Netlink;
+    use nftproxy::plan::{Op, Plan};
+    use nftproxy::ruleset::{Rule, SetKind, Stmt};
+
+    let Some(c) = cluster() else { return };
+    let m = demo_manifests();
+    c.sync(&m, &[]);
+    let chain = "ep4/default/web/tcp/80/10.244.1.2/8080";
+    // What an older release would leave: the same rule under its old comment (the rule's text),
+    // and a state record that would verify (the generation this commit produces, the digest
+    // we want) except that it names rule format 0.
+    in_netns(&c.node(), move || {
+        let mut nl = Netlink::open().unwrap();
+        let generation = nl.generation().unwrap();
+        let state = nl.read_elements(STATE_SET).unwrap().unwrap();
+        let record = parse_state_element(&state[0]).unwrap();
+        let mut forged = state_element(generation.wrapping_add(1), record.digest);
+        forged.key[4..8].copy_from_slice(&0u32.to_be_bytes());
+        let old = Rule::new(
+            &"dnat ip to 10.244.1.2:8080".into(),
+            vec![Stmt::Dnat { addr: "10.244.1.2".parse().unwrap(), port: 8080 }],
+        );
+        let (set, kind) = (STATE_SET.to_string(), SetKind::State);
+        let ops = vec![
+            Op::FlushChain(chain.into()),
+            Op::AddRules { chain: chain.into(), rules: vec![old].into() },
+            Op::DelElements { set: set.clone(), kind, elements: state },
+            Op::AddElements { set, kind, elements: vec![forged] },
+        ];
+        nl.apply(&Plan { ops }).unwrap();
+        assert_eq!(nl.generation().unwrap(), generation.wrapping_add(1), "nobody else committed");
+    });
+    assert!(c.nft_list("inet nftproxy").contains("comment \"dnat ip to 10.244.1.2:8080\""));
+    let out = c.nftproxy(&["--sync-once", "--manifests", m.to_str().unwrap()]);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("another rule format"), "{log}");
+    let listing = c.nft_list("inet nftproxy");
+    assert!(chain_blocks(&listing)[chain].contains("comment \"default/web\""), "{listing}");
+    let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
+    assert_eq!(dry.trim(), "no change");
+}

@@ -59,6 +59,10 @@ pub const NFT_SET_MAP: u32 = 0x8;
 pub const NF_ACCEPT: u32 = 1;
 /// NFT_TABLE_F_DORMANT: the table's hooks are unregistered.
 pub const NFT_TABLE_F_DORMANT: u32 = 0x1;
+/// Only the netlink socket that created (or adopted) the table may change it.
+pub const NFT_TABLE_F_OWNER: u32 = 0x2;
+/// With OWNER: the table stays, orphaned, when its owner's socket closes (kernel 6.9+).
+pub const NFT_TABLE_F_PERSIST: u32 = 0x4;
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NFT_SET_TIMEOUT: u32 = 0x10;

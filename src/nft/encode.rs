@@ -65,7 +65,7 @@ pub struct Encoded {
 /// A message's subject, naming chains (and so Services) for error messages.
 pub fn describe(plan: &Plan, o: &Owner) -> String {
     match plan.ops.get(o.op as usize) {
-        Some(Op::DelTable(t) | Op::AddTable(t) | Op::UpdateTable(t)) => format!("table {t}"),
+        Some(Op::DelTable(t) | Op::AddTable { name: t, .. } | Op::UpdateTable { name: t, .. }) => format!("table {t}"),
         Some(Op::AddSet { name, .. } | Op::DelSet(name)) => format!("set {name}"),
         Some(Op::AddChain { name, .. } | Op::UpdateChain { name, .. } | Op::DelChain(name)) => format!("chain {name}"),
         Some(Op::FlushChain(name)) => format!("flush of chain {name}"),
@@ -88,11 +88,11 @@ pub fn describe(plan: &Plan, o: &Owner) -> String {
     }
 }
 
-/// NFTA_TABLE_NAME and NFTA_TABLE_FLAGS (0: not dormant).
-fn table_attrs(m: &mut Vec<u8>, name: &str) {
+/// NFTA_TABLE_NAME and NFTA_TABLE_FLAGS.
+fn table_attrs(m: &mut Vec<u8>, name: &str, flags: u32) {
     let mut a = Attrs(m);
     a.str(1, name);
-    a.u32(2, 0);
+    a.u32(2, flags);
 }
 
 /// Encodes a plan as BEGIN, its messages, END.
@@ -119,9 +119,10 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
         };
         match op {
             Op::DelTable(t) => tag(buf.table(NFT_MSG_DELTABLE, 0, t), 0, 1),
-            // Flags 0 every time: an existing table made dormant by someone else wakes up.
-            Op::AddTable(t) | Op::UpdateTable(t) => {
-                tag(buf.raw(NFT_MSG_NEWTABLE, NLM_F_CREATE, |m| table_attrs(m, t)), 0, 1)
+            // Flags always sent: an existing table made dormant by someone else wakes up, an
+            // orphaned owned table is adopted.
+            Op::AddTable { name, flags } | Op::UpdateTable { name, flags } => {
+                tag(buf.raw(NFT_MSG_NEWTABLE, NLM_F_CREATE, |m| table_attrs(m, name, *flags)), 0, 1)
             }
             Op::AddSet { name, kind } => {
                 let (table, local) = split_name(name);

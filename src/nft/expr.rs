@@ -308,7 +308,7 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
             };
             a.expr("nat", |a| {
                 a.u32(1, NFT_NAT_DNAT);
-                a.u32(2, u32::from(family));
+                a.u32(2, family);
                 a.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
                 a.u32(4, NFT_REG_1); // .._ADDR_MAX: the kernel fills in min
                 a.u32(5, NFT_REG_2); // NFTA_NAT_REG_PROTO_MIN

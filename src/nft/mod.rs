@@ -272,7 +272,7 @@ impl Netlink {
         let mut state = KernelState {
             table_exists: tables.iter().any(|t| t == TABLE),
             shard_tables: tables.iter().filter(|t| *t != TABLE).cloned().collect(),
-            flagged_tables: with_flags.iter().filter(|(_, f)| *f != 0).map(|(t, _)| t.clone()).collect(),
+            table_flags: with_flags.iter().filter(|(_, f)| *f != 0).cloned().collect(),
             ..Default::default()
         };
         if tables.is_empty() {
