@@ -200,7 +200,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
                 Default::default()
             });
-            print!("{}", plan::plan(&have, want));
+            out(&plan::plan(&have, want).to_string());
             return Ok(());
         }
         let mut engine = Engine::new(Netlink::open()?, opts);
@@ -215,7 +215,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             total_ms = outcome.total.as_secs_f64() * 1e3,
             "synced"
         );
-        print!("{}", report::served_table(&snapshot, &locality));
+        out(&report::served_table(&snapshot, &locality));
         return Ok(());
     }
 
@@ -251,6 +251,12 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn hostname() -> Option<String> {

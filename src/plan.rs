@@ -175,10 +175,9 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
         )
         // The kernel cannot turn `persist` on or off in place (--own-tables switched).
         .chain(
-            have.table_flags
-                .iter()
-                .filter(|(_, f)| (**f ^ want.table_flags) & NFT_TABLE_F_PERSIST != 0)
-                .map(|(t, _)| t.clone()),
+            have.table_exists.then(|| TABLE.to_string()).into_iter().chain(have.shard_tables.iter().cloned()).filter(
+                |t| (have.table_flags.get(t).copied().unwrap_or(0) ^ want.table_flags) & NFT_TABLE_F_PERSIST != 0,
+            ),
         )
         .filter(|t| !stale.contains(t.as_str()))
         .collect();
@@ -505,6 +504,24 @@ mod tests {
         let at = |op: &Op| p.ops.iter().position(|o| o == op).unwrap();
         assert!(at(&Op::FlushChain(SVC.into())) < at(&Op::DelChain("zz".into())));
         assert!(at(&Op::AddChain { name: ep.into(), base: None }) < at(&Op::FlushChain(SVC.into())));
+    }
+
+    #[test]
+    fn owned_tables_are_adopted_in_place_and_rebuilt_when_persist_must_change() {
+        const OWNED: u32 = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST;
+        let owned = || Ruleset { table_flags: OWNED, ..wanted() };
+        // Left by an agent that exited: persist, no owner. Adopted with one update.
+        let mut orphan = as_kernel_state(&wanted());
+        orphan.table_flags.insert(TABLE.into(), NFT_TABLE_F_PERSIST);
+        assert_eq!(plan(&orphan, owned()).ops, vec![Op::UpdateTable { name: TABLE.into(), flags: OWNED }]);
+        assert_eq!(plan(&as_kernel_state(&owned()), owned()), Plan::default(), "already ours");
+        // Switched on or off: the kernel cannot change persist in place, so the table is rebuilt.
+        for (have, want) in [(wanted(), owned()), (owned(), wanted())] {
+            let flags = want.table_flags;
+            let p = plan(&as_kernel_state(&have), want);
+            assert_eq!(p.ops[..2], [Op::DelTable(TABLE.into()), Op::AddTable { name: TABLE.into(), flags }]);
+            assert!(p.ops.iter().all(|op| !matches!(op, Op::UpdateTable { .. })));
+        }
     }
 
     #[test]

@@ -30,10 +30,12 @@ pub enum SyncKind {
     Unchanged,
 }
 
-/// The kernel refused the owner + persist table flags (before Linux 6.9).
-fn kernel_lacks_persist(e: &crate::Error) -> bool {
-    matches!(e, crate::Error::Nft(crate::nft::NftError::Rejected { what, source, .. })
-        if what.starts_with("table ") && source.raw_os_error() == Some(libc::EOPNOTSUPP))
+/// Whether a kernel release (`6.18.44-...`) keeps owned tables after their owner exits:
+/// NFT_TABLE_F_PERSIST and table adoption came with Linux 6.9.
+pub fn kernel_has_persist(release: &str) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
 }
 
 /// The outcome of one sync.
@@ -90,7 +92,18 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 }
 
 impl Engine {
-    pub fn new(nl: Netlink, opts: Options) -> Self {
+    pub fn new(nl: Netlink, mut opts: Options) -> Self {
+        if opts.own_tables {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            if !kernel_has_persist(release.trim()) {
+                tracing::warn!(
+                    kernel = release.trim(),
+                    "--own-tables needs Linux 6.9 or later (owned tables that outlive their owner); \
+                     running without it: drift is repaired by the periodic check instead"
+                );
+                opts.own_tables = false;
+            }
+        }
         let skeleton = compile::skeleton(&opts);
         let skeleton_digest = compile::skeleton_digest(&skeleton);
         Engine {
@@ -127,16 +140,7 @@ impl Engine {
     ) -> crate::Result<Outcome> {
         let hint = changed.filter(|_| self.models_current);
         self.models_current = false;
-        let mut result = self.try_sync(snapshot, hint);
-        if self.opts.own_tables && result.as_ref().is_err_and(kernel_lacks_persist) {
-            tracing::warn!(
-                "this kernel cannot keep owned tables after their owner exits (needs Linux 6.9); \
-                 running without --own-tables: drift is repaired by the periodic check instead"
-            );
-            self.set_own_tables(false);
-            self.generation = None;
-            result = self.try_sync(snapshot, None);
-        }
+        let result = self.try_sync(snapshot, hint);
         match result {
             Ok(_) => self.models_current = true,
             Err(_) => {
@@ -145,12 +149,6 @@ impl Engine {
             }
         }
         result
-    }
-
-    fn set_own_tables(&mut self, own: bool) {
-        self.opts.own_tables = own;
-        self.skeleton = compile::skeleton(&self.opts);
-        self.skeleton_digest = compile::skeleton_digest(&self.skeleton);
     }
 
     /// The operations that make this process's socket the owner of our tables (adopting them
@@ -394,6 +392,23 @@ impl Engine {
             conntrack_deleted: 0,
             conntrack_time: Duration::ZERO,
             total: start.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn owned_tables_need_linux_6_9() {
+        for (release, has) in [
+            ("6.18.44-fc-v669", true),
+            ("6.9.0", true),
+            ("7.0", true),
+            ("6.8.12-amd64", false),
+            ("5.15.0-91", false),
+            ("", false),
+        ] {
+            assert_eq!(super::kernel_has_persist(release), has, "{release}");
         }
     }
 }
