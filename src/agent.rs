@@ -22,6 +22,10 @@ pub struct Timing {
     pub min_sync_period: Duration,
     /// Time between periodic checks (a generation check; a full resync if anything drifted).
     pub sync_period: Duration,
+    /// Time between full read-backs even when the generation says nothing changed: bounds how
+    /// long anything the generation check cannot see (a state record forged while the agent
+    /// was down, a kernel that lost our objects without a commit) can stay.
+    pub verify_period: Duration,
 }
 
 /// Most change times kept for the programming-latency metric between two syncs.
@@ -48,6 +52,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     let mut last_error: Option<String> = None;
     let mut desired = Desired::default();
     let mut resolve_all = true;
+    let mut verified_at = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -72,6 +77,10 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             }
         }
         last_sync = Some(Instant::now());
+        if verified_at.elapsed() >= timing.verify_period {
+            engine.distrust();
+            verified_at = Instant::now();
+        }
         let changed = source.take_changed();
         let result = refresh(&*source, &resolve_opts, &mut desired, changed, resolve_all)
             .map_err(crate::Error::from)

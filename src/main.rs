@@ -83,6 +83,10 @@ struct Args {
     /// Periodic check: the kernel is verified (and repaired if anything drifted) this often.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     sync_period: Duration,
+    /// A full read-back of our tables at least this often, even when no commit by anyone else
+    /// was seen (the periodic check above is one cheap generation query otherwise).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    verify_period: Duration,
     /// Minimum time between syncs; changes in between are applied together.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
@@ -152,12 +156,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
-        let removed = Netlink::open()?.delete_tables().map_err(|e| match &e {
-            nftproxy::nft::NftError::Rejected { source, .. } if source.raw_os_error() == Some(libc::EPERM) => {
-                format!("{e}: the tables are owned by a running nftproxy (--own-tables); stop it first").into()
-            }
-            _ => BoxError::from(e),
-        })?;
+        let removed = Netlink::open()?.delete_tables()?;
         match removed {
             0 => println!("nothing to remove"),
             1 => println!("removed table inet nftproxy"),
@@ -235,7 +234,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     });
     let engine = Engine::new(Netlink::open()?, opts);
-    let timing = Timing { min_sync_period: args.min_sync_period, sync_period: args.sync_period };
+    let timing = Timing {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        verify_period: args.verify_period,
+    };
     let agent = agent::Agent { engine, source, resolve: resolve_opts, changes: rx, timing, metrics, health };
     agent::run(agent, shutdown_signal()).await;
     Ok(())

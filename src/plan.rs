@@ -29,8 +29,22 @@ pub struct KernelChain {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSet {
     pub shape: SetShape,
+    pub extras: SetExtras,
     pub elements: Vec<Element>,
 }
+
+/// What a set carries beyond its type. We never set any of it: a size limit, a default
+/// timeout or a set expression (`quota`, `limit`, `counter` copied onto every element) is
+/// someone else's, and the set is rebuilt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetExtras {
+    pub size: u32,
+    pub timeout: bool,
+    pub expressions: bool,
+}
+
+/// The size the kernel gives a set filled by a dynset rule when none was asked for.
+const DYNAMIC_SET_SIZE: u32 = 0xffff;
 
 /// Our table as the kernel has it; `Default` is "no table".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,6 +55,9 @@ pub struct KernelState {
     pub shard_tables: BTreeSet<String>,
     /// The flags of those of our tables that have any (dormant, owner, persist).
     pub table_flags: BTreeMap<String, u32>,
+    /// Named stateful objects (counters, quotas, limits) in our tables, with their type: we make
+    /// none, so every one is someone else's.
+    pub objects: BTreeMap<String, u32>,
     pub chains: BTreeMap<String, KernelChain>,
     pub sets: BTreeMap<String, KernelSet>,
 }
@@ -89,6 +106,10 @@ pub enum Op {
     },
     DelChain(String),
     DelSet(String),
+    DelObject {
+        name: String,
+        kind: u32,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -129,7 +150,9 @@ impl Plan {
 }
 
 fn set_shape_ok(want: &Set, have: &KernelSet) -> bool {
-    have.shape == want.kind.shape()
+    let size_ok =
+        have.extras.size == 0 || (matches!(want.kind, SetKind::Affinity(_)) && have.extras.size == DYNAMIC_SET_SIZE);
+    have.shape == want.kind.shape() && size_ok && !have.extras.timeout && !have.extras.expressions
 }
 
 /// The fingerprints of a chain's rules as the kernel would hold them.
@@ -203,6 +226,7 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
                 .filter(|t| !stale.contains(t.as_str()) && !reshaped.contains(t.as_str()))
                 .cloned()
                 .collect(),
+            objects: have.objects.iter().filter(|(n, _)| !gone(n)).map(|(n, k)| (n.clone(), *k)).collect(),
             chains: have.chains.iter().filter(|(n, _)| !gone(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
             sets: have.sets.iter().filter(|(n, _)| !gone(n)).map(|(n, s)| (n.clone(), s.clone())).collect(),
         };
@@ -269,16 +293,21 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     }
     // Deletions first: a changed element (same key, other verdict) is deleted, then added.
     ops.extend(rules.into_iter().chain(dels).chain(adds));
+    // Flush gone chains first (their rules may name gone sets), then the gone sets (a map may
+    // jump to a gone chain), then the chains, then named objects nothing refers to any more.
     for name in &gone_chains {
         if !have.chains[*name].rules.is_empty() {
             ops.push(Op::FlushChain((*name).clone()));
         }
     }
+    for name in gone_sets {
+        ops.push(Op::DelSet(name.clone()));
+    }
     for name in gone_chains {
         ops.push(Op::DelChain(name.clone()));
     }
-    for name in gone_sets {
-        ops.push(Op::DelSet(name.clone()));
+    for (name, kind) in &have.objects {
+        ops.push(Op::DelObject { name: name.clone(), kind: *kind });
     }
     Plan { ops }
 }
@@ -323,6 +352,7 @@ impl fmt::Display for Plan {
                 }
                 Op::DelChain(name) => writeln!(f, "- chain {name}")?,
                 Op::DelSet(name) => writeln!(f, "- set {name}")?,
+                Op::DelObject { name, kind } => writeln!(f, "- object {name} (type {kind})")?,
             }
         }
         Ok(())
@@ -348,6 +378,7 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
     KernelState {
         table_exists: true,
         table_flags: tables.filter(|_| want.table_flags != 0).map(|t| (t, want.table_flags)).collect(),
+        objects: BTreeMap::new(),
         shard_tables,
         chains: want
             .chains
@@ -360,7 +391,11 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
         sets: want
             .sets
             .iter()
-            .map(|(n, s)| (n.clone(), KernelSet { shape: s.kind.shape(), elements: s.elements.clone() }))
+            .map(|(n, s)| {
+                let set =
+                    KernelSet { shape: s.kind.shape(), extras: SetExtras::default(), elements: s.elements.clone() };
+                (n.clone(), set)
+            })
             .collect(),
     }
 }

@@ -40,8 +40,15 @@ pub fn shard_table(shard: u32) -> String {
 }
 
 /// `name` as an object of shard `shard`.
+/// Our own names never contain the separator; a name read back from the kernel that does (an
+/// object someone else put in our table) is always qualified, so that it is never taken for an
+/// object of another table.
 pub fn qualify(shard: u32, name: &str) -> String {
-    if shard == 0 { name.to_string() } else { format!("{}{SHARD_SEP}{name}", shard_table(shard)) }
+    if shard == 0 && !name.contains(SHARD_SEP) {
+        name.to_string()
+    } else {
+        format!("{}{SHARD_SEP}{name}", shard_table(shard))
+    }
 }
 
 /// Most tables `--table-shards` spreads Services over.
@@ -510,7 +517,7 @@ impl Element {
                 };
                 let port = u16::from_be_bytes([self.key[alen + 4], self.key[alen + 5]]);
                 let to = match self.goto.as_deref() {
-                    Some(chain) if !chain.contains(' ') => format!("goto {chain}"),
+                    Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),
                     Some(verdict) => verdict.to_string(),
                     None => "?".to_string(),
                 };
@@ -523,6 +530,11 @@ impl Element {
             _ => addr(&self.key),
         }
     }
+}
+
+/// Whether an element's `goto` holds another verdict as read back (`jump x`, `drop`, `accept`).
+pub fn is_verdict_text(goto: &str) -> bool {
+    goto.contains(' ') || matches!(goto, "drop" | "accept" | "return" | "continue") || goto.starts_with("verdict")
 }
 
 pub fn ip_bytes(ip: &IpAddr) -> Vec<u8> {

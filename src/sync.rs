@@ -76,6 +76,10 @@ pub struct Engine {
     /// With `--own-tables`, whether this process's socket owns our tables: nobody else can
     /// have changed them, so other programs' commits need no read-back.
     owns_tables: bool,
+    /// No sync of this process has succeeded yet. Only then may the state record stand in for a
+    /// read-back (a restart): afterwards the engine knows what it committed, and a generation
+    /// that moved means someone else committed, perhaps writing that record too.
+    restarting: bool,
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
@@ -118,10 +122,11 @@ impl Engine {
             conntrack: None,
             models_current: false,
             owns_tables: false,
+            restarting: true,
         }
     }
 
-    /// Forgets what the kernel holds: the next sync is a full one.
+    /// Forgets what the kernel holds: the next sync is a full one that reads everything back.
     pub fn distrust(&mut self) {
         self.generation = None;
     }
@@ -142,7 +147,10 @@ impl Engine {
         self.models_current = false;
         let result = self.try_sync(snapshot, hint);
         match result {
-            Ok(_) => self.models_current = true,
+            Ok(_) => {
+                self.models_current = true;
+                self.restarting = false;
+            }
             Err(_) => {
                 self.generation = None;
                 self.owns_tables = false;
@@ -239,7 +247,7 @@ impl Engine {
                 .read_elements(STATE_SET)?
                 .and_then(|e| if e.len() == 1 { compile::parse_state_element(&e[0]) } else { None });
             let wanted = StateRecord { generation, format: RULE_FORMAT, digest };
-            if recorded == Some(wanted) {
+            if self.restarting && recorded == Some(wanted) {
                 // Nobody committed anything since our last commit (the generation is the one it
                 // produced) and that commit left exactly what we want (same digest): verified.
                 self.state = vec![compile::state_element(generation, digest)];

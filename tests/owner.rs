@@ -55,7 +55,7 @@ fn owned_tables_refuse_other_writers_survive_exit_and_are_adopted_by_the_next_ru
     assert!(serves_web(&c));
     let cleanup = c.nftproxy(&["--cleanup"]);
     assert!(!cleanup.status.success());
-    assert!(String::from_utf8_lossy(&cleanup.stderr).contains("owned by a running nftproxy"));
+    assert!(String::from_utf8_lossy(&cleanup.stderr).contains("owned by another process"));
 
     // Other programs' commits cost the owner no read-back: no full sync follows them.
     let fulls = a.log_text().matches("kind=Full").count();

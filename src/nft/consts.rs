@@ -17,6 +17,10 @@ pub const NFT_MSG_NEWSETELEM: u16 = 12;
 pub const NFT_MSG_GETSETELEM: u16 = 13;
 pub const NFT_MSG_DELSETELEM: u16 = 14;
 pub const NFT_MSG_GETGEN: u16 = 16;
+pub const NFT_MSG_GETOBJ: u16 = 19;
+pub const NFT_MSG_DELOBJ: u16 = 20;
+/// An anonymous chain bound to the rule that jumps to it.
+pub const NFT_CHAIN_BINDING: u32 = 0x4;
 
 pub const NFPROTO_INET: u16 = 1;
 pub const NFPROTO_IPV4: u32 = 2;

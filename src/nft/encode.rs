@@ -67,6 +67,7 @@ pub fn describe(plan: &Plan, o: &Owner) -> String {
     match plan.ops.get(o.op as usize) {
         Some(Op::DelTable(t) | Op::AddTable { name: t, .. } | Op::UpdateTable { name: t, .. }) => format!("table {t}"),
         Some(Op::AddSet { name, .. } | Op::DelSet(name)) => format!("set {name}"),
+        Some(Op::DelObject { name, .. }) => format!("object {name}"),
         Some(Op::AddChain { name, .. } | Op::UpdateChain { name, .. } | Op::DelChain(name)) => format!("chain {name}"),
         Some(Op::FlushChain(name)) => format!("flush of chain {name}"),
         Some(Op::AddRules { chain, rules }) => {
@@ -170,6 +171,16 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                 let (table, local) = split_name(name);
                 let obj = SetObj::new(table, local, None);
                 tag(buf.set(NFT_MSG_DELSET, 0, &obj), 0, 1);
+            }
+            Op::DelObject { name, kind } => {
+                let (table, local) = split_name(name);
+                let seq = buf.raw(NFT_MSG_DELOBJ, 0, |m| {
+                    let mut a = Attrs(m);
+                    a.str(1, table); // NFTA_OBJ_TABLE
+                    a.str(2, local); // NFTA_OBJ_NAME
+                    a.u32(3, *kind); // NFTA_OBJ_TYPE
+                });
+                tag(seq, 0, 1);
             }
         }
     }

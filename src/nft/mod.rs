@@ -16,7 +16,7 @@ use std::io;
 
 use consts::*;
 
-use crate::plan::{KernelChain, KernelSet, KernelState, Plan};
+use crate::plan::{KernelChain, KernelSet, KernelState, Plan, SetExtras};
 use crate::ruleset::{BaseChain, Element, Hook, SetShape, TABLE, qualify, shard_of_table};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,38 @@ fn rule_summary(msg: &[u8]) -> Option<RuleSummary<'_>> {
     (!r.table.is_empty()).then_some(r)
 }
 
+/// What a set carries beyond its type (NFTA_SET_DESC's size, NFTA_SET_TIMEOUT, NFTA_SET_EXPR and
+/// NFTA_SET_EXPRESSIONS): we never set any of it, so any of it is someone else's.
+fn set_extras(msg: &[u8]) -> SetExtras {
+    let mut x = SetExtras::default();
+    for (kind, value) in attributes(msg) {
+        match kind {
+            9 => {
+                let size = expr::attributes(value).find(|(k, v)| *k == 1 && v.len() == 4);
+                x.size = size.map_or(0, |(_, v)| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+            }
+            11 => x.timeout = true,
+            17 | 18 => x.expressions = true,
+            _ => {}
+        }
+    }
+    x
+}
+
+/// (name, type) of a NEWOBJ message of `table` (NFTA_OBJ_TABLE 1, NAME 2, TYPE 3).
+fn object_summary(msg: &[u8], table: &str) -> Option<(String, u32)> {
+    let (mut t, mut name, mut kind) = (None, None, None);
+    for (k, v) in attributes(msg) {
+        match k {
+            1 => t = Some(attr_str(v)),
+            2 => name = std::str::from_utf8(attr_str(v)).ok(),
+            3 if v.len() == 4 => kind = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+            _ => {}
+        }
+    }
+    (t? == table.as_bytes()).then(|| Some((name?.to_string(), kind?))).flatten()
+}
+
 /// NFTA_GEN_ID (attribute 1, big-endian u32) of a NEWGEN message.
 fn gen_id(msg: &[u8]) -> Option<u32> {
     attributes(msg).find(|(k, v)| *k == 1 && v.len() >= 4).map(|(_, v)| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
@@ -203,7 +235,13 @@ impl Netlink {
         let Some(&(errno, seq)) = errors.first() else {
             return Ok(());
         };
-        let what = describe(seq).unwrap_or_else(|| format!("message {seq}"));
+        let mut what = describe(seq).unwrap_or_else(|| format!("message {seq}"));
+        if errno == libc::EPERM {
+            what.push_str(
+                " (our tables are owned by another process: `nft list tables` names it after \"# progname\"; \
+                 an nftproxy agent running with --own-tables must be stopped first)",
+            );
+        }
         Err(NftError::Rejected { what, source: io::Error::from_raw_os_error(errno), others: errors.len() - 1 })
     }
 
@@ -288,6 +326,11 @@ impl Netlink {
             let Some(shard) = shard_of(&c.table).filter(|_| tables.contains(&c.table)) else {
                 continue;
             };
+            // An anonymous chain (`jump { ... }`) lives and dies with the rule that binds it: the
+            // rule's fingerprint is what differs, and rewriting that chain removes it.
+            if c.flags & NFT_CHAIN_BINDING != 0 {
+                continue;
+            }
             let base = c.hook.map(|(hooknum, priority, kind)| {
                 let hook = match hooknum {
                     NF_INET_PRE_ROUTING => Some(Hook::Prerouting),
@@ -318,22 +361,32 @@ impl Netlink {
             }
         }
         // A set dump naming a table lists only that table's sets: ask each of ours.
-        let mut sets: Vec<sys::ParsedSet> = Vec::new();
+        let mut sets: Vec<(sys::ParsedSet, SetExtras)> = Vec::new();
         for table in &tables {
             let msgs =
                 self.request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(table, "", None)))?;
-            sets.extend(msgs.iter().filter_map(|m| sys::parse_set(m)).filter(|s| &s.table == table));
+            sets.extend(
+                msgs.iter()
+                    .filter_map(|m| Some((sys::parse_set(m)?, set_extras(m))))
+                    .filter(|(s, _)| &s.table == table),
+            );
         }
-        for s in sets {
+        for (s, extras) in sets {
             let shard = shard_of(&s.table).unwrap_or(0);
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
-            let mut elements =
+            let elements =
                 if s.flags & NFT_SET_TIMEOUT != 0 { Vec::new() } else { self.set_elements(&s.table, &s.name)? };
-            for e in &mut elements {
-                e.goto = e.goto.take().map(|g| qualify(shard, &g));
-            }
             let shape = SetShape { key_type: s.key_type, key_len: s.key_len, flags: s.flags, data_type: s.data_type };
-            state.sets.insert(qualify(shard, &s.name), KernelSet { shape, elements });
+            state.sets.insert(qualify(shard, &s.name), KernelSet { shape, extras, elements });
+        }
+        for table in &tables {
+            let shard = shard_of(table).unwrap_or(0);
+            let dump = |b: &mut sys::MsgBuf| b.raw(NFT_MSG_GETOBJ, NLM_F_DUMP, |m| expr::Attrs(m).str(1, table));
+            for msg in self.request("objects", dump)? {
+                if let Some((name, kind)) = object_summary(&msg, table) {
+                    state.objects.insert(qualify(shard, &name), kind);
+                }
+            }
         }
         Ok(state)
     }
@@ -348,11 +401,20 @@ impl Netlink {
         })
     }
 
-    /// The elements of a set in `table`, as the kernel names them (goto chains unqualified).
+    /// The elements of a set in `table` (goto chains qualified as the compiler names them).
     fn set_elements(&mut self, table: &str, set: &str) -> Result<Vec<Element>> {
         let obj = sys::SetObj::new(table, set, None);
         let msgs = self.request("set elements", |b| b.elements(NFT_MSG_GETSETELEM, NLM_F_DUMP, &obj))?;
-        Ok(msgs.iter().flat_map(|m| sys::parse_elements(m)).map(|(key, goto)| Element { key, goto }).collect())
+        let shard = shard_of_table(table).unwrap_or(0);
+        let verdict = |v: sys::ElemVerdict| match v {
+            sys::ElemVerdict::Goto(chain) => qualify(shard, &chain),
+            sys::ElemVerdict::Other(text) => text,
+        };
+        Ok(msgs
+            .iter()
+            .flat_map(|m| sys::parse_elements(m))
+            .map(|(key, v)| Element { key, goto: v.map(verdict) })
+            .collect())
     }
 
     /// The elements of one set of our main table; `None` when the table or set does not exist.

@@ -346,6 +346,8 @@ pub struct ParsedChain {
     pub hook: Option<(u32, i32, String)>,
     /// The verdict for packets that reach a base chain's end.
     pub policy: Option<u32>,
+    /// NFT_CHAIN_* flags (NFT_CHAIN_BINDING: an anonymous chain bound to the rule that jumps to it).
+    pub flags: u32,
 }
 
 pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
@@ -371,6 +373,7 @@ pub fn parse_chain(msg: &[u8]) -> Option<ParsedChain> {
                 hook,
                 policy: sys::nftnl_chain_is_set(p, sys::NFTNL_CHAIN_POLICY as u16)
                     .then(|| sys::nftnl_chain_get_u32(p, sys::NFTNL_CHAIN_POLICY as u16)),
+                flags: sys::nftnl_chain_get_u32(p, sys::NFTNL_CHAIN_FLAGS as u16),
             })
         };
         sys::nftnl_chain_free(p);
@@ -410,10 +413,15 @@ pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
     }
 }
 
-/// The elements in one GETSETELEM answer: (key bytes, verdict if any). A `goto` verdict is its
-/// chain's name; any other is written as nft prints it (`jump svc4/...`, `accept`), so that it
-/// never equals an element we want.
-pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
+/// A read-back element's verdict.
+pub enum ElemVerdict {
+    Goto(String),
+    /// Any other verdict, as nft prints it (`jump svc4/...`, `accept`): never one we want.
+    Other(String),
+}
+
+/// The elements in one GETSETELEM answer: (key bytes, verdict if any).
+pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<ElemVerdict>)> {
     let buf = aligned(msg);
     let mut out = Vec::new();
     // SAFETY: as parse_chain; the iterator borrows the set and is destroyed before the set is
@@ -450,17 +458,17 @@ pub fn parse_elements(msg: &[u8]) -> Vec<(Vec<u8>, Option<String>)> {
     out
 }
 
-/// A read-back element verdict as the diff compares it (see `parse_elements`).
-fn verdict_text(code: Option<i32>, chain: Option<String>) -> Option<String> {
+/// A read-back element verdict (see `parse_elements`).
+fn verdict_text(code: Option<i32>, chain: Option<String>) -> Option<ElemVerdict> {
     let name = match code? {
-        NFT_GOTO => return Some(chain.unwrap_or_default()),
+        NFT_GOTO => return Some(ElemVerdict::Goto(chain.unwrap_or_default())),
         NFT_JUMP => "jump",
         NF_DROP => "drop",
         NFT_RETURN => "return",
         c if c == NF_ACCEPT as i32 => "accept",
-        c => return Some(format!("verdict {c}")),
+        c => return Some(ElemVerdict::Other(format!("verdict {c}"))),
     };
-    Some(chain.map_or_else(|| name.to_string(), |c| format!("{name} {c}")))
+    Some(ElemVerdict::Other(chain.map_or_else(|| name.to_string(), |c| format!("{name} {c}"))))
 }
 
 /// Grows a socket buffer past the `rmem_max`/`wmem_max` limits (needs CAP_NET_ADMIN).
