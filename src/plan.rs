@@ -560,6 +560,49 @@ mod tests {
     }
 
     #[test]
+    fn a_set_with_a_size_timeout_or_expression_is_rebuilt() {
+        let extras = [
+            SetExtras { size: 2, ..Default::default() },
+            SetExtras { timeout: true, ..Default::default() },
+            SetExtras { expressions: true, ..Default::default() },
+        ];
+        for x in extras {
+            let mut have = as_kernel_state(&wanted());
+            have.sets.get_mut("service-ips-v4").unwrap().extras = x;
+            assert_eq!(plan(&have, wanted()).ops[0], Op::DelTable(TABLE.into()), "{x:?}");
+        }
+    }
+
+    #[test]
+    fn foreign_objects_are_removed_in_an_order_the_kernel_accepts() {
+        let mut have = as_kernel_state(&wanted());
+        // A foreign map jumping to a foreign chain, and a named counter.
+        have.chains.insert("evil".into(), KernelChain { base: None, policy: None, rules: vec![1] });
+        let shape = SetShape { key_type: 7, key_len: 4, flags: crate::nft::consts::NFT_SET_MAP, data_type: 0 };
+        have.sets.insert("evilmap".into(), KernelSet { shape, extras: SetExtras::default(), elements: vec![] });
+        have.objects.insert("c1".into(), 1);
+        let p = plan(&have, wanted());
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::FlushChain("evil".into()),
+                Op::DelSet("evilmap".into()),
+                Op::DelChain("evil".into()),
+                Op::DelObject { name: "c1".into(), kind: 1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn foreign_names_with_the_shard_separator_stay_in_their_table() {
+        // `victim@c` read back from our main table is ours to delete, not table victim's chain c.
+        let name = qualify(0, "victim@c");
+        assert_eq!(split_name(&name), (TABLE, "victim@c"));
+        assert_eq!(split_name(&qualify(1, "victim@c")), ("nftproxy-1", "victim@c"));
+        assert_eq!(qualify(0, "services"), "services", "our own names stay short");
+    }
+
+    #[test]
     fn dry_runs_print_each_base_chain_type() {
         let text = plan(&Default::default(), wanted()).to_string();
         assert!(text.contains("+ chain filter-forward (type filter hook forward priority 0)"), "{text}");
