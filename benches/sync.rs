@@ -65,7 +65,7 @@ fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Snapshot {
                 Endpoint::ready(IpAddr::V4(ip), 8080)
             })
             .collect();
-        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints };
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port: None, endpoints };
         snap.services.insert(id.clone(), Service::new(id, vec![IpAddr::V4(vip(i))], vec![port]));
     }
     snap

@@ -128,6 +128,9 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// `spec.ports[].nodePort` of a NodePort or LoadBalancer Service: served on the node's
+    /// addresses (see `External`).
+    pub node_port: Option<u16>,
     /// Every known endpoint for this port, whatever its conditions; see [`ServicePort::usable_endpoints`].
     pub endpoints: Vec<Endpoint>,
 }
@@ -178,6 +181,30 @@ pub struct Affinity {
     pub timeout_seconds: u32,
 }
 
+/// How a Service is reached from outside the node: node ports, external IPs, load-balancer IPs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct External {
+    /// `spec.externalIPs`: served on the Service ports when traffic arrives at the node.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (not `ipMode: Proxy`).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`: when set, only these sources may use the load-balancer
+    /// IPs (node ports and external IPs are not limited, as in kube-proxy).
+    pub source_ranges: Vec<ipnet::IpNet>,
+    /// `externalTrafficPolicy: Local`: external traffic goes only to this node's endpoints and
+    /// keeps its source address; none here means drop.
+    pub local: bool,
+    /// `spec.healthCheckNodePort` (LoadBalancer + Local): the agent answers HTTP health checks
+    /// there with this node's local endpoint count.
+    pub health_check_node_port: Option<u16>,
+}
+
+impl External {
+    pub fn is_empty(&self) -> bool {
+        self.external_ips.is_empty() && self.load_balancer_ips.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub id: ServiceId,
@@ -187,11 +214,17 @@ pub struct Service {
     /// `internalTrafficPolicy: Local`: only this node's endpoints; none means drop.
     pub internal_local: bool,
     pub affinity: Option<Affinity>,
+    pub external: External,
 }
 
 impl Service {
     pub fn new(id: ServiceId, cluster_ips: Vec<IpAddr>, ports: Vec<ServicePort>) -> Self {
-        Service { id, cluster_ips, ports, internal_local: false, affinity: None }
+        Service { id, cluster_ips, ports, internal_local: false, affinity: None, external: External::default() }
+    }
+
+    /// Whether any port has a node port or the Service has external or load-balancer IPs.
+    pub fn is_external(&self) -> bool {
+        !self.external.is_empty() || self.ports.iter().any(|p| p.node_port.is_some())
     }
 
     pub fn usable_endpoints<'a>(&self, port: &'a ServicePort, family: Family, here: &Locality) -> Vec<&'a Endpoint> {
@@ -214,7 +247,7 @@ mod tests {
     }
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
-        ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints }
+        ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port: None, endpoints }
     }
 
     #[test]

@@ -437,7 +437,13 @@ mod tests {
     /// The demo-like rule set: one Service with two endpoints, one shard.
     fn wanted() -> Ruleset {
         let eps = ["10.244.1.2", "10.244.1.3"].map(|ip| Endpoint::ready(ip.parse().unwrap(), 8080));
-        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps.to_vec() };
+        let port = ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: None,
+            endpoints: eps.to_vec(),
+        };
         let svc = Service::new(ServiceId::new("default", "web"), vec!["10.96.0.80".parse().unwrap()], vec![port]);
         let mut snap = Snapshot::default();
         snap.services.insert(svc.id.clone(), svc);

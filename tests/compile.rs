@@ -105,7 +105,13 @@ fn weighted(weights: &[u32]) -> Ruleset {
             ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
         })
         .collect();
-    let port = nftproxy::model::ServicePort { name: "".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps };
+    let port = nftproxy::model::ServicePort {
+        name: "".into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        node_port: None,
+        endpoints: eps,
+    };
     let id = nftproxy::model::ServiceId::new("default", "w");
     let svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
     let mut snap = nftproxy::model::Snapshot::default();
@@ -184,7 +190,13 @@ fn local_policy_drops_only_when_endpoints_exist_on_other_nodes() {
                 ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
             })
             .collect();
-        let port = nftproxy::model::ServicePort { name: "".into(), port: 80, protocol: Protocol::Tcp, endpoints: eps };
+        let port = nftproxy::model::ServicePort {
+            name: "".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: None,
+            endpoints: eps,
+        };
         let id = nftproxy::model::ServiceId::new("default", "local");
         let mut svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
         svc.internal_local = true;

@@ -318,7 +318,7 @@ fn models(n: usize, moved: Option<usize>) -> nftproxy::model::Snapshot {
     for i in 0..n {
         let second = if Some(i) == moved { "10.244.1.4" } else { "10.244.1.3" };
         let endpoints = ["10.244.1.2", second].iter().map(|ip| Endpoint::ready(ip.parse().unwrap(), 8080)).collect();
-        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, endpoints };
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port: None, endpoints };
         let id = ServiceId::new("default", format!("svc-{i}"));
         let vip = format!("10.96.10.{}", i + 1).parse().unwrap();
         snap.services.insert(id.clone(), Service::new(id, vec![vip], vec![port]));

@@ -68,8 +68,14 @@ mod tests {
             ServiceId::new("default", "dns"),
             vec!["10.96.0.10".parse().unwrap()],
             vec![
-                ServicePort { name: "dns".into(), port: 53, protocol: Protocol::Udp, endpoints: endpoints.clone() },
-                ServicePort { name: "tcp".into(), port: 53, protocol: Protocol::Tcp, endpoints },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    node_port: None,
+                    endpoints: endpoints.clone(),
+                },
+                ServicePort { name: "tcp".into(), port: 53, protocol: Protocol::Tcp, node_port: None, endpoints },
             ],
         )
     }

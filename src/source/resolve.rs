@@ -293,7 +293,7 @@ fn accept<'a>(
             if !keys.insert((port, protocol)) {
                 errs.add(field("port"), format!("duplicate port {port}/{protocol}"));
             }
-            let sp = ServicePort { name, port, protocol, endpoints: Vec::new() };
+            let sp = ServicePort { name, port, protocol, node_port: None, endpoints: Vec::new() };
             ports.push((sp, p.target_port.clone()));
         }
     }
