@@ -432,3 +432,201 @@ fn the_agent_repairs_drift_within_two_sync_periods() {
     assert_served_right(&d.c);
     d.assert_nothing_left_to_send();
 }
+
+impl Drifted {
+    /// Writes `script` to `file` in the test's directory and runs `nft ARGS -f FILE` in the
+    /// node (it must succeed); returns what nft printed.
+    fn nft_file(&self, file: &str, args: &[&str], script: &str) -> String {
+        let path = self.c.write(file, script);
+        let path = path.to_str().unwrap();
+        self.c.exec_ok("node", &[&["nft"][..], args, &["-f", path]].concat())
+    }
+}
+
+/// No connection to web reaches any pod.
+fn assert_web_blackholed(c: &Cluster, what: &str) {
+    let got = c.probe_ms("client", "tcp", WEB_VIP, 2, 500);
+    assert!(!got.keys().any(|k| k.starts_with("web-")), "{what} must stop web's traffic: {got:?}");
+}
+
+#[test]
+fn a_dispatch_map_recreated_with_a_quota_is_rebuilt_and_web_is_served_again() {
+    let Some(d) = setup() else { return };
+    // Same name, type and (after a sync re-adds them) elements: only the set-level quota, which
+    // every element inherits, differs. One byte later no element matches any more.
+    d.mutate(
+        "flush chain inet nftproxy services; delete map inet nftproxy service-ips-v4; \
+         add map inet nftproxy service-ips-v4 { type ipv4_addr . inet_proto . inet_service : verdict; quota 1 bytes; }",
+    );
+    assert!(listing(&d.c).contains("quota 1 bytes"), "{}", listing(&d.c));
+    assert_web_blackholed(&d.c, "the emptied services chain and dispatch map");
+    d.assert_repaired_by_sync();
+    assert!(!listing(&d.c).contains("quota"), "{}", listing(&d.c));
+    assert_served_right(&d.c);
+}
+
+/// `MANIFESTS` plus Service db (10.96.0.82:80) over web-c.
+const MANIFESTS_WITH_DB: &str = "\
+---\napiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: 10.96.0.82, ports: [{name: http, port: 80}]}\n\
+---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-1, labels: {kubernetes.io/service-name: db}}\n\
+addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.1.4]}]\n";
+
+#[test]
+fn a_cluster_ip_set_recreated_with_a_size_limit_is_rebuilt_and_takes_a_third_service() {
+    let Some(d) = setup() else { return };
+    // Full at two elements: a third ClusterIP could never be added to it.
+    d.mutate(
+        "flush chain inet nftproxy services; delete set inet nftproxy cluster-ips-v4; \
+         add set inet nftproxy cluster-ips-v4 { type ipv4_addr; size 2; elements = { 10.96.0.80, 10.96.0.81 } }",
+    );
+    assert!(listing(&d.c).contains("size 2"), "{}", listing(&d.c));
+    d.assert_repaired_by_sync();
+    assert!(!listing(&d.c).contains("size"), "{}", listing(&d.c));
+    assert_served_right(&d.c);
+
+    std::fs::write(d.m.join("services.yaml"), format!("{MANIFESTS}{MANIFESTS_WITH_DB}")).unwrap();
+    d.sync();
+    assert!(listing(&d.c).contains("10.96.0.82"), "{}", listing(&d.c));
+    let got = d.c.probe_ms("client", "tcp", "10.96.0.82:80", 10, 1000);
+    assert_eq!(got.get("web-c"), Some(&10), "db must reach web-c: {got:?}");
+    assert_served_right(&d.c);
+    d.assert_nothing_left_to_send();
+}
+
+#[test]
+fn names_with_an_at_sign_in_our_table_are_removed_there_and_never_read_as_another_tables() {
+    let Some(d) = setup() else { return };
+    d.c.nft(
+        "add table inet victim; add chain inet victim c { type filter hook input priority 0; policy accept; }; \
+         add rule inet victim c tcp dport 22 accept; add set inet victim s { type ipv4_addr; elements = { 9.9.9.9 } }",
+    );
+    let victim = || d.c.nft_list("inet victim");
+    let before = victim();
+    assert!(before.contains("tcp dport 22 accept") && before.contains("9.9.9.9"), "{before}");
+    // Our own shard objects are named `nftproxy-K@name` internally: a chain and a set named
+    // `victim@c` and `victim@s` in our table must not be taken for victim's `c` and `s`.
+    d.nft_file(
+        "victim.json",
+        &["-j"],
+        r#"{"nftables":[{"add":{"chain":{"family":"inet","table":"nftproxy","name":"victim@c"}}},{"add":{"rule":{"family":"inet","table":"nftproxy","chain":"victim@c","expr":[{"counter":null}]}}},{"add":{"set":{"family":"inet","table":"nftproxy","name":"victim@s","type":"ipv4_addr"}}}]}"#,
+    );
+    let now = listing(&d.c);
+    assert!(now.contains("chain victim@c {") && now.contains("set victim@s {"), "{now}");
+    d.assert_repaired_by_sync();
+    assert!(!listing(&d.c).contains("victim@"), "{}", listing(&d.c));
+    assert_eq!(victim(), before, "the repair touched table inet victim");
+    // A commit by someone else makes the next sync read everything back again.
+    d.c.nft("add table ip bump");
+    d.c.nft("delete table ip bump");
+    d.sync();
+    assert_eq!(comparable(&listing(&d.c)), d.reference);
+    assert_eq!(victim(), before, "a later sync touched table inet victim");
+    d.assert_nothing_left_to_send();
+    assert_served_right(&d.c);
+}
+
+#[test]
+fn an_anonymous_chain_bound_to_an_inserted_rule_goes_with_its_rule() {
+    let Some(d) = setup() else { return };
+    d.mutate("insert rule inet nftproxy services ip daddr 10.96.0.80 jump { drop; }");
+    assert_web_blackholed(&d.c, "the inserted `jump { drop; }`");
+    d.assert_repaired_by_sync();
+    assert_served_right(&d.c);
+}
+
+#[test]
+fn a_foreign_verdict_map_and_the_foreign_chain_it_jumps_to_are_removed() {
+    let Some(d) = setup() else { return };
+    // The map refers to the chain: the chain can only go once the map is gone.
+    d.mutate(
+        "add chain inet nftproxy evil; add rule inet nftproxy evil drop; \
+         add map inet nftproxy evilmap { type ipv4_addr : verdict; elements = { 1.2.3.4 : jump evil } }",
+    );
+    assert!(listing(&d.c).contains("1.2.3.4 : jump evil"), "{}", listing(&d.c));
+    d.assert_repaired_by_sync();
+    assert!(!listing(&d.c).contains("evil"), "{}", listing(&d.c));
+    assert_served_right(&d.c);
+}
+
+#[test]
+fn named_counters_quotas_and_limits_are_removed() {
+    let Some(d) = setup() else { return };
+    d.mutate(
+        "add counter inet nftproxy c1; add quota inet nftproxy q1 { 1 bytes }; \
+         add limit inet nftproxy l1 { rate 1/second }",
+    );
+    let now = listing(&d.c);
+    assert!(now.contains("counter c1 {") && now.contains("quota q1 {") && now.contains("limit l1 {"), "{now}");
+    d.assert_repaired_by_sync();
+    assert_served_right(&d.c);
+}
+
+/// The one element of our `state` set: generation (top 32 bits), rule format, digest.
+fn state_record(c: &Cluster) -> u128 {
+    let out = c.exec_ok("node", &["nft", "-j", "list", "set", "inet", "nftproxy", "state"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let set = json["nftables"].as_array().unwrap().iter().find_map(|o| o.get("set")).expect("set state");
+    let elem = set["elem"].as_array().expect("state elements");
+    assert_eq!(elem.len(), 1, "{out}");
+    match &elem[0] {
+        serde_json::Value::String(s) => u128::from_str_radix(s.strip_prefix("0x").expect("hex"), 16).unwrap(),
+        v => v.as_u64().expect("an integer") as u128,
+    }
+}
+
+#[test]
+fn the_agent_repairs_drift_behind_a_forged_state_record() {
+    let Some(d) = setup() else { return };
+    let m = d.m.to_str().unwrap();
+    // No full read-back on a timer during the test: the repair must come from the agent
+    // noticing that someone else committed.
+    let a = d.c.start_agent(
+        "agent",
+        &[
+            &["--manifests", m, "--watch", "--sync-period", "1s", "--min-sync-period", "100ms"][..],
+            &["--verify-period", "1h"],
+            FLAGS,
+        ]
+        .concat(),
+    );
+    let settled = || comparable(&listing(&d.c)) == d.reference;
+    let get = || d.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(
+        wait_until(20, || metric(&get(), "kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= Some(1.0)),
+        "the agent never synced:\n{}",
+        a.log_text()
+    );
+    assert!(settled(), "the agent changed a freshly synced table:\n{}", a.log_text());
+
+    // Nobody has committed since our last commit (the agent found the record current and sent
+    // nothing), so the record's generation is the kernel's. The forged record names the
+    // generation this very transaction produces, with our format and digest: exactly what our
+    // own commit would have left.
+    let real = state_record(&d.c);
+    let forged = real + (1u128 << 96);
+    let echo = d.nft_file(
+        "forge.nft",
+        &["-e"],
+        &format!(
+            "delete element inet nftproxy service-ips-v4 {{ 10.96.0.80 . tcp . 80 }}\n\
+             add element inet nftproxy service-ips-v4 {{ 10.96.0.80 . tcp . 80 : drop }}\n\
+             delete element inet nftproxy state {{ {real:#x} }}\n\
+             add element inet nftproxy state {{ {forged:#x} }}\n"
+        ),
+    );
+    // The agent may repair within a second, so the drop is checked in what nft committed.
+    assert!(echo.contains("{ 10.96.0.80 . tcp . 80 : drop }"), "{echo}");
+    assert!(echo.contains(&format!("state {{ {forged} }}")), "{echo}");
+
+    assert!(wait_until(10, settled), "the drop behind a forged state record was not repaired:\n{}", a.log_text());
+    assert_served_right(&d.c);
+    // The repair was the one commit after the forged one: the agent recorded the generation
+    // after it (forged + 1) and the same format and digest. So when the agent looked, the forged
+    // record equalled exactly what it wanted (generation current, digest and format its own):
+    // an agent that took the record as proof of a clean table would have sent nothing, the
+    // drop would have stayed, and `settled` above would have timed out.
+    let now = state_record(&d.c);
+    assert_eq!(now >> 96, (forged >> 96) + 1, "state {now:#x}, forged {forged:#x}");
+    assert_eq!(now & ((1u128 << 96) - 1), forged & ((1u128 << 96) - 1), "format or digest moved");
+    d.assert_nothing_left_to_send();
+}
