@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
+use crate::healthcheck::{self, HealthChecks};
 use crate::metrics::{Health, Metrics};
 use crate::model::ServiceId;
 use crate::source::changes::{Changed, Desired};
@@ -34,6 +35,8 @@ const MAX_CHANGE_TIMES: usize = 1024;
 /// Everything the loop works with.
 pub struct Agent {
     pub engine: Engine,
+    /// The node's node-port addresses as they change (rtnetlink, or the Node object).
+    pub node_ips: tokio::sync::watch::Receiver<Vec<std::net::IpAddr>>,
     pub source: Arc<dyn Source>,
     pub resolve: ResolveOptions,
     pub changes: mpsc::Receiver<Change>,
@@ -44,7 +47,8 @@ pub struct Agent {
 
 /// Runs until `shutdown` completes; the rules stay in place afterwards.
 pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) {
-    let Agent { mut engine, source, resolve: resolve_opts, mut changes, timing, metrics, health } = agent;
+    let Agent { mut engine, mut node_ips, source, resolve: resolve_opts, mut changes, timing, metrics, health } = agent;
+    let mut health_checks = HealthChecks::new(node_ips.borrow().clone());
     let mut shutdown = std::pin::pin!(shutdown);
     let mut changed_at: Vec<SystemTime> = vec![SystemTime::now()];
     let mut last_sync: Option<Instant> = None;
@@ -62,6 +66,12 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                 if changed_at.len() < MAX_CHANGE_TIMES { changed_at.push(change.at); }
             }
             _ = sleep_until(next_check) => {}
+            Ok(()) = node_ips.changed() => {}
+        }
+        if node_ips.has_changed().unwrap_or(false) {
+            let ips = node_ips.borrow_and_update().clone();
+            health_checks.set_addresses(ips.clone());
+            engine.set_node_ips(ips);
         }
         if let Some(last) = last_sync {
             let earliest = tokio::time::Instant::from_std(last + timing.min_sync_period);
@@ -93,6 +103,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         resolve_all = result.is_err();
         match result {
             Ok((outcome, services)) => {
+                health_checks.update(healthcheck::wanted(desired.snapshot(), &engine.options().locality));
                 metrics.synced(&outcome, services, &changed_at);
                 health.synced();
                 changed_at.clear();

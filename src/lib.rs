@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod compile;
 pub mod conntrack;
+pub mod healthcheck;
 pub mod metrics;
 pub mod model;
 pub mod nft;

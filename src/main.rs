@@ -14,6 +14,7 @@ use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::model::Locality;
 use nftproxy::nft::Netlink;
 use nftproxy::source::kube::KubeSource;
+use nftproxy::source::node_addrs::{self, NodePortAddresses};
 use nftproxy::source::resolve::{self, ResolveOptions};
 use nftproxy::source::{Manifests, Source, manifest};
 use nftproxy::sync::Engine;
@@ -76,6 +77,15 @@ struct Args {
     /// This node's name; defaults to the hostname.
     #[arg(long)]
     node_name: Option<String>,
+    /// Which of the node's addresses serve node ports: `primary` (in API mode the Node's
+    /// InternalIPs, in manifest mode the addresses of the interface holding the default route,
+    /// per family) or CIDRs (`192.0.2.0/24,2001:db8::/64`: every local address inside them).
+    /// Followed live; localhost never serves node ports.
+    #[arg(long, default_value = "primary")]
+    nodeport_addresses: NodePortAddresses,
+    /// Node ports given to NodePort and LoadBalancer Services that name none (manifest mode).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: std::ops::RangeInclusive<u16>,
     /// Ranges ClusterIPs are allocated from when a Service names none (manifest mode;
     /// comma-separated, one per family).
     #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/12")]
@@ -165,17 +175,37 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Ok(());
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
-    let resolve_opts = ResolveOptions { service_cidrs: args.service_cluster_ip_range.clone() };
+    let resolve_opts = ResolveOptions {
+        service_cidrs: args.service_cluster_ip_range.clone(),
+        node_port_range: args.service_node_port_range.clone(),
+    };
     let (tx, rx) = mpsc::channel(1);
     let mut zone = args.zone.clone();
+    let (node_ips_tx, node_ips_rx) = tokio::sync::watch::channel(Vec::new());
+    let sel = args.nodeport_addresses.clone();
     let source: Arc<dyn Source> = if args.manifests.is_empty() {
         let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;
-        let kube = KubeSource::start(client, &node, tx.clone());
+        let kube = Arc::new(KubeSource::start(client, &node, tx.clone()));
         tracing::info!("waiting for Services and EndpointSlices to be listed");
         kube.wait_ready().await;
         zone = zone.or_else(|| kube.zone());
-        Arc::new(kube)
+        if sel == NodePortAddresses::Primary {
+            // kube-proxy's `primary`: the Node's InternalIPs, followed as the Node changes.
+            let _ = node_ips_tx.send(node_addrs::select_from_list(&sel, &kube.node_ips()));
+            let k = kube.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let ips = node_addrs::select_from_list(&sel, &k.node_ips());
+                    node_ips_tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+                }
+            });
+        } else {
+            follow_addresses(sel, node_ips_tx).await;
+        }
+        kube
     } else {
+        follow_addresses(sel, node_ips_tx).await;
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
@@ -189,6 +219,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         locality: locality.clone(),
         table_shards: table_shards(args.table_shards, &*source),
         own_tables: args.own_tables,
+        node_ips: node_ips_rx.borrow().clone(),
     };
 
     if args.sync_once {
@@ -239,9 +270,35 @@ async fn run(args: Args) -> Result<(), BoxError> {
         sync_period: args.sync_period,
         verify_period: args.verify_period,
     };
-    let agent = agent::Agent { engine, source, resolve: resolve_opts, changes: rx, timing, metrics, health };
+    let agent = agent::Agent {
+        engine,
+        node_ips: node_ips_rx,
+        source,
+        resolve: resolve_opts,
+        changes: rx,
+        timing,
+        metrics,
+        health,
+    };
     agent::run(agent, shutdown_signal()).await;
     Ok(())
+}
+
+/// Reads this node's node-port addresses over rtnetlink now, and follows them from then on.
+async fn follow_addresses(sel: NodePortAddresses, tx: tokio::sync::watch::Sender<Vec<std::net::IpAddr>>) {
+    match node_addrs::current(&sel).await {
+        Ok(ips) => {
+            let _ = tx.send(ips);
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the node's addresses failed; no node ports until they are known"),
+    }
+    let (atx, mut arx) = mpsc::channel(4);
+    tokio::spawn(node_addrs::watch(sel, atx));
+    tokio::spawn(async move {
+        while let Some(ips) = arx.recv().await {
+            tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+        }
+    });
 }
 
 /// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.
@@ -260,6 +317,16 @@ async fn shutdown_signal() {
 fn out(text: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let bad = || format!("{s:?}: expected a port range like 30000-32767");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
 }
 
 fn hostname() -> Option<String> {

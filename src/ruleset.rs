@@ -144,6 +144,12 @@ pub enum Stmt {
         family: Family,
         map: String,
     },
+    /// `meta l4proto . th dport vmap @map`: the node-port dispatch (after a node-address match).
+    NodePortVmap {
+        map: String,
+    },
+    /// `fib saddr type local`: sent by this node itself.
+    FibSaddrLocal,
     /// `meta mark & bit == 0`
     MarkBitClear(u32),
     /// `meta mark set meta mark | bit`
@@ -201,6 +207,8 @@ impl fmt::Display for Stmt {
             Stmt::DispatchVmap { family, map } => {
                 write!(f, "{} daddr . meta l4proto . th dport vmap @{}", ip_kw(*family), local_name(map))
             }
+            Stmt::NodePortVmap { map } => write!(f, "meta l4proto . th dport vmap @{}", local_name(map)),
+            Stmt::FibSaddrLocal => f.write_str("fib saddr type local"),
             Stmt::MarkBitClear(bit) => write!(f, "meta mark & {bit:#x} == 0"),
             Stmt::SetMarkBit(bit) => write!(f, "meta mark set meta mark | {bit:#x}"),
             Stmt::ClearMarkBit(bit) => write!(f, "meta mark set meta mark & ~{bit:#x}"),
@@ -299,6 +307,8 @@ impl Stmt {
             Stmt::CtStateInvalid => h.write_tagged(20, &[]),
             Stmt::Counter => h.write_tagged(21, &[]),
             Stmt::Drop => h.write_tagged(22, &[]),
+            Stmt::NodePortVmap { map } => h.write_tagged(23, map.as_bytes()),
+            Stmt::FibSaddrLocal => h.write_tagged(24, &[]),
         }
     }
 }
@@ -392,6 +402,8 @@ pub enum SetKind {
     Dispatch(Family),
     /// `ipv4_addr` (or ipv6_addr)
     Addresses(Family),
+    /// `inet_proto . inet_service : verdict`: node ports (per family: they goto family chains).
+    NodePorts(Family),
     /// `ipv4_addr` with `flags dynamic,timeout`: clients with affinity to one endpoint. The
     /// kernel adds and expires its elements; we never diff them.
     Affinity(Family),
@@ -405,7 +417,11 @@ pub enum SetKind {
 impl SetKind {
     pub fn family(self) -> Family {
         match self {
-            SetKind::Dispatch(f) | SetKind::Addresses(f) | SetKind::Affinity(f) | SetKind::Hairpin(f) => f,
+            SetKind::Dispatch(f)
+            | SetKind::Addresses(f)
+            | SetKind::NodePorts(f)
+            | SetKind::Affinity(f)
+            | SetKind::Hairpin(f) => f,
             SetKind::State => Family::V4,
         }
     }
@@ -423,6 +439,7 @@ impl SetKind {
         };
         match self {
             SetKind::Dispatch(_) => addr + 4 + 4,
+            SetKind::NodePorts(_) => 4 + 4,
             SetKind::Addresses(_) | SetKind::Affinity(_) => addr,
             SetKind::Hairpin(_) => 3 * addr,
             SetKind::State => 16,
@@ -453,12 +470,13 @@ impl SetKind {
             SetKind::Dispatch(_) => {
                 (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE
             }
+            SetKind::NodePorts(_) => (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
             SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
             SetKind::Hairpin(_) => (addr_type << (2 * TYPE_BITS)) | (addr_type << TYPE_BITS) | addr_type,
             SetKind::State => TYPE_INTEGER,
         };
         let (flags, data_type) = match self {
-            SetKind::Dispatch(_) => (NFT_SET_MAP, NFT_DATA_VERDICT),
+            SetKind::Dispatch(_) | SetKind::NodePorts(_) => (NFT_SET_MAP, NFT_DATA_VERDICT),
             SetKind::Affinity(_) => (NFT_SET_TIMEOUT | NFT_SET_EVAL, 0),
             _ => (0, 0),
         };
@@ -479,6 +497,14 @@ impl Element {
     pub fn dispatch(vip: IpAddr, proto: Protocol, port: u16, chain: String) -> Self {
         let mut key = ip_bytes(&vip);
         key.extend_from_slice(&[proto.number(), 0, 0, 0]);
+        key.extend_from_slice(&port.to_be_bytes());
+        key.extend_from_slice(&[0, 0]);
+        Element { key, goto: Some(chain) }
+    }
+
+    /// `tcp . 30080 : goto chain`
+    pub fn node_port(proto: Protocol, port: u16, chain: String) -> Self {
+        let mut key = vec![proto.number(), 0, 0, 0];
         key.extend_from_slice(&port.to_be_bytes());
         key.extend_from_slice(&[0, 0]);
         Element { key, goto: Some(chain) }
@@ -507,22 +533,26 @@ impl Element {
             }
         };
         let alen = self.key.len().saturating_sub(8);
+        let proto_port = |at: usize| {
+            let proto = match self.key[at] {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                132 => "sctp".to_string(),
+                n => n.to_string(),
+            };
+            let port = u16::from_be_bytes([self.key[at + 4], self.key[at + 5]]);
+            let to = match self.goto.as_deref() {
+                Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),
+                Some(verdict) => verdict.to_string(),
+                None => "?".to_string(),
+            };
+            format!("{proto} . {port} : {to}")
+        };
         match kind {
             SetKind::Dispatch(_) if self.key.len() >= 12 => {
-                let proto = match self.key[alen] {
-                    6 => "tcp".to_string(),
-                    17 => "udp".to_string(),
-                    132 => "sctp".to_string(),
-                    n => n.to_string(),
-                };
-                let port = u16::from_be_bytes([self.key[alen + 4], self.key[alen + 5]]);
-                let to = match self.goto.as_deref() {
-                    Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),
-                    Some(verdict) => verdict.to_string(),
-                    None => "?".to_string(),
-                };
-                format!("{} . {proto} . {port} : {to}", addr(&self.key[..alen]))
+                format!("{} . {}", addr(&self.key[..alen]), proto_port(alen))
             }
+            SetKind::NodePorts(_) if self.key.len() == 8 => proto_port(0),
             SetKind::Hairpin(_) => {
                 let n = self.key.len() / 3;
                 format!("{} . {} . {}", addr(&self.key[..n]), addr(&self.key[n..2 * n]), addr(&self.key[2 * n..]))

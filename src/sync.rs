@@ -97,6 +97,8 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 
 impl Engine {
     pub fn new(nl: Netlink, mut opts: Options) -> Self {
+        opts.node_ips.sort();
+        opts.node_ips.dedup();
         if opts.own_tables {
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             if !kernel_has_persist(release.trim()) {
@@ -124,6 +126,24 @@ impl Engine {
             owns_tables: false,
             restarting: true,
         }
+    }
+
+    /// The node's addresses that serve node ports changed: the next sync rewrites the node
+    /// address sets (a full sync).
+    pub fn set_node_ips(&mut self, mut ips: Vec<std::net::IpAddr>) {
+        ips.sort();
+        ips.dedup();
+        if ips != self.opts.node_ips {
+            tracing::info!(?ips, "node-port addresses");
+            self.opts.node_ips = ips;
+            self.skeleton = compile::skeleton(&self.opts);
+            self.skeleton_digest = compile::skeleton_digest(&self.skeleton);
+            self.generation = None;
+        }
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
     }
 
     /// Forgets what the kernel holds: the next sync is a full one that reads everything back.
@@ -319,7 +339,7 @@ impl Engine {
             if let Some((old, _)) = self.services.get(id)
                 && !snapshot.services.contains_key(id)
             {
-                targets.add(old, true);
+                targets.add(old, true, &self.opts.node_ips);
             }
         }
         let reconcile: Box<dyn Iterator<Item = &Service>> = match kind {
@@ -327,7 +347,7 @@ impl Engine {
             _ => Box::new(changed.iter().filter_map(|id| snapshot.services.get(id))),
         };
         for svc in reconcile {
-            targets.add(svc, false);
+            targets.add(svc, false, &self.opts.node_ips);
         }
         let ct_start = Instant::now();
         let conntrack_deleted = if targets.is_empty() { 0 } else { self.clean_conntrack(&targets) };

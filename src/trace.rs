@@ -139,6 +139,16 @@ fn run_from(
                         None => continue 'rules,
                     }
                 }
+                Stmt::NodePortVmap { map } => {
+                    let probe = Element::node_port(pkt.proto, pkt.dport, String::new());
+                    match key_matches(rs, map, &probe.key).and_then(|e| e.goto) {
+                        Some(target) => return run_from(rs, pkt, &target, 0, mark, p, stack, out),
+                        None => continue 'rules,
+                    }
+                }
+                // Only a process on the node sends from a local address (through the output hook).
+                Stmt::FibSaddrLocal if !pkt.local => continue 'rules,
+                Stmt::FibSaddrLocal => {}
                 Stmt::MarkBitClear(bit) if mark & bit != 0 => continue 'rules,
                 Stmt::MarkBitClear(_) => {}
                 Stmt::SetMarkBit(bit) => mark |= bit,

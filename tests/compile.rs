@@ -208,3 +208,108 @@ fn local_policy_drops_only_when_endpoints_exist_on_other_nodes() {
         assert_eq!(got, [(want, Ratio::ONE)], "endpoints on {nodes:?}");
     }
 }
+
+/// Service default/ext: ClusterIP 10.96.0.5, port 80/tcp with node port 30080, endpoints
+/// 10.244.1.2 (on this node, "here") and 10.244.1.3 (elsewhere).
+fn external(configure: impl FnOnce(&mut nftproxy::model::Service)) -> Ruleset {
+    use nftproxy::model::{Endpoint, Service, ServiceId, ServicePort, Snapshot};
+    let eps = [("10.244.1.2", "here"), ("10.244.1.3", "elsewhere")]
+        .map(|(ip, node)| Endpoint { node_name: Some(node.into()), ..Endpoint::ready(ip.parse().unwrap(), 8080) });
+    let port = ServicePort {
+        name: "http".into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        node_port: Some(30080),
+        endpoints: eps.to_vec(),
+    };
+    let id = ServiceId::new("default", "ext");
+    let mut svc = Service::new(id.clone(), vec!["10.96.0.5".parse().unwrap()], vec![port]);
+    configure(&mut svc);
+    let mut snap = Snapshot::default();
+    snap.services.insert(id, svc);
+    let mut opts = Options {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        node_ips: vec!["192.0.2.1".parse().unwrap()],
+        ..Default::default()
+    };
+    opts.locality.node = Some("here".into());
+    compile(&snap, &opts)
+}
+
+fn dnats(got: &[(Fate, Ratio)]) -> Vec<(String, bool)> {
+    got.iter()
+        .map(|(f, _)| match f {
+            Fate::Dnat { addr, masquerade, .. } => (addr.to_string(), *masquerade),
+            other => (format!("{other:?}"), false),
+        })
+        .collect()
+}
+
+#[test]
+fn node_ports_serve_the_node_addresses_only_and_masquerade_external_clients() {
+    let rs = external(|_| {});
+    let world = pkt("192.0.2.2", "192.0.2.1", Protocol::Tcp, 30080);
+    assert_eq!(dnats(&trace(&rs, &world)), [("10.244.1.2".into(), true), ("10.244.1.3".into(), true)]);
+    assert_eq!(trace(&rs, &world)[0].1, Ratio(1, 2));
+    // Another port of the node, another address, the node port on the ClusterIP: not ours.
+    for p in [
+        pkt("192.0.2.2", "192.0.2.1", Protocol::Tcp, 30081),
+        pkt("192.0.2.2", "192.0.2.9", Protocol::Tcp, 30080),
+        pkt("192.0.2.2", "192.0.2.1", Protocol::Udp, 30080),
+        pkt("192.0.2.2", "127.0.0.1", Protocol::Tcp, 30080),
+    ] {
+        assert_eq!(trace(&rs, &p), [(Fate::Untouched, Ratio::ONE)], "{p:?}");
+    }
+    // From the node itself (output hook) as well.
+    let mut host = pkt("192.0.2.1", "192.0.2.1", Protocol::Tcp, 30080);
+    host.local = true;
+    assert_eq!(dnats(&trace(&rs, &host)).len(), 2);
+}
+
+#[test]
+fn local_external_policy_keeps_the_client_address_and_short_circuits_pods_and_the_node() {
+    let rs = external(|s| s.external.local = true);
+    let world = pkt("192.0.2.2", "192.0.2.1", Protocol::Tcp, 30080);
+    assert_eq!(trace(&rs, &world), [(dnat("10.244.1.2", 8080, false), Ratio::ONE)], "only the local endpoint");
+    let pod = pkt("10.244.1.10", "192.0.2.1", Protocol::Tcp, 30080);
+    assert_eq!(dnats(&trace(&rs, &pod)), [("10.244.1.2".into(), false), ("10.244.1.3".into(), false)]);
+    let mut host = pkt("192.0.2.1", "192.0.2.1", Protocol::Tcp, 30080);
+    host.local = true;
+    assert_eq!(dnats(&trace(&rs, &host)), [("10.244.1.2".into(), true), ("10.244.1.3".into(), true)]);
+    // No endpoint on this node: external clients are dropped, pods still served.
+    let elsewhere = external(|s| {
+        s.external.local = true;
+        s.ports[0].endpoints.retain(|e| e.node_name.as_deref() == Some("elsewhere"));
+    });
+    assert_eq!(trace(&elsewhere, &world), [(Fate::Dropped, Ratio::ONE)]);
+    assert_eq!(dnats(&trace(&elsewhere, &pod)), [("10.244.1.3".into(), false)]);
+}
+
+#[test]
+fn external_and_load_balancer_ips_with_source_ranges() {
+    let rs = external(|s| {
+        s.external.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        s.external.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.external.source_ranges = vec!["192.0.2.0/28".parse().unwrap()];
+    });
+    let to = |src: &str, dst: &str, port: u16| trace(&rs, &pkt(src, dst, Protocol::Tcp, port));
+    assert_eq!(dnats(&to("192.0.2.2", "203.0.113.10", 80)).len(), 2, "external IP, any source");
+    assert_eq!(dnats(&to("192.0.2.200", "203.0.113.10", 80)).len(), 2);
+    assert_eq!(dnats(&to("192.0.2.2", "198.51.100.7", 80)).len(), 2, "LB IP, allowed source");
+    assert_eq!(to("192.0.2.200", "198.51.100.7", 80), [(Fate::Dropped, Ratio::ONE)], "LB IP, other source");
+    assert_eq!(dnats(&to("192.0.2.200", "192.0.2.1", 30080)).len(), 2, "node ports are not limited");
+    assert_eq!(to("192.0.2.2", "198.51.100.7", 81), [(Fate::Untouched, Ratio::ONE)], "other port of that IP");
+}
+
+#[test]
+fn no_endpoints_reject_on_every_external_path() {
+    let rs = external(|s| {
+        s.ports[0].endpoints.clear();
+        s.external.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        s.external.local = true;
+    });
+    for p in [pkt("192.0.2.2", "192.0.2.1", Protocol::Tcp, 30080), pkt("192.0.2.2", "203.0.113.10", Protocol::Tcp, 80)]
+    {
+        assert_eq!(trace(&rs, &p), [(Fate::Rejected, Ratio::ONE)], "{p:?}");
+    }
+}

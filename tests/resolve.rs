@@ -1,6 +1,6 @@
 //! Kubernetes objects -> snapshot, without root: endpoint sources, conditions, ClusterIPs.
 
-use nftproxy::model::{Family, ServiceId, Snapshot};
+use nftproxy::model::{External, Family, ServiceId, Snapshot};
 use nftproxy::source::resolve::{ResolveOptions, resolve};
 use nftproxy::source::{InputErrors, Objects, manifest};
 
@@ -126,8 +126,10 @@ fn cluster_ips_are_allocated_stably_and_uniquely() {
 
 #[test]
 fn dual_stack_allocation_follows_ip_family_policy() {
-    let opts =
-        ResolveOptions { service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()] };
+    let opts = ResolveOptions {
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()],
+        ..ResolveOptions::default()
+    };
     let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: single}\nspec: {ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: dual}\nspec: {ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}\n---\n\
 apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec: {ipFamilies: [IPv6], ports: [{port: 80}]}\n";
@@ -334,4 +336,70 @@ fn other_objects_and_ports_are_named_as_the_api_server_requires() {
         assert!(err.contains(&format!("t.yaml (document 2): {expected}")), "{expected}\n{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
+}
+
+#[test]
+fn node_ports_external_and_load_balancer_ips_are_resolved() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  ports:
+  - {name: http, port: 80, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [203.0.113.0/24, "2001:db8:1::/48"]
+  ports:
+  - {port: 443, nodePort: 30443}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.7}
+    - {ip: 198.51.100.8, ipMode: Proxy}
+    - {hostname: lb.example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  externalIPs: [203.0.113.10]
+  externalTrafficPolicy: Local
+  ports:
+  - {port: 80}
+"#;
+    let opts = ResolveOptions { node_port_range: 31000..=31999, ..ResolveOptions::default() };
+    let s = load(yaml, &opts).unwrap();
+    let svc = |n: &str| &s.services[&ServiceId::new("default", n)];
+    let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
+
+    let np = svc("np");
+    assert_eq!(np.ports[0].node_port, Some(30080));
+    let dns = np.ports[1].node_port.expect("allocated");
+    assert!((31000..=31999).contains(&dns), "{dns}");
+    assert_eq!(np.external, External::default());
+    assert!(np.is_external());
+
+    let lb = svc("lb");
+    assert_eq!(lb.ports[0].node_port, Some(30443));
+    assert_eq!(lb.external.load_balancer_ips, [ip("198.51.100.7")]);
+    let ranges: Vec<String> = lb.external.source_ranges.iter().map(|r| r.to_string()).collect();
+    assert_eq!(ranges, ["203.0.113.0/24", "2001:db8:1::/48"]);
+    assert!(lb.external.local);
+    let hc = lb.external.health_check_node_port.expect("allocated for LoadBalancer + Local");
+    assert!((31000..=31999).contains(&hc) && hc != dns, "{hc}");
+    assert!(lb.external.external_ips.is_empty());
+
+    let ext = svc("ext");
+    assert_eq!(ext.ports[0].node_port, None);
+    assert_eq!(ext.external, External { external_ips: vec![ip("203.0.113.10")], local: true, ..External::default() });
+    // The same objects, the same ports.
+    assert_eq!(load(yaml, &opts).unwrap(), s);
 }

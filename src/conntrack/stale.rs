@@ -23,17 +23,23 @@ pub struct FlowKey {
     pub reply_sport: u16,
 }
 
-/// UDP VIP:port -> the endpoints entries may still lead to.
+/// UDP address:port a Service is reached at (ClusterIP, external and load-balancer IPs on the
+/// Service port, node addresses on the node port) -> the endpoints entries may still lead to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UdpTargets(pub BTreeMap<(IpAddr, u16), BTreeSet<(IpAddr, u16)>>);
 
 impl UdpTargets {
     /// Adds a Service's UDP ports with their valid endpoints (none if `gone`: deleted Service).
-    pub fn add(&mut self, svc: &Service, gone: bool) {
-        for vip in &svc.cluster_ips {
-            let family = Family::of(vip);
-            for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                let valid = self.0.entry((*vip, port.port)).or_default();
+    /// `node_ips`: the addresses its node ports are served on.
+    pub fn add(&mut self, svc: &Service, gone: bool, node_ips: &[IpAddr]) {
+        let ext = &svc.external;
+        let addresses = svc.cluster_ips.iter().chain(&ext.external_ips).chain(&ext.load_balancer_ips);
+        for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+            let by_port = addresses.clone().map(|ip| (*ip, port.port));
+            let by_node_port = port.node_port.into_iter().flat_map(|np| node_ips.iter().map(move |ip| (*ip, np)));
+            for (ip, dport) in by_port.chain(by_node_port) {
+                let family = Family::of(&ip);
+                let valid = self.0.entry((ip, dport)).or_default();
                 if gone {
                     continue;
                 }
@@ -127,14 +133,41 @@ mod tests {
         ];
         for (endpoints, gone, f, want) in cases {
             let mut t = UdpTargets::default();
-            t.add(&svc(endpoints.clone()), gone);
+            t.add(&svc(endpoints.clone()), gone, &[]);
             assert_eq!(t.is_stale(&f), want, "{endpoints:?} gone={gone} {f:?}");
         }
         // Another VIP is none of our business.
         let mut t = UdpTargets::default();
-        t.add(&svc(vec![]), false);
+        t.add(&svc(vec![]), false, &[]);
         let mut other = flow(Protocol::Udp, "10.244.0.1");
         other.orig_dst = "10.96.0.11".parse().unwrap();
         assert!(!t.is_stale(&other));
+    }
+
+    #[test]
+    fn node_ports_and_external_addresses_are_reconciled_like_the_cluster_ip() {
+        let mut s = svc(vec![Endpoint::ready("10.244.0.2".parse().unwrap(), 80)]);
+        s.ports[0].node_port = Some(30053);
+        s.external.external_ips = vec!["203.0.113.9".parse().unwrap()];
+        let node: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut t = UdpTargets::default();
+        t.add(&s, false, &[node]);
+        let to = |dst: &str, dport: u16, reply: &str| FlowKey {
+            protocol: Protocol::Udp.number(),
+            orig_dst: dst.parse().unwrap(),
+            orig_dport: dport,
+            reply_src: reply.parse().unwrap(),
+            reply_sport: 80,
+        };
+        // (flow, stale): an entry through a node port or external IP to a removed endpoint goes.
+        for (f, stale) in [
+            (to("192.0.2.1", 30053, "10.244.0.1"), true),
+            (to("192.0.2.1", 30053, "10.244.0.2"), false),
+            (to("203.0.113.9", 53, "10.244.0.1"), true),
+            (to("203.0.113.9", 53, "10.244.0.2"), false),
+            (to("192.0.2.1", 53, "10.244.0.1"), false),
+        ] {
+            assert_eq!(t.is_stale(&f), stale, "{f:?}");
+        }
     }
 }

@@ -84,6 +84,10 @@ pub const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
 pub const NFT_REJECT_ICMPX_PORT_UNREACH: u32 = 1;
 
 pub const NFT_NG_RANDOM: u32 = 1;
+pub const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+pub const NFTA_FIB_F_SADDR: u32 = 1;
+/// RTN_LOCAL: an address of this host (fib's address type, host byte order).
+pub const RTN_LOCAL: u32 = 2;
 pub const NFT_BYTEORDER_HTON: u32 = 1;
 
 /// nft's datatype ids, used as set key types so that `nft list` prints keys readably.

@@ -259,6 +259,19 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
             payload(a, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, proto_reg + 1);
             lookup(a, NFT_REG32_00, map, Some(NFT_REG_VERDICT));
         }
+        Stmt::NodePortVmap { map } => {
+            meta_load(a, NFT_META_L4PROTO, NFT_REG32_00);
+            payload(a, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_00 + 1);
+            lookup(a, NFT_REG32_00, map, Some(NFT_REG_VERDICT));
+        }
+        Stmt::FibSaddrLocal => {
+            a.expr("fib", |a| {
+                a.u32(1, NFT_REG_1); // NFTA_FIB_DREG
+                a.u32(2, NFT_FIB_RESULT_ADDRTYPE); // NFTA_FIB_RESULT
+                a.u32(3, NFTA_FIB_F_SADDR); // NFTA_FIB_FLAGS
+            });
+            cmp(a, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
+        }
         Stmt::MarkBitClear(bit) => {
             meta_load(a, NFT_META_MARK, NFT_REG_1);
             bitwise(a, &bit.to_ne_bytes(), &[0; 4]);
@@ -505,6 +518,14 @@ mod tests {
                 "0b0001006c6f6f6b757000003000020013000100736572766963652d6970732d76340000080002000000000108000300000000000800050000000000",
             ),
             (one(vec![Stmt::RejectTcpReset], 0), "0b00010072656a65637400000c0002000800010000000001"),
+            (
+                one(vec![Stmt::FibSaddrLocal], 0),
+                "08000100666962001c000200080001000000000108000200000000030800030000000001",
+            ),
+            (
+                one(vec![Stmt::FibSaddrLocal], 1),
+                "08000100636d700020000200080001000000000108000200000000000c0003000800010002000000",
+            ),
             (
                 one(vec![Stmt::RejectPortUnreachable], 0),
                 "0b00010072656a65637400001400020008000100000000020500020001000000",

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::model::{ServiceId, Snapshot};
+use crate::model::{Protocol, Service, ServiceId, Snapshot};
 
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -121,12 +121,21 @@ pub fn objects_of(
     objects
 }
 
-/// The snapshot the agent keeps between syncs, with the owner of each ClusterIP, so that
-/// replacing a few Services costs O(changed), not O(all).
+/// The node ports a Service holds, each with the field it comes from (a health-check port is TCP).
+fn node_ports(svc: &Service) -> impl Iterator<Item = ((u16, Protocol), String)> + '_ {
+    let ports = svc.ports.iter().enumerate();
+    let ports = ports.filter_map(|(i, p)| p.node_port.map(|n| ((n, p.protocol), format!("spec.ports[{i}].nodePort"))));
+    let health = svc.external.health_check_node_port.map(|n| ((n, Protocol::Tcp), "spec.healthCheckNodePort".into()));
+    ports.chain(health)
+}
+
+/// The snapshot the agent keeps between syncs, with the owner of each ClusterIP and node port, so
+/// that replacing a few Services costs O(changed), not O(all).
 #[derive(Debug, Default)]
 pub struct Desired {
     snapshot: Snapshot,
     owners: HashMap<IpAddr, ServiceId>,
+    node_port_owners: HashMap<(u16, Protocol), ServiceId>,
 }
 
 impl Desired {
@@ -137,12 +146,14 @@ impl Desired {
     pub fn replace_all(&mut self, snapshot: Snapshot) {
         self.owners =
             snapshot.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))).collect();
+        self.node_port_owners =
+            snapshot.services.values().flat_map(|s| node_ports(s).map(|(key, _)| (key, s.id.clone()))).collect();
         self.snapshot = snapshot;
     }
 
     /// Replaces the Services `ids` with those of `partial` (a Service of `ids` missing from
-    /// `partial` was deleted). A ClusterIP already used by a Service outside `ids` is an input
-    /// error, and then nothing changes.
+    /// `partial` was deleted). A ClusterIP or node port already used by a Service outside `ids` is
+    /// an input error, and then nothing changes.
     pub fn apply_partial(&mut self, ids: &BTreeSet<ServiceId>, mut partial: Snapshot) -> Result<(), InputErrors> {
         let mut errors = Vec::new();
         for svc in partial.services.values() {
@@ -154,6 +165,19 @@ impl Desired {
                         field: "spec.clusterIP".into(),
                         message: format!(
                             "ClusterIP {ip} is already used by Service {other}; every ClusterIP must be unique"
+                        ),
+                    });
+                }
+            }
+            for ((port, protocol), field) in node_ports(svc) {
+                if let Some(other) = self.node_port_owners.get(&(port, protocol)).filter(|o| !ids.contains(*o)) {
+                    let what = field.rsplit('.').next().unwrap_or_default();
+                    errors.push(InputError {
+                        origin: API_ORIGIN.into(),
+                        object: format!("Service {}", svc.id),
+                        field: field.clone(),
+                        message: format!(
+                            "{what} {port}/{protocol} is already used by Service {other}; every node port must be unique"
                         ),
                     });
                 }
@@ -171,10 +195,16 @@ impl Desired {
             for ip in old.iter().flat_map(|s| &s.cluster_ips) {
                 self.owners.remove(ip);
             }
+            for (key, _) in old.iter().flat_map(node_ports) {
+                self.node_port_owners.remove(&key);
+            }
         }
         for id in ids {
             for ip in self.snapshot.services.get(id).iter().flat_map(|s| &s.cluster_ips) {
                 self.owners.insert(*ip, id.clone());
+            }
+            for (key, _) in self.snapshot.services.get(id).into_iter().flat_map(node_ports) {
+                self.node_port_owners.insert(key, id.clone());
             }
         }
         Ok(())
@@ -184,7 +214,7 @@ impl Desired {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Service;
+    use crate::model::ServicePort;
 
     fn id(name: &str) -> ServiceId {
         ServiceId::new("default", name)
@@ -275,5 +305,69 @@ mod tests {
         let named: BTreeSet<_> = [id("a"), id("b")].into();
         desired.apply_partial(&named, partial).unwrap();
         assert_eq!(desired.snapshot().services.keys().collect::<Vec<_>>(), [&id("b")]);
+    }
+
+    /// A Service with ClusterIP `ip` and one TCP port with node port `node_port`, maybe a
+    /// health-check port.
+    fn with_node_port(name: &str, ip: &str, node_port: u16, health: Option<u16>) -> Service {
+        let port = ServicePort {
+            name: String::new(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: Some(node_port),
+            endpoints: vec![],
+        };
+        let mut svc = Service::new(id(name), vec![ip.parse().unwrap()], vec![port]);
+        svc.external.health_check_node_port = health;
+        svc
+    }
+
+    #[test]
+    fn a_partial_update_refuses_a_node_port_of_another_service_and_changes_nothing() {
+        let mut snap = Snapshot::default();
+        snap.services.insert(id("a"), with_node_port("a", "10.96.0.1", 30080, Some(31000)));
+        let mut desired = Desired::default();
+        desired.replace_all(snap.clone());
+        // (the new Service, the error)
+        let cases = [
+            (
+                with_node_port("b", "10.96.0.2", 30080, None),
+                "the Kubernetes API: Service default/b: spec.ports[0].nodePort: nodePort 30080/tcp is already used by \
+                 Service default/a; every node port must be unique",
+            ),
+            (
+                with_node_port("b", "10.96.0.2", 30081, Some(30080)),
+                "the Kubernetes API: Service default/b: spec.healthCheckNodePort: healthCheckNodePort 30080/tcp is \
+                 already used by Service default/a; every node port must be unique",
+            ),
+            (
+                with_node_port("b", "10.96.0.2", 31000, None),
+                "the Kubernetes API: Service default/b: spec.ports[0].nodePort: nodePort 31000/tcp is already used by \
+                 Service default/a; every node port must be unique",
+            ),
+        ];
+        for (b, want) in cases {
+            let mut partial = Snapshot::default();
+            partial.services.insert(id("b"), b);
+            let err = desired.apply_partial(&[id("b")].into(), partial).unwrap_err();
+            assert_eq!(err.to_string(), want);
+            assert_eq!(desired.snapshot(), &snap);
+        }
+        // The same number over UDP is another node port.
+        let mut udp = with_node_port("b", "10.96.0.2", 30080, None);
+        udp.ports[0].protocol = Protocol::Udp;
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("b"), udp);
+        desired.apply_partial(&[id("b")].into(), partial).unwrap();
+        // Once "a" changes its node port, "c" may have the old one; "a" may not take "b"'s.
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("a"), with_node_port("a", "10.96.0.1", 30090, None));
+        desired.apply_partial(&[id("a")].into(), partial).unwrap();
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("c"), with_node_port("c", "10.96.0.3", 30080, Some(31000)));
+        desired.apply_partial(&[id("c")].into(), partial).unwrap();
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("a"), with_node_port("a", "10.96.0.1", 31000, None));
+        assert!(desired.apply_partial(&[id("a")].into(), partial).is_err());
     }
 }

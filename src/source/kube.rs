@@ -190,6 +190,14 @@ impl KubeSource {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.node.wait_until_ready()).await;
     }
 
+    /// This node's `InternalIP` addresses from the Node's status, once the Node has been seen:
+    /// the `primary` node-port addresses in API mode, as kube-proxy takes them.
+    pub fn node_ips(&self) -> Vec<std::net::IpAddr> {
+        let node = self.node.state();
+        let addresses = node.first().and_then(|n| n.status.as_ref()?.addresses.clone()).unwrap_or_default();
+        addresses.iter().filter(|a| a.type_ == "InternalIP").filter_map(|a| a.address.parse().ok()).collect()
+    }
+
     /// This node's `topology.kubernetes.io/zone` label, once the Node has been seen.
     pub fn zone(&self) -> Option<String> {
         self.node.state().first().and_then(|n| n.metadata.labels.as_ref()?.get("topology.kubernetes.io/zone").cloned())

@@ -3,6 +3,7 @@
 
 pub mod changes;
 pub mod manifest;
+pub mod node_addrs;
 pub mod resolve;
 
 use std::collections::BTreeSet;

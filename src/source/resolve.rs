@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as K8sService};
@@ -13,7 +14,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{InputError, InputErrors, Objects, Origin};
-use crate::model::{Affinity, Endpoint, Family, MAX_WEIGHT, Protocol, Service, ServiceId, ServicePort, Snapshot};
+use crate::model::{
+    Affinity, Endpoint, External, Family, MAX_WEIGHT, Protocol, Service, ServiceId, ServicePort, Snapshot,
+};
 use crate::ruleset::fnv1a;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -24,11 +27,14 @@ pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub struct ResolveOptions {
     /// Ranges ClusterIPs are allocated from for Services that do not name one.
     pub service_cidrs: Vec<IpNet>,
+    /// Node ports are allocated from here for NodePort and LoadBalancer Services that do not
+    /// name one (in practice manifest mode: the API server allocates them otherwise).
+    pub node_port_range: RangeInclusive<u16>,
 }
 
 impl Default for ResolveOptions {
     fn default() -> Self {
-        ResolveOptions { service_cidrs: vec!["10.96.0.0/12".parse().unwrap()] }
+        ResolveOptions { service_cidrs: vec!["10.96.0.0/12".parse().unwrap()], node_port_range: 30000..=32767 }
     }
 }
 
@@ -159,6 +165,23 @@ fn port_u16(value: i32, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
     }
 }
 
+/// `nodePort` or `healthCheckNodePort`: 0 is Go's zero value, which the API server reads as
+/// "allocate one", so it counts as absent.
+fn node_port_of(value: Option<i32>, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
+    match value {
+        None | Some(0) => None,
+        Some(v) => port_u16(v, field, errs),
+    }
+}
+
+/// `spec.type`, as far as proxying cares (ExternalName Services are not proxied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
 /// Annotation weighting every endpoint of an EndpointSlice (or, in manifest mode, a Pod).
 pub const ANNOTATION_WEIGHT: &str = "nftproxy.io/weight";
 
@@ -188,6 +211,11 @@ struct Accepted<'a> {
     ports: Vec<(ServicePort, Option<IntOrString>)>,
     internal_local: bool,
     affinity: Option<Affinity>,
+    external: External,
+    /// Indexes into `ports` of the ports still needing an allocated node port.
+    node_ports_to_allocate: Vec<usize>,
+    /// LoadBalancer + Local without `spec.healthCheckNodePort`.
+    health_check_to_allocate: bool,
 }
 
 /// Whether kube-proxy would program this Service at all.
@@ -249,7 +277,22 @@ fn accept<'a>(
     let to_allocate: Vec<Family> =
         families.iter().copied().filter(|f| !ips.iter().any(|ip| Family::of(ip) == *f)).collect();
 
+    let ty = match spec.type_.as_deref() {
+        None | Some("" | "ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some(other) => {
+            errs.add("spec.type", format!("{other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"));
+            ServiceType::ClusterIp
+        }
+    };
+    // kube-proxy ignores `nodePort` on other types; a LoadBalancer may opt out of node ports.
+    let has_node_ports = ty != ServiceType::ClusterIp;
+    let allocates_node_ports = ty == ServiceType::NodePort
+        || (ty == ServiceType::LoadBalancer && spec.allocate_load_balancer_node_ports != Some(false));
+
     let mut ports = Vec::new();
+    let mut node_ports_to_allocate = Vec::new();
     let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
     let specs = spec.ports.unwrap_or_default();
@@ -293,7 +336,12 @@ fn accept<'a>(
             if !keys.insert((port, protocol)) {
                 errs.add(field("port"), format!("duplicate port {port}/{protocol}"));
             }
-            let sp = ServicePort { name, port, protocol, node_port: None, endpoints: Vec::new() };
+            let node_port =
+                if has_node_ports { node_port_of(p.node_port, &field("nodePort"), &mut errs) } else { None };
+            if node_port.is_none() && allocates_node_ports {
+                node_ports_to_allocate.push(ports.len());
+            }
+            let sp = ServicePort { name, port, protocol, node_port, endpoints: Vec::new() };
             ports.push((sp, p.target_port.clone()));
         }
     }
@@ -325,10 +373,74 @@ fn accept<'a>(
             None
         }
     };
+    let mut external = External::default();
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if external.external_ips.contains(&ip) => {}
+            Ok(ip) => external.external_ips.push(ip),
+            Err(_) => errs.add(format!("spec.externalIPs[{i}]"), format!("{text:?} is not an IP address")),
+        }
+    }
+    if ty == ServiceType::LoadBalancer {
+        let status = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        for (i, ingress) in status.and_then(|s| s.ingress.as_ref()).into_iter().flatten().enumerate() {
+            // Hostname-only entries name no address; `ipMode: Proxy` (KEP-1860) means the load
+            // balancer proxies, so traffic never arrives addressed to the IP.
+            let Some(text) = ingress.ip.as_deref().filter(|t| !t.is_empty()) else { continue };
+            if ingress.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
+                continue;
+            }
+            match text.parse::<IpAddr>() {
+                Ok(ip) if external.load_balancer_ips.contains(&ip) => {}
+                Ok(ip) => external.load_balancer_ips.push(ip),
+                Err(_) => {
+                    errs.add(format!("status.loadBalancer.ingress[{i}].ip"), format!("{text:?} is not an IP address"))
+                }
+            }
+        }
+        for (i, text) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            match text.trim().parse::<IpNet>() {
+                Ok(net) if external.source_ranges.contains(&net.trunc()) => {}
+                Ok(net) => external.source_ranges.push(net.trunc()),
+                Err(_) => errs.add(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{text:?} is not a CIDR (such as 203.0.113.0/24 or 2001:db8::/64)"),
+                ),
+            }
+        }
+    }
+    let local = match spec.external_traffic_policy.as_deref() {
+        None | Some("" | "Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errs.add("spec.externalTrafficPolicy", format!("{other:?} is neither Cluster nor Local"));
+            false
+        }
+    };
+    // As kube-proxy: Local matters for node ports and load balancers, and for external IPs.
+    external.local = local && (has_node_ports || !external.external_ips.is_empty());
+    let mut health_check_to_allocate = false;
+    if ty == ServiceType::LoadBalancer && external.local {
+        external.health_check_node_port =
+            node_port_of(spec.health_check_node_port, "spec.healthCheckNodePort", &mut errs);
+        health_check_to_allocate = external.health_check_node_port.is_none();
+    }
     if errs.list.len() > before {
         return None;
     }
-    Some(Accepted { origin, svc, id, ips, to_allocate, ports, internal_local, affinity })
+    Some(Accepted {
+        origin,
+        svc,
+        id,
+        ips,
+        to_allocate,
+        ports,
+        internal_local,
+        affinity,
+        external,
+        node_ports_to_allocate,
+        health_check_to_allocate,
+    })
 }
 
 /// Picks a stable address in `cidr` for `id`: a hash of the name, probed past used addresses.
@@ -357,6 +469,90 @@ fn allocate(cidr: &IpNet, id: &ServiceId, used: &HashMap<IpAddr, ServiceId>) -> 
         }
     }
     None
+}
+
+/// Picks a stable node port in `range` for `key`: a hash of it, probed past used numbers.
+fn allocate_node_port(range: &RangeInclusive<u16>, key: &str, used: &BTreeSet<u16>) -> Option<u16> {
+    let (start, end) = (u64::from(*range.start()), u64::from(*range.end()));
+    if start == 0 || start > end {
+        return None;
+    }
+    let size = end - start + 1;
+    let first = fnv1a(key.as_bytes()) % size;
+    (0..size).map(|probe| (start + (first + probe) % size) as u16).find(|n| !used.contains(n))
+}
+
+/// Who holds a node port: the Service, where it was read and the field.
+type Holder<'a> = (ServiceId, &'a Origin, String);
+
+/// Claims node port `port`/`protocol` for `a`, or reports who holds it already.
+fn claim_node_port<'a>(
+    taken: &mut HashMap<(u16, Protocol), Holder<'a>>,
+    a: &Accepted<'a>,
+    port: u16,
+    protocol: Protocol,
+    field: String,
+    errors: &mut Vec<InputError>,
+) {
+    match taken.get(&(port, protocol)) {
+        Some((other, origin, other_field)) => {
+            let what = field.rsplit('.').next().unwrap_or_default();
+            let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id), list: errors };
+            errs.add(
+                &field,
+                format!(
+                    "{what} {port}/{protocol} is already used by Service {other} ({other_field}, {origin}); every \
+                     node port must be unique"
+                ),
+            );
+        }
+        None => {
+            taken.insert((port, protocol), (a.id.clone(), a.origin, field));
+        }
+    }
+}
+
+/// Node ports: explicit ones first, each `(port, protocol)` used once (a health-check port is
+/// TCP), then stable allocations from `range` that avoid every number in use.
+fn assign_node_ports(accepted: &mut [Accepted<'_>], range: &RangeInclusive<u16>, errors: &mut Vec<InputError>) {
+    let mut taken = HashMap::new();
+    for a in accepted.iter() {
+        for (i, (p, _)) in a.ports.iter().enumerate() {
+            if let Some(n) = p.node_port {
+                claim_node_port(&mut taken, a, n, p.protocol, format!("spec.ports[{i}].nodePort"), errors);
+            }
+        }
+        if let Some(n) = a.external.health_check_node_port {
+            claim_node_port(&mut taken, a, n, Protocol::Tcp, "spec.healthCheckNodePort".into(), errors);
+        }
+    }
+    let mut used: BTreeSet<u16> = taken.keys().map(|(n, _)| *n).collect();
+    let (lo, hi) = (range.start(), range.end());
+    for a in accepted.iter_mut() {
+        let mut wanted: Vec<(Option<usize>, String, String)> = a
+            .node_ports_to_allocate
+            .iter()
+            .map(|&i| {
+                let p = &a.ports[i].0;
+                (Some(i), format!("{}/{}/{}", a.id, p.name, p.protocol), format!("spec.ports[{i}].nodePort"))
+            })
+            .collect();
+        if a.health_check_to_allocate {
+            wanted.push((None, format!("{}/healthCheckNodePort", a.id), "spec.healthCheckNodePort".into()));
+        }
+        for (index, key, field) in wanted {
+            let Some(n) = allocate_node_port(range, &key, &used) else {
+                let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id), list: errors };
+                errs.add(field, format!("no free node port in the node port range {lo}-{hi}"));
+                continue;
+            };
+            used.insert(n);
+            match index {
+                Some(i) => a.ports[i].0.node_port = Some(n),
+                None => a.external.health_check_node_port = Some(n),
+            }
+        }
+    }
 }
 
 fn slice_endpoints(
@@ -622,6 +818,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         }
         a.ips.sort_by_key(Family::of);
     }
+    assign_node_ports(&mut accepted, &opts.node_port_range, &mut errors);
 
     let mut slices_by_service: HashMap<(String, String), Vec<&(Origin, EndpointSlice)>> = HashMap::new();
     for entry in &objects.slices {
@@ -670,6 +867,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         let service = Service {
             internal_local: a.internal_local,
             affinity: a.affinity,
+            external: a.external,
             ..Service::new(a.id.clone(), a.ips, ports)
         };
         snapshot.services.insert(a.id, service);
@@ -756,5 +954,308 @@ mod tests {
         );
         assert!(NameRule::Dns1123Label.refuse("A").starts_with("\"A\" is not a valid DNS-1123 label ("));
         assert!(NameRule::Dns1123Subdomain.refuse("a_b").starts_with("\"a_b\" is not a valid DNS-1123 subdomain ("));
+    }
+
+    /// Services (or other objects) from YAML, resolved.
+    fn resolve_yaml(yaml: &str, opts: &ResolveOptions) -> Result<Snapshot, InputErrors> {
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        crate::source::manifest::parse_into("t.yaml", yaml, &mut objects, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        resolve(&objects, opts)
+    }
+
+    /// A Service `name` with `body` (its `spec:` and maybe `status:` lines).
+    fn service(name: &str, body: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n{body}\n")
+    }
+
+    /// The external side of a resolved Service, compactly.
+    fn summary(svc: &Service) -> String {
+        let ports: Vec<String> = svc.ports.iter().map(|p| p.node_port.map_or("-".into(), |n| n.to_string())).collect();
+        let e = &svc.external;
+        let list = |v: Vec<String>| v.join(",");
+        format!(
+            "np={} ext={} lb={} from={} local={} hc={}",
+            ports.join(","),
+            list(e.external_ips.iter().map(|i| i.to_string()).collect()),
+            list(e.load_balancer_ips.iter().map(|i| i.to_string()).collect()),
+            list(e.source_ranges.iter().map(|i| i.to_string()).collect()),
+            e.local,
+            e.health_check_node_port.map_or("-".into(), |n| n.to_string())
+        )
+    }
+
+    fn one(body: &str) -> Service {
+        let s = resolve_yaml(&service("web", body), &ResolveOptions::default()).unwrap();
+        s.services[&ServiceId::new("default", "web")].clone()
+    }
+
+    #[test]
+    fn external_fields_are_read_as_kube_proxy_reads_them() {
+        // (Service body, summary)
+        let cases = [
+            ("spec: {ports: [{port: 80}]}", "np=- ext= lb= from= local=false hc=-"),
+            // ClusterIP: nodePort, source ranges, status and Local (without external IPs) ignored
+            (
+                "spec: {externalTrafficPolicy: Local, loadBalancerSourceRanges: [nonsense], ports: [{port: 80, nodePort: 30080}]}\n\
+                 status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}",
+                "np=- ext= lb= from= local=false hc=-",
+            ),
+            // External IPs on any type, Local applies to them; duplicates collapse
+            (
+                "spec: {externalIPs: [203.0.113.10, \"2001:db8::10\", 203.0.113.10], externalTrafficPolicy: Local, ports: [{port: 80}]}",
+                "np=- ext=203.0.113.10,2001:db8::10 lb= from= local=true hc=-",
+            ),
+            (
+                "spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}",
+                "np=30080 ext= lb= from= local=false hc=-",
+            ),
+            // NodePort + Local: no health-check port (LoadBalancer only), no load-balancer IPs
+            (
+                "spec: {type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 31000, ports: [{port: 80, nodePort: 30080}]}\n\
+                 status: {loadBalancer: {ingress: [{ip: 198.51.100.7}]}}",
+                "np=30080 ext= lb= from= local=true hc=-",
+            ),
+            (
+                "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 31000, \
+                 loadBalancerSourceRanges: [10.1.2.3/8, \" 192.168.0.0/16 \", 10.0.0.0/8], ports: [{port: 80, nodePort: 30080}]}\n\
+                 status: {loadBalancer: {ingress: [{ip: 198.51.100.7}, {ip: 198.51.100.8, ipMode: Proxy}, \
+                 {hostname: lb.example.com}, {ip: \"2001:db8::7\", ipMode: VIP}, {ip: 198.51.100.7}]}}",
+                "np=30080 ext= lb=198.51.100.7,2001:db8::7 from=10.0.0.0/8,192.168.0.0/16 local=true hc=31000",
+            ),
+            // LoadBalancer + Cluster: no health-check port even when named
+            (
+                "spec: {type: LoadBalancer, healthCheckNodePort: 31000, ports: [{port: 80, nodePort: 30080}]}",
+                "np=30080 ext= lb= from= local=false hc=-",
+            ),
+            // allocateLoadBalancerNodePorts false: a port without nodePort has none
+            (
+                "spec: {type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{name: a, port: 80}, {name: b, port: 81, nodePort: 30081}]}",
+                "np=-,30081 ext= lb= from= local=false hc=-",
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(summary(&one(body)), want, "{body}");
+        }
+    }
+
+    #[test]
+    fn external_fields_name_the_bad_field_all_at_once() {
+        // (Service body, the fields refused)
+        let cases: &[(&str, &[&str])] = &[
+            ("spec: {type: Balanced, ports: [{port: 80}]}", &["spec.type"]),
+            ("spec: {type: NodePort, ports: [{port: 80, nodePort: 70000}]}", &["spec.ports[0].nodePort"]),
+            ("spec: {type: LoadBalancer, ports: [{port: 80, nodePort: -1}]}", &["spec.ports[0].nodePort"]),
+            ("spec: {externalIPs: [203.0.113.1, example.com], ports: [{port: 80}]}", &["spec.externalIPs[1]"]),
+            (
+                "spec: {type: LoadBalancer, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 1.2.3}]}}",
+                &["status.loadBalancer.ingress[0].ip"],
+            ),
+            (
+                "spec: {type: LoadBalancer, loadBalancerSourceRanges: [10.0.0.0/8, 10.0.0.1, 10.0.0.0/33], ports: [{port: 80}]}",
+                &["spec.loadBalancerSourceRanges[1]", "spec.loadBalancerSourceRanges[2]"],
+            ),
+            ("spec: {externalTrafficPolicy: Nearby, ports: [{port: 80}]}", &["spec.externalTrafficPolicy"]),
+            (
+                "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 65536, ports: [{port: 80}]}",
+                &["spec.healthCheckNodePort"],
+            ),
+            (
+                "spec: {type: NodePort, externalIPs: [x], externalTrafficPolicy: Nearby, ports: [{name: a, port: 80, nodePort: 0}, {name: b, port: 81, nodePort: 99999}]}",
+                &["spec.ports[1].nodePort", "spec.externalIPs[0]", "spec.externalTrafficPolicy"],
+            ),
+        ];
+        for (body, fields) in cases {
+            let err = resolve_yaml(&service("bad", body), &ResolveOptions::default()).unwrap_err();
+            let got: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(&got, fields, "{body}\n{err}");
+            assert!(err.0.iter().all(|e| e.object == "Service default/bad"), "{err}");
+        }
+        // A bad address on a proxied (ipMode: Proxy) entry is not used, so not checked.
+        one(
+            "spec: {type: LoadBalancer, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: x, ipMode: Proxy}]}}",
+        );
+    }
+
+    #[test]
+    fn node_port_allocation_probes_past_used_ports_and_wraps() {
+        let range = 30000..=30009;
+        let key = "default/web/http/tcp";
+        let first = allocate_node_port(&range, key, &BTreeSet::new()).unwrap();
+        assert!(range.contains(&first));
+        assert_eq!(allocate_node_port(&range, key, &BTreeSet::new()), Some(first), "stable");
+        let next = |n: u16| if n == 30009 { 30000 } else { n + 1 };
+        // (used, expected)
+        let cases = [
+            (vec![], Some(first)),
+            (vec![first], Some(next(first))),
+            (vec![first, next(first)], Some(next(next(first)))),
+            (vec![next(first)], Some(first)),
+            ((30000..=30009).collect(), None),
+        ];
+        for (used, want) in cases {
+            assert_eq!(allocate_node_port(&range, key, &used.iter().copied().collect()), want, "{used:?}");
+        }
+        // Degenerate ranges allocate nothing.
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 30010..=30000;
+        assert_eq!(allocate_node_port(&empty, key, &BTreeSet::new()), None);
+        assert_eq!(allocate_node_port(&(0..=0), key, &BTreeSet::new()), None);
+        assert_eq!(allocate_node_port(&(30000..=30000), key, &BTreeSet::new()), Some(30000));
+    }
+
+    fn narrow() -> ResolveOptions {
+        ResolveOptions { node_port_range: 30000..=30099, ..ResolveOptions::default() }
+    }
+
+    #[test]
+    fn node_ports_are_allocated_stably_uniquely_within_the_range() {
+        let yaml: String = (0..40)
+            .map(|i| {
+                service(
+                    &format!("s{i}"),
+                    "spec: {type: NodePort, ports: [{name: a, port: 80}, {name: b, port: 80, protocol: UDP}]}",
+                )
+            })
+            .collect();
+        let a = resolve_yaml(&yaml, &narrow()).unwrap();
+        let b = resolve_yaml(&yaml, &narrow()).unwrap();
+        assert_eq!(a, b);
+        let ports: Vec<u16> = a.services.values().flat_map(|s| &s.ports).map(|p| p.node_port.unwrap()).collect();
+        assert_eq!(ports.len(), 80);
+        assert!(ports.iter().all(|n| narrow().node_port_range.contains(n)), "{ports:?}");
+        assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 80, "allocations never share a number");
+        // Adding a Service (sorted last) moves none of the others.
+        let more = resolve_yaml(
+            &format!("{yaml}{}", service("zzz", "spec: {type: NodePort, ports: [{port: 80}]}")),
+            &narrow(),
+        )
+        .unwrap();
+        for (id, svc) in &a.services {
+            assert_eq!(more.services[id], *svc);
+        }
+    }
+
+    #[test]
+    fn explicit_node_ports_win_over_allocations() {
+        // Where "a" would land alone; "b" (sorted after it) asks for that port explicitly.
+        let alone = resolve_yaml(&service("a", "spec: {type: NodePort, ports: [{port: 80}]}"), &narrow()).unwrap();
+        let hashed = alone.services[&ServiceId::new("default", "a")].ports[0].node_port.unwrap();
+        let yaml = format!(
+            "{}{}",
+            service("a", "spec: {type: NodePort, ports: [{port: 80}]}"),
+            service("b", &format!("spec: {{type: NodePort, ports: [{{port: 80, nodePort: {hashed}}}]}}"))
+        );
+        let s = resolve_yaml(&yaml, &narrow()).unwrap();
+        let np = |n: &str| s.services[&ServiceId::new("default", n)].ports[0].node_port.unwrap();
+        assert_eq!(np("b"), hashed);
+        assert_ne!(np("a"), hashed);
+        assert!(narrow().node_port_range.contains(&np("a")));
+        // An explicit port outside the range is the user's (or the API server's) business.
+        assert_eq!(
+            summary(&one("spec: {type: NodePort, ports: [{port: 80, nodePort: 8080}]}")),
+            "np=8080 ext= lb= from= local=false hc=-"
+        );
+    }
+
+    #[test]
+    fn health_check_node_ports_are_allocated_only_for_load_balancer_local() {
+        // (Service body, gets a health-check port)
+        let cases = [
+            ("spec: {type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 80}]}", true),
+            (
+                "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 0, ports: [{port: 80}]}",
+                true,
+            ),
+            ("spec: {type: LoadBalancer, ports: [{port: 80}]}", false),
+            ("spec: {type: NodePort, externalTrafficPolicy: Local, ports: [{port: 80}]}", false),
+            ("spec: {externalIPs: [203.0.113.1], externalTrafficPolicy: Local, ports: [{port: 80}]}", false),
+        ];
+        for (body, wanted) in cases {
+            let s = resolve_yaml(&service("web", body), &narrow()).unwrap();
+            let svc = &s.services[&ServiceId::new("default", "web")];
+            let hc = svc.external.health_check_node_port;
+            assert_eq!(hc.is_some(), wanted, "{body}");
+            if let Some(hc) = hc {
+                assert!(narrow().node_port_range.contains(&hc), "{body}: {hc}");
+                assert_ne!(Some(hc), svc.ports[0].node_port, "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn node_ports_used_twice_name_both_services() {
+        let np = |name: &str, ports: &str| service(name, &format!("spec: {{type: NodePort, ports: [{ports}]}}"));
+        let lb_local = |name: &str, hc: u16| {
+            service(
+                name,
+                &format!(
+                    "spec: {{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {hc}, ports: [{{port: 80, nodePort: 30500}}]}}"
+                ),
+            )
+        };
+        // (objects, the errors)
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (
+                format!("{}{}", np("b", "{port: 80, nodePort: 30080}"), np("a", "{port: 81, nodePort: 30080}")),
+                vec![
+                    "t.yaml (document 1): Service default/b: spec.ports[0].nodePort: nodePort 30080/tcp is already used \
+                     by Service default/a (spec.ports[0].nodePort, t.yaml (document 2)); every node port must be unique",
+                ],
+            ),
+            // Same number, other protocol: fine.
+            (
+                format!(
+                    "{}{}",
+                    np("a", "{port: 80, nodePort: 30080}"),
+                    np("b", "{port: 80, nodePort: 30080, protocol: UDP}")
+                ),
+                vec![],
+            ),
+            (
+                np("a", "{name: x, port: 80, nodePort: 30080}, {name: y, port: 81, nodePort: 30080}"),
+                vec![
+                    "t.yaml (document 1): Service default/a: spec.ports[1].nodePort: nodePort 30080/tcp is already used \
+                     by Service default/a (spec.ports[0].nodePort, t.yaml (document 1)); every node port must be unique",
+                ],
+            ),
+            // A health-check port is TCP: it collides with a TCP node port, not a UDP one.
+            (
+                format!("{}{}", np("a", "{port: 80, nodePort: 31000}"), lb_local("b", 31000)),
+                vec![
+                    "t.yaml (document 2): Service default/b: spec.healthCheckNodePort: healthCheckNodePort 31000/tcp is \
+                     already used by Service default/a (spec.ports[0].nodePort, t.yaml (document 1)); every node port \
+                     must be unique",
+                ],
+            ),
+            (format!("{}{}", np("a", "{port: 80, nodePort: 31000, protocol: UDP}"), lb_local("b", 31000)), vec![]),
+            (
+                format!("{}{}", lb_local("a", 30500), ""),
+                vec![
+                    "t.yaml (document 1): Service default/a: spec.healthCheckNodePort: healthCheckNodePort 30500/tcp is \
+                     already used by Service default/a (spec.ports[0].nodePort, t.yaml (document 1)); every node port \
+                     must be unique",
+                ],
+            ),
+            // Nothing left to allocate: every problem at once.
+            (
+                format!("{}{}", np("a", "{port: 80}"), np("b", "{name: x, port: 80}, {name: y, port: 81}")),
+                vec![
+                    "t.yaml (document 2): Service default/b: spec.ports[0].nodePort: no free node port in the node port \
+                     range 30000-30000",
+                    "t.yaml (document 2): Service default/b: spec.ports[1].nodePort: no free node port in the node port \
+                     range 30000-30000",
+                ],
+            ),
+        ];
+        let opts = ResolveOptions { node_port_range: 30000..=30000, ..ResolveOptions::default() };
+        for (yaml, want) in cases {
+            let got = match resolve_yaml(&yaml, &opts) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+            };
+            assert_eq!(got, want, "{yaml}");
+        }
     }
 }

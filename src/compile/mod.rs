@@ -28,6 +28,8 @@ use ipnet::IpNet;
 use crate::model::{Endpoint, Family, Locality, Service, ServicePort, Snapshot};
 use crate::ruleset::*;
 
+mod service;
+
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Traffic to a ClusterIP from outside these ranges is masqueraded.
@@ -45,6 +47,8 @@ pub struct Options {
     /// `--own-tables`: our tables carry the kernel's owner + persist flags, so that no other
     /// process can change them while we run, and they stay when we exit.
     pub own_tables: bool,
+    /// This node's addresses that serve node ports (`--nodeport-addresses`; followed live).
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// Services per table that `--table-shards auto` aims for: a partial sync re-validates one table,
@@ -96,6 +100,16 @@ pub fn dispatch_map(family: Family) -> String {
 
 pub fn cluster_ips_set(family: Family) -> String {
     format!("cluster-ips-{}", suffix(family))
+}
+
+/// This node's addresses that serve node ports.
+pub fn node_ips_set(family: Family) -> String {
+    format!("node-ips-{}", suffix(family))
+}
+
+/// `protocol . node port : goto ext4/...`
+pub fn node_ports_map(family: Family) -> String {
+    format!("node-ports-{}", suffix(family))
 }
 
 pub fn hairpin_set(family: Family) -> String {
@@ -214,7 +228,7 @@ pub fn skeleton(opts: &Options) -> Ruleset {
 pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
     let mut objs = ServiceObjects::default();
     for vip in &svc.cluster_ips {
-        add_service_ip(&mut objs, svc, *vip, opts);
+        service::add_service_ip(&mut objs, svc, *vip, opts);
     }
     objs
 }
@@ -303,6 +317,14 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
             "dispatch by address, protocol and port",
             vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
         ));
+        services.push(fixed(
+            "node ports, on this node's addresses",
+            vec![
+                Stmt::NfProto(family),
+                Stmt::DaddrInSet { family, set: q(&node_ips_set(family)) },
+                Stmt::NodePortVmap { map: q(&node_ports_map(family)) },
+            ],
+        ));
     }
     for family in FAMILIES {
         let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) }];
@@ -320,6 +342,12 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
         }
         rs.sets.insert(q(&dispatch_map(family)), Set { kind: SetKind::Dispatch(family), elements: vec![] });
         rs.sets.insert(q(&cluster_ips_set(family)), Set { kind: SetKind::Addresses(family), elements: vec![] });
+        rs.sets.insert(q(&node_ports_map(family)), Set { kind: SetKind::NodePorts(family), elements: vec![] });
+        let mut node_ips: Vec<Element> =
+            opts.node_ips.iter().filter(|ip| Family::of(ip) == family).map(|ip| Element::address(*ip)).collect();
+        node_ips.sort();
+        node_ips.dedup();
+        rs.sets.insert(q(&node_ips_set(family)), Set { kind: SetKind::Addresses(family), elements: node_ips });
     }
 }
 
@@ -340,81 +368,6 @@ fn masq_check_rules(family: Family, opts: &Options) -> Option<Vec<Rule>> {
         .collect();
     rules.push(mark);
     Some(rules)
-}
-
-/// `aff4/default/web/tcp/80/10.244.0.2/8080`: the clients with affinity to one endpoint.
-fn affinity_set(endpoint_chain: &str) -> String {
-    format!("aff{}", &endpoint_chain[2..])
-}
-
-/// The endpoint picks: endpoint i of n, weight w_i, is taken with probability
-/// w_i / (w_i + ... + w_n) once the ones before it were not, so each gets exactly its share of
-/// the total; integers only.
-fn pick_rules(label: &Arc<str>, picks: &[(String, u32)]) -> Vec<Rule> {
-    let mut remaining: u32 = picks.iter().map(|(_, w)| w).sum();
-    let mut rules = Vec::new();
-    for (i, (chain, weight)) in picks.iter().enumerate() {
-        if i + 1 == picks.len() {
-            rules.push(Rule::new(label, vec![Stmt::Goto(chain.clone())]));
-        } else {
-            let pick = Stmt::NumgenBelow { modulus: remaining, below: *weight };
-            rules.push(Rule::new(label, vec![pick, Stmt::Goto(chain.clone())]));
-        }
-        remaining -= weight;
-    }
-    rules
-}
-
-fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
-    let family = Family::of(&vip);
-    // Every rule of a Service says which Service it serves (the chain names say the rest).
-    let label: Arc<str> = svc.id.to_string().into();
-    let rule = |stmts| Rule::new(&label, stmts);
-    let shard = opts.shard_of(&svc.id);
-    let q = |name: &str| qualify(shard, name);
-    objs.elements.push((q(&cluster_ips_set(family)), Element::address(vip)));
-    for port in &svc.ports {
-        let local_chain = service_chain(svc, port, family);
-        let chain = q(&local_chain);
-        let endpoints = svc.usable_endpoints(port, family, &opts.locality);
-        let mut rules = Vec::new();
-        let elsewhere = || !port.usable_endpoints(family, false, &Locality::default()).is_empty();
-        if endpoints.is_empty() && svc.internal_local && elsewhere() {
-            // kube-proxy drops (rather than rejects) when endpoints exist, but none on this node.
-            rules.push(rule(vec![Stmt::Drop]));
-        } else if endpoints.is_empty() {
-            if port.protocol == crate::model::Protocol::Tcp {
-                rules.push(rule(vec![Stmt::L4Proto(port.protocol), Stmt::RejectTcpReset]));
-            }
-            rules.push(rule(vec![Stmt::RejectPortUnreachable]));
-        }
-        let mut picks = Vec::new();
-        for ep in &endpoints {
-            let local_ep_chain = endpoint_chain(&local_chain, ep);
-            let ep_chain = q(&local_ep_chain);
-            let mut ep_rules = Vec::new();
-            let hairpin = Element::hairpin(ep.ip, vip);
-            if !objs.elements.iter().any(|(_, e)| *e == hairpin) {
-                objs.elements.push((hairpin_set(family), hairpin));
-            }
-            if let Some(affinity) = svc.affinity {
-                let set = q(&affinity_set(&local_ep_chain));
-                rules.push(rule(vec![Stmt::SaddrInSet { family, set: set.clone() }, Stmt::Goto(ep_chain.clone())]));
-                ep_rules.push(rule(vec![Stmt::UpdateSaddrSet {
-                    family,
-                    set: set.clone(),
-                    timeout_seconds: affinity.timeout_seconds,
-                }]));
-                objs.sets.insert(set, Set { kind: SetKind::Affinity(family), elements: vec![] });
-            }
-            ep_rules.push(rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]));
-            objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules.into() });
-            picks.push((ep_chain, ep.weight));
-        }
-        rules.extend(pick_rules(&label, &picks));
-        objs.elements.push((q(&dispatch_map(family)), Element::dispatch(vip, port.protocol, port.port, chain.clone())));
-        objs.chains.insert(chain, Chain { base: None, rules: rules.into() });
-    }
 }
 
 /// Renders a whole ruleset as nft-like text: the golden form used by tests and `--dry-run`.
