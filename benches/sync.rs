@@ -35,6 +35,23 @@ use nftproxy::sync::Engine;
 
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
+/// `NFTPROXY_BENCH_EXTERNAL`: `nodeport` makes every Service a NodePort (node port 10000 + i);
+/// `lb-local` also makes the first 1,000 Local LoadBalancers with an ingress IP and one endpoint
+/// on this node. Unset: ClusterIPs only.
+fn external_shape() -> String {
+    std::env::var("NFTPROXY_BENCH_EXTERNAL").unwrap_or_default()
+}
+
+const NODE: &str = "bench-node";
+
+fn lb_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i as u32)
+}
+
+fn is_lb_local(i: usize) -> bool {
+    external_shape() == "lb-local" && i < 1000
+}
+
 fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i as u32)
 }
@@ -65,8 +82,18 @@ fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Snapshot {
                 Endpoint::ready(IpAddr::V4(ip), 8080)
             })
             .collect();
-        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port: None, endpoints };
-        snap.services.insert(id.clone(), Service::new(id, vec![IpAddr::V4(vip(i))], vec![port]));
+        let mut endpoints: Vec<Endpoint> = endpoints;
+        if let Some(first) = endpoints.first_mut() {
+            first.node_name = Some(NODE.into());
+        }
+        let node_port = (!external_shape().is_empty()).then_some(10_000 + i as u16);
+        let port = ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port, endpoints };
+        let mut svc = Service::new(id.clone(), vec![IpAddr::V4(vip(i))], vec![port]);
+        if is_lb_local(i) {
+            svc.external.load_balancer_ips = vec![IpAddr::V4(lb_ip(i))];
+            svc.external.local = true;
+        }
+        snap.services.insert(id, svc);
     }
     snap
 }
@@ -74,7 +101,12 @@ fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Snapshot {
 /// The child's options; `NFTPROXY_BENCH_SHARDS` sets `--table-shards`.
 fn options() -> Options {
     let table_shards = std::env::var("NFTPROXY_BENCH_SHARDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], table_shards, ..Default::default() }
+    let mut opts = Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], table_shards, ..Default::default() };
+    if !external_shape().is_empty() {
+        opts.node_ips = vec!["192.0.2.1".parse().unwrap()];
+        opts.locality.node = Some(NODE.into());
+    }
+    opts
 }
 
 /// The same Services as Kubernetes objects: one Service and one EndpointSlice each, keyed like
@@ -84,13 +116,24 @@ fn k8s_objects(n: usize, e: usize) -> (HashMap<ServiceId, K8sService>, HashMap<(
     for i in 0..n {
         let (ns, nm) = name(i);
         let ip = vip(i).to_string();
-        let svc = serde_json::json!({
+        let mut svc = serde_json::json!({
             "metadata": {"name": nm, "namespace": ns},
             "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}});
+        if !external_shape().is_empty() {
+            svc["spec"]["type"] = "NodePort".into();
+            svc["spec"]["ports"][0]["nodePort"] = (10_000 + i).into();
+        }
+        if is_lb_local(i) {
+            svc["spec"]["type"] = "LoadBalancer".into();
+            svc["spec"]["externalTrafficPolicy"] = "Local".into();
+            svc["spec"]["healthCheckNodePort"] = (30_000 + i).into();
+            svc["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": lb_ip(i).to_string()}]}});
+        }
         let endpoints: Vec<_> = (0..e)
             .map(|j| {
-                serde_json::json!({"addresses": [endpoint_ip(i, j, e).to_string()],
+                let node = if j == 0 { NODE } else { "elsewhere" };
+                serde_json::json!({"addresses": [endpoint_ip(i, j, e).to_string()], "nodeName": node,
                 "conditions": {"ready": true, "serving": true, "terminating": false}})
             })
             .collect();
@@ -310,10 +353,15 @@ impl Ns {
     }
 
     fn child_sharded(&self, args: &[&str], shards: u32) -> std::collections::BTreeMap<String, f64> {
+        self.child_env(args, shards, &[])
+    }
+
+    fn child_env(&self, args: &[&str], shards: u32, env: &[(&str, &str)]) -> std::collections::BTreeMap<String, f64> {
         let exe = std::env::current_exe().unwrap();
         let out = self
             .cmd(exe.to_str().unwrap())
             .env("NFTPROXY_BENCH_SHARDS", shards.to_string())
+            .envs(env.iter().copied())
             .arg("child")
             .args(args)
             .output()
@@ -786,8 +834,35 @@ fn harness(args: &[String]) {
     if !args.iter().any(|a| a == "--no-dataplane") {
         bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
     }
+    if !args.iter().any(|a| a == "--no-external") {
+        bench_external(&mut r, get("--external-services", "10000").parse().unwrap(), e);
+    }
     let _ = std::fs::remove_dir_all(&work);
     write_outputs(&r, &out_dir);
+}
+
+/// The same Services as ClusterIPs only, as NodePorts, and with 1,000 Local LoadBalancers: full
+/// sync, restart and one endpoint change (default table shards), side by side in one run.
+fn bench_external(r: &mut Report, n: usize, e: usize) {
+    eprintln!("== external traffic: {n} Services x {e} endpoints");
+    let (ns_, es) = (n.to_string(), e.to_string());
+    let shards = (n.div_ceil(compile::SERVICES_PER_SHARD).clamp(1, compile::MAX_AUTO_SHARDS as usize)) as u32;
+    for shape in ["", "nodeport", "lb-local"] {
+        let path = match shape {
+            "" => "ClusterIP only",
+            "nodeport" => "every Service a NodePort",
+            _ => "NodePorts + 1,000 Local LoadBalancers",
+        };
+        let ns = Ns::new("ext");
+        let run = |args: &[&str]| ns.child_env(args, shards, &[("NFTPROXY_BENCH_EXTERNAL", shape)]);
+        let full = run(&["full", &ns_, &es]);
+        r.add("external", n, e, &format!("{path}: full sync"), "ms", full.get("total_ms").copied());
+        let restart = run(&["restart", &ns_, &es]);
+        r.add("external", n, e, &format!("{path}: restart"), "ms", restart.get("total_ms").copied());
+        let inc = run(&["incremental", &ns_, &es, "200"]);
+        r.add("external", n, e, &format!("{path}: one endpoint change p50"), "ms", inc.get("p50_ms").copied());
+        r.add("external", n, e, &format!("{path}: one endpoint change p99"), "ms", inc.get("p99_ms").copied());
+    }
 }
 
 /// Any commit's price against the number of chains in the namespace (empty chains, nothing to
