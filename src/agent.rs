@@ -57,6 +57,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     let mut desired = Desired::default();
     let mut resolve_all = true;
     let mut verified_at = Instant::now();
+    let mut addresses_moved = false;
     loop {
         tokio::select! {
             biased;
@@ -66,9 +67,10 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                 if changed_at.len() < MAX_CHANGE_TIMES { changed_at.push(change.at); }
             }
             _ = sleep_until(next_check) => {}
-            Ok(()) = node_ips.changed() => {}
+            // `changed()` marks the value seen: remember that it moved.
+            Ok(()) = node_ips.changed() => addresses_moved = true,
         }
-        if node_ips.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut addresses_moved) || node_ips.has_changed().unwrap_or(false) {
             let ips = node_ips.borrow_and_update().clone();
             health_checks.set_addresses(ips.clone());
             engine.set_node_ips(ips);

@@ -203,3 +203,27 @@ apiVersion: v1\nkind: Endpoints\nmetadata: {{name: web}}\nsubsets: [{{addresses:
     assert!(wait_until(20, || c.probe("client", "tcp", VIP, 1).contains_key("web-b")), "{}", a.log_text());
     assert_eq!(c.probe("client", "tcp", VIP, 10).get("web-b"), Some(&10));
 }
+
+#[test]
+fn api_mode_serves_node_ports_on_the_nodes_internal_ips_and_follows_them() {
+    let Some(s) = setup() else { return };
+    // The Node says its InternalIP is the uplink address; web becomes a NodePort.
+    let with_ip = |ip: &str| {
+        let mut n = node("node-1");
+        n["status"] = serde_json::json!({"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": "node-1"}]});
+        n
+    };
+    s.api.apply(Kind::Node, with_ip("192.0.2.1"));
+    let mut web = service("web", "10.96.0.80", 80, 8080);
+    web["spec"]["type"] = "NodePort".into();
+    web["spec"]["ports"][0]["nodePort"] = 30080.into();
+    s.api.apply(Kind::Service, web);
+    let a = agent(&s, "agent-np");
+    let from_outside = |addr: &str| s.c.probe_ms("ext", "tcp", addr, 3, 1000);
+    assert!(wait_until(20, || only_web(&from_outside("192.0.2.1:30080"))), "{}\n{}", a.log_text(), listing(&s.c));
+    // The Node's address moves to one the node also holds: node ports follow, the old one stops.
+    s.c.exec_ok("node", &["ip", "addr", "add", "192.0.2.9/24", "dev", "ext0"]);
+    s.api.apply(Kind::Node, with_ip("192.0.2.9"));
+    assert!(wait_until(20, || only_web(&from_outside("192.0.2.9:30080"))), "{}", a.log_text());
+    assert!(wait_until(10, || !only_web(&from_outside("192.0.2.1:30080"))), "{}", a.log_text());
+}

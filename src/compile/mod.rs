@@ -173,9 +173,11 @@ impl ServiceObjects {
     }
 }
 
-/// The digest of a skeleton (its chains, sets and table flags; it has no elements).
+/// The digest of a skeleton: its chains, sets, table flags and the elements it holds itself
+/// (the node-port addresses), so that a restart with other node addresses is not "verified".
 pub fn skeleton_digest(rs: &Ruleset) -> u64 {
-    digest(&rs.chains, &rs.sets, std::iter::empty()) ^ u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    let elements = rs.sets.iter().flat_map(|(name, set)| set.elements.iter().map(move |e| (name, e)));
+    digest(&rs.chains, &rs.sets, elements) ^ u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// What the state set records about the commit that wrote it.
