@@ -58,6 +58,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     let mut resolve_all = true;
     let mut verified_at = Instant::now();
     let mut addresses_moved = false;
+    let mut unserved = std::collections::HashMap::new();
     loop {
         tokio::select! {
             biased;
@@ -106,6 +107,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         match result {
             Ok((outcome, services)) => {
                 health_checks.update(healthcheck::wanted(desired.snapshot(), &engine.options().locality));
+                report_unserved(desired.snapshot(), &mut unserved);
                 metrics.synced(&outcome, services, &changed_at);
                 health.synced();
                 changed_at.clear();
@@ -138,6 +140,23 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         }
     }
     tracing::info!("shutting down; the rules stay in place");
+}
+
+/// Logs, once per Service and change, what of it cannot be served (never silently dropped).
+pub fn report_unserved(
+    snapshot: &crate::model::Snapshot,
+    logged: &mut std::collections::HashMap<ServiceId, Vec<String>>,
+) {
+    logged.retain(|id, _| snapshot.services.contains_key(id));
+    for svc in snapshot.services.values() {
+        let now = svc.unserved();
+        if logged.get(&svc.id).map(Vec::as_slice).unwrap_or_default() != now.as_slice() {
+            for what in &now {
+                tracing::warn!(service = %svc.id, "not served: {what}");
+            }
+            logged.insert(svc.id.clone(), now);
+        }
+    }
 }
 
 /// Brings `desired` up to date: only the changed Services when the source can tell which and

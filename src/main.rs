@@ -233,6 +233,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             out(&plan::plan(&have, want).to_string());
             return Ok(());
         }
+        agent::report_unserved(&snapshot, &mut Default::default());
         let mut engine = Engine::new(Netlink::open()?, opts);
         let outcome = engine.sync(&snapshot)?;
         tracing::info!(

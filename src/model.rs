@@ -222,6 +222,22 @@ impl Service {
         Service { id, cluster_ips, ports, internal_local: false, affinity: None, external: External::default() }
     }
 
+    /// What of this Service nftproxy cannot serve, in words (empty when everything is served):
+    /// external and load-balancer IPs of a family the Service has no ClusterIP of.
+    pub fn unserved(&self) -> Vec<String> {
+        let families: Vec<Family> = self.cluster_ips.iter().map(Family::of).collect();
+        let ext = &self.external;
+        let lost = |what: &str, ips: &[IpAddr]| {
+            ips.iter()
+                .filter(|ip| !families.contains(&Family::of(ip)))
+                .map(|ip| format!("{what} {ip}: the Service has no ClusterIP of its family"))
+                .collect::<Vec<_>>()
+        };
+        let mut out = lost("external IP", &ext.external_ips);
+        out.extend(lost("load-balancer IP", &ext.load_balancer_ips));
+        out
+    }
+
     /// Whether any port has a node port or the Service has external or load-balancer IPs.
     pub fn is_external(&self) -> bool {
         !self.external.is_empty() || self.ports.iter().any(|p| p.node_port.is_some())
@@ -248,6 +264,22 @@ mod tests {
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
         ServicePort { name: "http".into(), port: 80, protocol: Protocol::Tcp, node_port: None, endpoints }
+    }
+
+    #[test]
+    fn external_addresses_of_a_family_without_cluster_ip_are_reported_unserved() {
+        let mut svc = Service::new(ServiceId::new("default", "web"), vec!["10.96.0.1".parse().unwrap()], vec![]);
+        svc.external.external_ips = vec!["203.0.113.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        svc.external.load_balancer_ips = vec!["2001:db8::7".parse().unwrap()];
+        assert_eq!(
+            svc.unserved(),
+            [
+                "external IP 2001:db8::1: the Service has no ClusterIP of its family",
+                "load-balancer IP 2001:db8::7: the Service has no ClusterIP of its family"
+            ]
+        );
+        svc.cluster_ips.push("fd00::1".parse().unwrap());
+        assert!(svc.unserved().is_empty());
     }
 
     #[test]
