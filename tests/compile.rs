@@ -96,27 +96,38 @@ fn host_processes_use_the_output_hook_the_same_way() {
     assert_eq!(trace(&rs, &p).len(), 3);
 }
 
-fn weighted(weights: &[u32]) -> Ruleset {
-    let eps = weights
-        .iter()
-        .enumerate()
-        .map(|(i, w)| nftproxy::model::Endpoint {
-            weight: *w,
-            ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
-        })
-        .collect();
-    let port = nftproxy::model::ServicePort {
+/// Service default/`name` at 10.96.0.1:80/tcp over `eps` (10.0.0.1, 10.0.0.2, ... port 80),
+/// shaped by `configure`, compiled with `opts`.
+fn single(
+    name: &str,
+    eps: impl IntoIterator<Item = nftproxy::model::Endpoint>,
+    configure: impl FnOnce(&mut nftproxy::model::Service),
+    opts: &Options,
+) -> Ruleset {
+    use nftproxy::model::{Service, ServiceId, ServicePort, Snapshot};
+    let port = ServicePort {
         name: "".into(),
         port: 80,
         protocol: Protocol::Tcp,
         node_port: None,
-        endpoints: eps,
+        endpoints: eps.into_iter().collect(),
     };
-    let id = nftproxy::model::ServiceId::new("default", "w");
-    let svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
-    let mut snap = nftproxy::model::Snapshot::default();
+    let id = ServiceId::new("default", name);
+    let mut svc = Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
+    configure(&mut svc);
+    let mut snap = Snapshot::default();
     snap.services.insert(id, svc);
-    compile(&snap, &Options::default())
+    compile(&snap, opts)
+}
+
+/// Endpoint `i` (from 0): 10.0.0.(i+1):80.
+fn nth(i: usize) -> nftproxy::model::Endpoint {
+    nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
+}
+
+fn weighted(weights: &[u32]) -> Ruleset {
+    let eps = weights.iter().enumerate().map(|(i, w)| nftproxy::model::Endpoint { weight: *w, ..nth(i) });
+    single("w", eps, |_| {}, &Options::default())
 }
 
 #[test]
@@ -185,26 +196,11 @@ fn local_policy_drops_only_when_endpoints_exist_on_other_nodes() {
         let eps = nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| nftproxy::model::Endpoint {
-                node_name: Some(n.to_string()),
-                ..nftproxy::model::Endpoint::ready(format!("10.0.0.{}", i + 1).parse().unwrap(), 80)
-            })
-            .collect();
-        let port = nftproxy::model::ServicePort {
-            name: "".into(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            node_port: None,
-            endpoints: eps,
-        };
-        let id = nftproxy::model::ServiceId::new("default", "local");
-        let mut svc = nftproxy::model::Service::new(id.clone(), vec!["10.96.0.1".parse().unwrap()], vec![port]);
-        svc.internal_local = true;
-        let mut snap = nftproxy::model::Snapshot::default();
-        snap.services.insert(id, svc);
+            .map(|(i, n)| nftproxy::model::Endpoint { node_name: Some(n.to_string()), ..nth(i) });
         let mut opts = Options::default();
         opts.locality.node = Some("here".into());
-        let got = trace(&compile(&snap, &opts), &pkt("10.244.0.9", "10.96.0.1", Protocol::Tcp, 80));
+        let rs = single("local", eps, |s| s.internal_local = true, &opts);
+        let got = trace(&rs, &pkt("10.244.0.9", "10.96.0.1", Protocol::Tcp, 80));
         assert_eq!(got, [(want, Ratio::ONE)], "endpoints on {nodes:?}");
     }
 }

@@ -468,27 +468,20 @@ fn lb_local(eps: &[(&str, &str)], with_service: bool) -> String {
     if with_service { format!("{svc}{slices}") } else { slices.trim_start_matches("---\n").to_string() }
 }
 
+/// The agent on node-1 over the manifests in `dir`, quick to follow changes.
+fn start_agent(c: &Cluster, dir: &str, extra: &[&str]) -> Agent {
+    let mut args = vec!["--manifests", dir, "--watch", "--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"];
+    args.extend(["--min-sync-period", "100ms", "--sync-period", "1s"]);
+    args.extend_from_slice(extra);
+    c.start_agent("agent", &args)
+}
+
 #[test]
 fn health_check_node_port_follows_local_endpoints_and_the_service() {
     let Some(c) = web_cluster(&[8080], &[]) else { return };
     c.write("web.yaml", &lb_local(A_LOCAL, true));
     let dir = c.dir.to_str().unwrap().to_string();
-    let agent = c.start_agent(
-        "agent",
-        &[
-            "--manifests",
-            &dir,
-            "--watch",
-            "--node-name",
-            "node-1",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--min-sync-period",
-            "100ms",
-            "--sync-period",
-            "1s",
-        ],
-    );
+    let agent = start_agent(&c, &dir, &[]);
     let get = || http_get_from(&c, "ext", "192.0.2.1:32000", "/");
     let mut last = Err(String::new());
     let ok = wait_until(20, || {
@@ -536,24 +529,7 @@ fn the_agent_serves_node_ports_on_addresses_as_they_come_and_go() {
     c.exec_ok("ext", &["ip", "route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
     c.write("web.yaml", &web("", ALL_ON_NODE_1));
     let dir = c.dir.to_str().unwrap().to_string();
-    let agent = c.start_agent(
-        "agent",
-        &[
-            "--manifests",
-            &dir,
-            "--watch",
-            "--node-name",
-            "node-1",
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--min-sync-period",
-            "100ms",
-            "--sync-period",
-            "1s",
-            "--nodeport-addresses",
-            "198.51.100.0/24",
-        ],
-    );
+    let agent = start_agent(&c, &dir, &["--nodeport-addresses", "198.51.100.0/24"]);
     // Running: the ClusterIP is served from outside, the node port on no address yet.
     assert!(
         wait_until(20, || only_web(&c.probe_ms("ext", "tcp", "10.96.0.80:80", 1, 1000))),

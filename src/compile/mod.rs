@@ -247,22 +247,8 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
             SRCNAT,
             vec![
                 // Hairpin: a pod that reached its own Service and landed on itself.
-                fixed(
-                    HAIRPIN,
-                    vec![
-                        Stmt::NfProto(Family::V4),
-                        Stmt::HairpinInSet { family: Family::V4, set: hairpin_set(Family::V4) },
-                        Stmt::Masquerade,
-                    ],
-                ),
-                fixed(
-                    HAIRPIN,
-                    vec![
-                        Stmt::NfProto(Family::V6),
-                        Stmt::HairpinInSet { family: Family::V6, set: hairpin_set(Family::V6) },
-                        Stmt::Masquerade,
-                    ],
-                ),
+                hairpin_rule(Family::V4),
+                hairpin_rule(Family::V6),
                 fixed("not marked for masquerade", vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
                 fixed("masquerade what the services chain marked", vec![Stmt::ClearMarkBit(MASQ_MARK)]),
                 fixed("masquerade what the services chain marked", vec![Stmt::Masquerade]),
@@ -291,6 +277,11 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
     }
     rs.sets.insert(STATE_SET.into(), Set { kind: SetKind::State, elements: vec![] });
+}
+
+fn hairpin_rule(family: Family) -> Rule {
+    let stmts = vec![Stmt::NfProto(family), Stmt::HairpinInSet { family, set: hairpin_set(family) }, Stmt::Masquerade];
+    fixed(HAIRPIN, stmts)
 }
 
 fn base(hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
