@@ -701,6 +701,11 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&vip);
     record(r, &format!("nftproxy ClusterIP, {k} tables"), via);
     record(r, &format!("direct pod-to-pod (paired with {k} tables)"), direct);
+    // Every Service a NodePort: the last one's node port on the node's address, from the pod.
+    node.child_env(&["dataplane", &n.to_string(), "5"], k, &[("NFTPROXY_BENCH_EXTERNAL", "nodeport")]);
+    let (via, direct) = paired(&format!("192.0.2.1:{}", 10_000 + n - 1));
+    record(r, &format!("nftproxy node port, {k} tables"), via);
+    record(r, "direct pod-to-pod (paired with node port)", direct);
     bench_conntrack(r, dir, &node, &ns("client"), &testpod);
     let _ = node.cmd("nft").args(["delete", "table", "inet", "nftproxy"]).status();
     let mut rules = kube_proxy_iptables(n, 5, None);

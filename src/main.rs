@@ -78,8 +78,8 @@ struct Args {
     #[arg(long)]
     node_name: Option<String>,
     /// Which of the node's addresses serve node ports: `primary` (in API mode the Node's
-    /// InternalIPs, in manifest mode the addresses of the interface holding the default route,
-    /// per family) or CIDRs (`192.0.2.0/24,2001:db8::/64`: every local address inside them).
+    /// InternalIPs; in manifest mode a `v1 Node` of this name in the manifests, else the
+    /// addresses of the interface holding the default route, per family) or CIDRs (`192.0.2.0/24,2001:db8::/64`: every local address inside them).
     /// Followed live; localhost never serves node ports.
     #[arg(long, default_value = "primary")]
     nodeport_addresses: NodePortAddresses,
@@ -205,7 +205,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
         kube
     } else {
-        follow_addresses(sel, node_ips_tx).await;
+        let from_node = (sel == NodePortAddresses::Primary)
+            .then(|| manifest::load(&args.manifests).ok()?.node_internal_ips(&node))
+            .flatten();
+        match from_node {
+            Some(ips) => follow_manifest_node(sel, ips, args.manifests.clone(), node.clone(), node_ips_tx),
+            None => follow_addresses(sel, node_ips_tx).await,
+        }
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
@@ -283,6 +289,33 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     agent::run(agent, shutdown_signal()).await;
     Ok(())
+}
+
+/// A `v1 Node` for this node in the manifests gives the `primary` node-port addresses (its
+/// InternalIPs, as in API mode), re-read when the files change.
+fn follow_manifest_node(
+    sel: NodePortAddresses,
+    ips: Vec<std::net::IpAddr>,
+    paths: Vec<std::path::PathBuf>,
+    node: String,
+    tx: tokio::sync::watch::Sender<Vec<std::net::IpAddr>>,
+) {
+    let _ = tx.send(node_addrs::select_from_list(&sel, &ips));
+    tokio::spawn(async move {
+        let mut last = manifest::fingerprint(&paths);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = manifest::fingerprint(&paths);
+            if now == last {
+                continue;
+            }
+            last = now;
+            if let Some(ips) = manifest::load(&paths).ok().and_then(|o| o.node_internal_ips(&node)) {
+                let ips = node_addrs::select_from_list(&sel, &ips);
+                tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+            }
+        }
+    });
 }
 
 /// Reads this node's node-port addresses over rtnetlink now, and follows them from then on.

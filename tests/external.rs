@@ -560,3 +560,29 @@ fn the_agent_serves_node_ports_on_addresses_as_they_come_and_go() {
     let ok = wait_until(10, || !listing(&c).contains("198.51.100.1"));
     assert!(ok, "the removed address is still in the node-port addresses:\n{}", listing(&c));
 }
+
+// --- a v1 Node in the manifests ------------------------------------------------------------
+
+#[test]
+fn a_node_object_in_the_manifests_names_the_node_port_addresses() {
+    let Some(c) = web_cluster(&[8080], &[]) else { return };
+    c.exec_ok("node", &["ip", "addr", "add", "198.51.100.1/24", "dev", "ext0"]);
+    c.exec_ok("ext", &["ip", "route", "add", "198.51.100.0/24", "via", "192.0.2.1"]);
+    let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n\
+                status: {addresses: [{type: InternalIP, address: 198.51.100.1}, {type: Hostname, address: node-1}]}\n---\n";
+    let m = c.write("web.yaml", &format!("{node}{}", web("", ALL_ON_NODE_1)));
+    c.sync(&m, &["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]);
+    let set = c.exec_ok("node", &["nft", "list", "set", "inet", "nftproxy", "node-ips-v4"]);
+    assert!(set.contains("198.51.100.1") && !set.contains("192.0.2.1"), "{set}");
+    assert!(only_web(&c.probe_ms("ext", "tcp", "198.51.100.1:30080", 3, 1000)));
+    assert!(
+        !only_web(&c.probe_ms("ext", "tcp", "192.0.2.1:30080", 1, 1000)),
+        "the default-route address is not the Node's"
+    );
+    // Another node's Node object changes nothing: this node falls back to the addresses of its
+    // default-route interface (ext0 holds both).
+    c.sync(&m, &["--node-name", "node-2", "--cluster-cidr", "10.244.0.0/16"]);
+    let set = c.exec_ok("node", &["nft", "list", "set", "inet", "nftproxy", "node-ips-v4"]);
+    assert!(set.contains("192.0.2.1") && set.contains("198.51.100.1"), "{set}");
+    assert!(only_web(&c.probe_ms("ext", "tcp", "192.0.2.1:30080", 3, 1000)));
+}

@@ -101,6 +101,7 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
         ("v1", "Endpoints") => push(origin, object, value, &mut objects.endpoints, errors),
         ("v1", "Pod") => push(origin, object, value, &mut objects.pods, errors),
         ("v1", "Namespace") => push(origin, object, value, &mut objects.namespaces, errors),
+        ("v1", "Node") => push(origin, object, value, &mut objects.nodes, errors),
         _ => {
             tracing::warn!(%origin, api_version = %api, kind = %kind, "skipping object of a kind nftproxy does not read")
         }
@@ -126,7 +127,7 @@ fn push<T: DeserializeOwned>(
 }
 
 /// A cheap fingerprint of the manifest files (names, sizes, modification times).
-fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+pub fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
     paths
         .iter()
         .flat_map(|p| manifest_files(p).unwrap_or_default())
@@ -161,6 +162,19 @@ mod tests {
         let mut e = Vec::new();
         parse_into("t.yaml", text, &mut o, &mut e);
         (o, e)
+    }
+
+    #[test]
+    fn a_node_object_gives_its_internal_ips() {
+        let (o, errors) = parse(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\nstatus: {addresses: \
+             [{type: InternalIP, address: 192.0.2.1}, {type: ExternalIP, address: 203.0.113.1}, \
+             {type: InternalIP, address: '2001:db8::1'}, {type: Hostname, address: node-1}]}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let ips = o.node_internal_ips("node-1").unwrap();
+        assert_eq!(ips, ["192.0.2.1".parse::<std::net::IpAddr>().unwrap(), "2001:db8::1".parse().unwrap()]);
+        assert_eq!(o.node_internal_ips("node-2"), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod resolve;
 use std::collections::BTreeSet;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::ServiceId;
@@ -35,6 +35,17 @@ pub struct Objects {
     pub endpoints: Vec<(Origin, Endpoints)>,
     pub pods: Vec<(Origin, Pod)>,
     pub namespaces: Vec<(Origin, Namespace)>,
+    /// `v1 Node` objects (manifest mode): this node's gives the `primary` node-port addresses.
+    pub nodes: Vec<(Origin, Node)>,
+}
+
+impl Objects {
+    /// The `InternalIP` addresses of Node `name`, when the objects hold that Node.
+    pub fn node_internal_ips(&self, name: &str) -> Option<Vec<std::net::IpAddr>> {
+        let (_, node) = self.nodes.iter().find(|(_, n)| n.metadata.name.as_deref() == Some(name))?;
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
+        Some(addresses.iter().filter(|a| a.type_ == "InternalIP").filter_map(|a| a.address.parse().ok()).collect())
+    }
 }
 
 /// Bad input: names the place, the object and the field.
