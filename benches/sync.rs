@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nftproxy::compile::{self, Options};
+use nftproxy::kernel::LiveKernel;
 use nftproxy::model::{Endpoint, Protocol, Service, ServiceId, ServicePort, Snapshot};
 use nftproxy::nft::Netlink;
 use nftproxy::plan::{Op, Plan};
@@ -201,7 +202,7 @@ fn child(args: &[String]) {
                 let foreign = Plan { ops: vec![Op::AddTable { name: "bench-foreign".into(), flags: 0 }] };
                 Netlink::open().unwrap().apply(&foreign).unwrap();
             }
-            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            let mut engine = Engine::new(LiveKernel::open().unwrap(), options());
             let o = engine.sync(&snap).unwrap();
             write!(
                 out,
@@ -235,7 +236,7 @@ fn child(args: &[String]) {
             tracker.take();
             let mut desired = Desired::default();
             desired.replace_all(resolve(&everything(&slices), &opts).unwrap());
-            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            let mut engine = Engine::new(LiveKernel::open().unwrap(), options());
             engine.sync(desired.snapshot()).unwrap();
             let (mut times, mut kernel, mut messages) = (Vec::new(), Vec::new(), 0);
             for k in 0..reps + 20 {
@@ -323,7 +324,7 @@ fn child(args: &[String]) {
             let mut snap = snapshot(n, e, None);
             let last = snap.services.values_mut().find(|s| s.id.name == format!("svc-{}", n - 1)).unwrap();
             last.ports[0].endpoints = vec![Endpoint::ready("10.244.1.2".parse().unwrap(), 8080)];
-            let mut engine = Engine::new(Netlink::open().unwrap(), options());
+            let mut engine = Engine::new(LiveKernel::open().unwrap(), options());
             let o = engine.sync(&snap).unwrap();
             write!(out, "total_ms={:.1}", ms(o.total)).unwrap();
         }

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
+use nftproxy::kernel::LiveKernel;
 use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::model::Locality;
 use nftproxy::nft::Netlink;
@@ -240,7 +241,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             return Ok(());
         }
         agent::report_unserved(&snapshot, &mut Default::default());
-        let mut engine = Engine::new(Netlink::open()?, opts);
+        let mut engine = Engine::new(LiveKernel::open()?, opts);
         let outcome = engine.sync(&snapshot)?;
         tracing::info!(
             kind = ?outcome.kind,
@@ -271,7 +272,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             tracing::error!(%haddr, error = %e, "healthz server failed");
         }
     });
-    let engine = Engine::new(Netlink::open()?, opts);
+    let engine = Engine::new(LiveKernel::open()?, opts);
     let timing = Timing {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,

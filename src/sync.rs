@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::compile::{self, Options, ServiceObjects};
 use crate::compile::{STATE_SET, StateRecord};
-use crate::conntrack::Conntrack;
 use crate::conntrack::stale::UdpTargets;
+use crate::kernel::Kernel;
 use crate::model::{Service, ServiceId, Snapshot};
-use crate::nft::{ApplyStats, Netlink};
+use crate::nft::ApplyStats;
 use crate::plan::{self, Op, Plan};
 use crate::ruleset::{Element, SetKind};
 use crate::ruleset::{RULE_FORMAT, Ruleset};
@@ -54,7 +54,7 @@ pub struct Outcome {
 }
 
 pub struct Engine {
-    nl: Netlink,
+    kernel: Box<dyn Kernel>,
     opts: Options,
     skeleton: Ruleset,
     /// What we last committed, per Service, with the digest of its objects.
@@ -68,8 +68,6 @@ pub struct Engine {
     state: Vec<Element>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
     generation: Option<u32>,
-    /// Opened on first use; `None` after it failed to open (conntrack cleanup is then skipped).
-    conntrack: Option<Result<Conntrack, ()>>,
     /// `services` holds exactly the models of the last snapshot synced: a caller's list of
     /// changed Services can be trusted. False after a failed sync.
     models_current: bool,
@@ -96,7 +94,7 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 }
 
 impl Engine {
-    pub fn new(nl: Netlink, mut opts: Options) -> Self {
+    pub fn new(kernel: impl Kernel + 'static, mut opts: Options) -> Self {
         opts.node_ips.sort();
         opts.node_ips.dedup();
         if opts.own_tables {
@@ -113,7 +111,7 @@ impl Engine {
         let skeleton = compile::skeleton(&opts);
         let skeleton_digest = compile::skeleton_digest(&skeleton);
         Engine {
-            nl,
+            kernel: Box::new(kernel),
             opts,
             skeleton,
             services: BTreeMap::new(),
@@ -121,7 +119,6 @@ impl Engine {
             services_digest: 0,
             state: Vec::new(),
             generation: None,
-            conntrack: None,
             models_current: false,
             owns_tables: false,
             restarting: true,
@@ -225,7 +222,7 @@ impl Engine {
 
     fn try_sync(&mut self, snapshot: &Snapshot, hint: Option<&BTreeSet<ServiceId>>) -> crate::Result<Outcome> {
         let start = Instant::now();
-        let generation = self.nl.generation()?;
+        let generation = self.kernel.generation()?;
         let (changed, endpoints_changed) = self.changed_services(snapshot, hint);
         let mut compiled: BTreeMap<ServiceId, ServiceObjects> = changed
             .iter()
@@ -263,7 +260,7 @@ impl Engine {
             (SyncKind::Partial, plan, Duration::ZERO, record)
         } else {
             let recorded = self
-                .nl
+                .kernel
                 .read_elements(STATE_SET)?
                 .and_then(|e| if e.len() == 1 { compile::parse_state_element(&e[0]) } else { None });
             let wanted = StateRecord { generation, format: RULE_FORMAT, digest };
@@ -283,7 +280,7 @@ impl Engine {
                         "the rules in the kernel were written in another rule format; rewriting what differs"
                     );
                 }
-                let have = self.nl.read_table()?;
+                let have = self.kernel.read_table()?;
                 let read_back = start.elapsed();
                 let mut want = self.skeleton.clone();
                 for (id, svc) in &snapshot.services {
@@ -312,7 +309,7 @@ impl Engine {
                 elements: vec![new_state.clone()],
             });
         }
-        let stats = self.nl.apply(&plan)?;
+        let stats = self.kernel.apply(&plan)?;
         if record_state {
             self.state = vec![new_state];
         }
@@ -321,7 +318,7 @@ impl Engine {
         self.generation = if plan.is_empty() {
             Some(generation)
         } else {
-            match self.nl.generation() {
+            match self.kernel.generation() {
                 // Another commit slipped in between ours and the check: trust nothing (unless
                 // the tables are ours alone).
                 Ok(after) => (after == generation.wrapping_add(1) || self.owns_tables).then_some(after),
@@ -350,7 +347,7 @@ impl Engine {
             targets.add(svc, false, &self.opts.node_ips);
         }
         let ct_start = Instant::now();
-        let conntrack_deleted = if targets.is_empty() { 0 } else { self.clean_conntrack(&targets) };
+        let conntrack_deleted = if targets.is_empty() { 0 } else { self.kernel.clean_udp(&targets) };
         let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
         for id in &changed {
             let replaced = match (snapshot.services.get(id), digests.get(id)) {
@@ -368,35 +365,6 @@ impl Engine {
         outcome.conntrack_deleted = conntrack_deleted;
         outcome.conntrack_time = conntrack_time;
         Ok(outcome)
-    }
-
-    /// Deletes the stale UDP entries for `targets`; failures are logged, never fatal (the rules
-    /// are already committed).
-    fn clean_conntrack(&mut self, targets: &UdpTargets) -> usize {
-        let ct = self.conntrack.get_or_insert_with(|| {
-            Conntrack::open()
-                .map_err(|e| tracing::warn!(error = %e, "conntrack unavailable; stale UDP flows will not be cleared"))
-        });
-        let Ok(ct) = ct else { return 0 };
-        let flows = match ct.udp_flows() {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "dumping conntrack failed");
-                return 0;
-            }
-        };
-        let mut deleted = 0;
-        for f in flows.iter().filter(|f| targets.is_stale(&f.key)) {
-            match ct.delete(f) {
-                Ok(true) => deleted += 1,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, flow = ?f.key, "deleting a stale conntrack entry failed"),
-            }
-        }
-        if deleted > 0 {
-            tracing::info!(deleted, "deleted stale UDP conntrack entries");
-        }
-        deleted
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -334,7 +334,7 @@ fn a_sync_told_which_services_changed_applies_them_and_stops_trusting_that_after
     let node = c.node();
     let svc = |i: usize| ServiceId::new("default", format!("svc-{i}"));
     let (kinds, err) = in_netns(&node, move || {
-        let mut engine = Engine::new(nftproxy::nft::Netlink::open().unwrap(), Default::default());
+        let mut engine = Engine::new(nftproxy::kernel::LiveKernel::open().unwrap(), Default::default());
         engine.sync(&models(5, None)).unwrap();
         // Told that svc-3 changed: only it is compared, compiled and sent.
         let told = engine.sync_changed(&models(5, Some(3)), Some(&[svc(3)].into())).unwrap();

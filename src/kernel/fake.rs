@@ -1,0 +1,282 @@
+//! An in-memory nf_tables for tests: it applies a [`Plan`] to a held rule set the way the kernel
+//! would (all or nothing, references checked, the generation bumped per commit), reads back like
+//! the netlink read-back, and can be told to reject a transaction, to lose a commit's ack, to
+//! fail a generation query, or to be changed by "someone else". It holds the real rules, so the
+//! packet tracer (`crate::trace`) can check flows against what the fake kernel holds.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::Kernel;
+use crate::conntrack::stale::{FlowKey, UdpTargets};
+use crate::nft::consts::{NF_ACCEPT, NFT_TABLE_F_PERSIST};
+use crate::nft::encode::{Owner, describe};
+use crate::nft::{ApplyStats, NftError, Result};
+use crate::plan::{KernelState, Op, Plan, as_kernel_state};
+use crate::ruleset::{Element, Ruleset, SetKind, Stmt, TABLE, split_name};
+
+/// What the fake kernel holds, and the knobs a test turns. Fields are public: a test changes
+/// them through [`FakeKernel::foreign`] (a commit by someone else) or [`FakeKernel::with`].
+#[derive(Debug, Clone, Default)]
+pub struct FakeState {
+    pub generation: u32,
+    /// Our tables that exist, with their flags.
+    pub tables: BTreeMap<String, u32>,
+    /// Chains (with their real rules) and sets, named as the compiler names them.
+    pub ruleset: Ruleset,
+    /// Base chains whose policy is not accept.
+    pub policies: BTreeMap<String, u32>,
+    /// UDP conntrack entries.
+    pub flows: Vec<FlowKey>,
+    /// The next transaction is rejected with this errno.
+    pub reject_next: Option<i32>,
+    /// The next transaction commits, but its answer is lost (an error is returned).
+    pub lose_next_ack: bool,
+    /// So many generation queries fail from now on.
+    pub failing_generation_reads: usize,
+    /// The generation query right after the next commit fails (the commit stands).
+    pub fail_generation_after_commit: bool,
+    /// Every committed plan, in order.
+    pub committed: Vec<Plan>,
+}
+
+/// A handle on one fake kernel; clones share it (an engine restarted over the same kernel).
+#[derive(Debug, Clone, Default)]
+pub struct FakeKernel(Arc<Mutex<FakeState>>);
+
+impl FakeKernel {
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the state without committing anything.
+    pub fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// Someone else commits: `f` changes the state, the generation moves.
+    pub fn foreign(&self, f: impl FnOnce(&mut FakeState)) {
+        let mut s = self.lock();
+        f(&mut s);
+        s.generation = s.generation.wrapping_add(1);
+    }
+
+    /// The rules the fake kernel holds (for the tracer).
+    pub fn ruleset(&self) -> Ruleset {
+        self.lock().ruleset.clone()
+    }
+}
+
+fn table_of(name: &str) -> &str {
+    split_name(name).0
+}
+
+/// Chains a rule jumps to or goes to, and sets it reads.
+fn references(stmts: &[Stmt]) -> (Vec<&str>, Vec<&str>) {
+    let (mut chains, mut sets) = (Vec::new(), Vec::new());
+    for s in stmts {
+        match s {
+            Stmt::Jump(c) | Stmt::Goto(c) => chains.push(c.as_str()),
+            Stmt::DaddrInSet { set, .. }
+            | Stmt::SaddrInSet { set, .. }
+            | Stmt::HairpinInSet { set, .. }
+            | Stmt::UpdateSaddrSet { set, .. }
+            | Stmt::DispatchVmap { map: set, .. }
+            | Stmt::NodePortVmap { map: set } => sets.push(set.as_str()),
+            _ => {}
+        }
+    }
+    (chains, sets)
+}
+
+impl FakeState {
+    fn need_table(&self, name: &str) -> std::result::Result<(), i32> {
+        if self.tables.contains_key(table_of(name)) { Ok(()) } else { Err(libc::ENOENT) }
+    }
+
+    fn chain_used(&self, name: &str) -> bool {
+        let by_rule =
+            self.ruleset.chains.values().flat_map(|c| c.rules.iter()).any(|r| references(&r.stmts).0.contains(&name));
+        let by_element = self.ruleset.sets.values().flat_map(|s| &s.elements).any(|e| e.goto.as_deref() == Some(name));
+        by_rule || by_element
+    }
+
+    fn set_flags(&mut self, name: &str, flags: u32) -> std::result::Result<(), i32> {
+        if let Some(old) = self.tables.get(name)
+            && (old ^ flags) & NFT_TABLE_F_PERSIST != 0
+        {
+            return Err(libc::EOPNOTSUPP);
+        }
+        self.tables.insert(name.to_string(), flags);
+        Ok(())
+    }
+
+    /// One operation, as the kernel validates it; `Err(errno)` rejects the transaction.
+    fn apply_op(&mut self, op: &Op) -> std::result::Result<(), i32> {
+        let rs = &mut self.ruleset;
+        match op {
+            Op::DelTable(t) => {
+                self.tables.remove(t).ok_or(libc::ENOENT)?;
+                self.ruleset.chains.retain(|n, _| table_of(n) != t);
+                self.ruleset.sets.retain(|n, _| table_of(n) != t);
+                self.policies.retain(|n, _| table_of(n) != t);
+            }
+            Op::AddTable { name, flags } => self.set_flags(name, *flags)?,
+            Op::UpdateTable { name, flags } => {
+                self.tables.get(name).ok_or(libc::ENOENT)?;
+                self.set_flags(name, *flags)?;
+            }
+            Op::AddSet { name, kind } => {
+                self.need_table(name)?;
+                let rs = &mut self.ruleset;
+                rs.sets.entry(name.clone()).or_insert_with(|| crate::ruleset::Set { kind: *kind, elements: vec![] });
+            }
+            Op::AddChain { name, base } => {
+                self.need_table(name)?;
+                let rs = &mut self.ruleset;
+                rs.chains
+                    .entry(name.clone())
+                    .or_insert_with(|| crate::ruleset::Chain { base: *base, rules: vec![].into() });
+            }
+            Op::UpdateChain { name, .. } => {
+                rs.chains.get(name).ok_or(libc::ENOENT)?;
+                self.policies.remove(name);
+            }
+            Op::FlushChain(name) => rs.chains.get_mut(name).ok_or(libc::ENOENT)?.rules = vec![].into(),
+            Op::AddRules { chain, rules } => {
+                for r in rules.iter() {
+                    let (chains, sets) = references(&r.stmts);
+                    if chains.iter().any(|c| !rs.chains.contains_key(*c))
+                        || sets.iter().any(|s| !rs.sets.contains_key(*s))
+                    {
+                        return Err(libc::ENOENT);
+                    }
+                }
+                let c = rs.chains.get_mut(chain).ok_or(libc::ENOENT)?;
+                c.rules = c.rules.iter().chain(rules.iter()).cloned().collect();
+            }
+            Op::DelElements { set, elements, .. } => {
+                let s = rs.sets.get_mut(set).ok_or(libc::ENOENT)?;
+                for e in elements {
+                    let at = s.elements.iter().position(|have| have.key == e.key).ok_or(libc::ENOENT)?;
+                    s.elements.remove(at);
+                }
+            }
+            Op::AddElements { set, elements, .. } => {
+                if elements.iter().filter_map(|e| e.goto.as_deref()).any(|c| !rs.chains.contains_key(c)) {
+                    return Err(libc::ENOENT);
+                }
+                let s = rs.sets.get_mut(set).ok_or(libc::ENOENT)?;
+                for e in elements {
+                    match s.elements.iter().find(|have| have.key == e.key) {
+                        Some(have) if have != e => return Err(libc::EEXIST),
+                        Some(_) => {}
+                        None => s.elements.push(e.clone()),
+                    }
+                }
+            }
+            Op::DelChain(name) => {
+                let c = rs.chains.get(name).ok_or(libc::ENOENT)?;
+                if !c.rules.is_empty() || self.chain_used(name) {
+                    return Err(libc::EBUSY);
+                }
+                self.ruleset.chains.remove(name);
+                self.policies.remove(name);
+            }
+            Op::DelSet(name) => {
+                rs.sets.get(name).ok_or(libc::ENOENT)?;
+                let used = rs
+                    .chains
+                    .values()
+                    .flat_map(|c| c.rules.iter())
+                    .any(|r| references(&r.stmts).1.contains(&name.as_str()));
+                if used {
+                    return Err(libc::EBUSY);
+                }
+                self.ruleset.sets.remove(name);
+            }
+            Op::DelObject { .. } => return Err(libc::ENOENT),
+        }
+        Ok(())
+    }
+
+    /// What the netlink read-back would return.
+    fn read(&self) -> KernelState {
+        let mut ks = as_kernel_state(&self.ruleset);
+        ks.table_exists = self.tables.contains_key(TABLE);
+        ks.shard_tables = self.tables.keys().filter(|t| *t != TABLE).cloned().collect();
+        ks.table_flags = self.tables.iter().filter(|(_, f)| **f != 0).map(|(t, f)| (t.clone(), *f)).collect();
+        for (name, chain) in &mut ks.chains {
+            if chain.base.is_some() {
+                chain.policy = Some(self.policies.get(name).copied().unwrap_or(NF_ACCEPT));
+            }
+        }
+        // The data path's sets (affinity) are never read back.
+        for (name, set) in &mut ks.sets {
+            if matches!(self.ruleset.sets.get(name).map(|s| s.kind), Some(SetKind::Affinity(_))) {
+                set.elements.clear();
+            }
+        }
+        ks
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn generation(&mut self) -> Result<u32> {
+        let mut s = self.lock();
+        if s.failing_generation_reads > 0 {
+            s.failing_generation_reads -= 1;
+            return Err(NftError::ReadBack {
+                what: "generation",
+                source: io::Error::other("fake: generation read fails"),
+            });
+        }
+        Ok(s.generation)
+    }
+
+    fn read_table(&mut self) -> Result<KernelState> {
+        Ok(self.lock().read())
+    }
+
+    fn read_elements(&mut self, set: &str) -> Result<Option<Vec<Element>>> {
+        Ok(self.lock().ruleset.sets.get(set).map(|s| s.elements.clone()))
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<ApplyStats> {
+        if plan.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        let mut s = self.lock();
+        let rejected = |op: usize, errno: i32| NftError::Rejected {
+            what: describe(plan, &Owner { seq: 0, op: op as u32, item: 0, count: 1 }),
+            source: io::Error::from_raw_os_error(errno),
+            others: 0,
+        };
+        if let Some(errno) = s.reject_next.take() {
+            return Err(rejected(0, errno));
+        }
+        let mut next = s.clone();
+        for (i, op) in plan.ops.iter().enumerate() {
+            next.apply_op(op).map_err(|errno| rejected(i, errno))?;
+        }
+        next.generation = next.generation.wrapping_add(1);
+        next.committed.push(plan.clone());
+        let lost = std::mem::take(&mut next.lose_next_ack);
+        if std::mem::take(&mut next.fail_generation_after_commit) {
+            next.failing_generation_reads += 1;
+        }
+        *s = next;
+        if lost {
+            return Err(NftError::Receive(io::Error::other("fake: the commit's answer was lost")));
+        }
+        Ok(ApplyStats { messages: plan.message_count(), bytes: 0, kernel: std::time::Duration::ZERO })
+    }
+
+    fn clean_udp(&mut self, targets: &UdpTargets) -> usize {
+        let mut s = self.lock();
+        let before = s.flows.len();
+        s.flows.retain(|f| !targets.is_stale(f));
+        before - s.flows.len()
+    }
+}

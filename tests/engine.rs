@@ -1,0 +1,200 @@
+//! The sync engine's decisions without root: the engine runs against an in-memory nf_tables
+//! (`kernel::fake::FakeKernel`) exactly as the agent drives it, and after every step a table of
+//! flows (source, destination, port -> where the connection goes) is checked with the packet
+//! tracer against what the fake kernel holds, in the style of kube-proxy's packet-flow tests.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use nftproxy::compile::Options;
+use nftproxy::conntrack::stale::FlowKey;
+use nftproxy::kernel::fake::FakeKernel;
+use nftproxy::model::{Endpoint, Protocol, Service, ServiceId, ServicePort, Snapshot};
+use nftproxy::plan::Op;
+use nftproxy::ruleset::{Rule, Stmt};
+use nftproxy::sync::{Engine, SyncKind};
+use nftproxy::trace::{Fate, Packet, trace};
+
+fn service(name: &str, vip: &str, protocol: Protocol, port: u16, target: u16, eps: &[&str]) -> Service {
+    let endpoints = eps.iter().map(|ip| Endpoint::ready(ip.parse().unwrap(), target)).collect();
+    let p = ServicePort { name: "p".into(), port, protocol, node_port: None, endpoints };
+    Service::new(ServiceId::new("default", name), vec![vip.parse().unwrap()], vec![p])
+}
+
+/// web (TCP, 10.96.0.80:80 -> web_eps:8080), db (TCP, 10.96.0.81:5432 -> 10.244.2.1) and dns
+/// (UDP, 10.96.0.53:53 -> dns_eps:5353).
+fn cluster(web_eps: &[&str], dns_eps: &[&str]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for s in [
+        service("web", "10.96.0.80", Protocol::Tcp, 80, 8080, web_eps),
+        service("db", "10.96.0.81", Protocol::Tcp, 5432, 5432, &["10.244.2.1"]),
+        service("dns", "10.96.0.53", Protocol::Udp, 53, 5353, dns_eps),
+    ] {
+        snap.services.insert(s.id.clone(), s);
+    }
+    snap
+}
+
+fn opts(shards: u32) -> Options {
+    Options { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], table_shards: shards, ..Default::default() }
+}
+
+/// Where a new connection from a pod goes, as the fake kernel's rules decide: the endpoint
+/// addresses reached, or the fate.
+fn flow(k: &FakeKernel, dst: &str, proto: Protocol, dport: u16) -> BTreeSet<String> {
+    let pkt = Packet { src: "10.244.9.9".parse().unwrap(), dst: dst.parse().unwrap(), proto, dport, local: false };
+    trace(&k.ruleset(), &pkt)
+        .into_iter()
+        .map(|(fate, _)| match fate {
+            Fate::Dnat { addr, .. } => addr.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The flow table every step is checked against.
+fn assert_flows(k: &FakeKernel, web: &[&str], dns: &[&str]) {
+    assert_eq!(flow(k, "10.96.0.80", Protocol::Tcp, 80), set(web), "web");
+    assert_eq!(flow(k, "10.96.0.81", Protocol::Tcp, 5432), set(&["10.244.2.1"]), "db");
+    assert_eq!(flow(k, "10.96.0.53", Protocol::Udp, 53), set(dns), "dns");
+    assert_eq!(flow(k, "10.96.0.80", Protocol::Tcp, 81), set(&["Rejected"]), "a port web does not have");
+    assert_eq!(flow(k, "10.244.1.2", Protocol::Tcp, 8080), set(&["Untouched"]), "pod to pod");
+}
+
+fn commits(k: &FakeKernel) -> usize {
+    k.with(|s| s.committed.len())
+}
+
+const WEB: &[&str] = &["10.244.1.2", "10.244.1.3"];
+const DNS: &[&str] = &["10.244.3.1", "10.244.3.2"];
+
+#[test]
+fn first_sync_then_a_changed_slice_is_partial_and_touches_only_that_service() {
+    let k = FakeKernel::default();
+    let mut e = Engine::new(k.clone(), opts(1));
+    let o = e.sync(&cluster(WEB, DNS)).unwrap();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert_flows(&k, WEB, DNS);
+    // Nothing changed: one generation query, no commit.
+    let before = commits(&k);
+    assert_eq!(e.sync(&cluster(WEB, DNS)).unwrap().kind, SyncKind::Unchanged);
+    assert_eq!(commits(&k), before);
+    // web's slice changes: only web's chains are in the plan.
+    let changed: BTreeSet<ServiceId> = [ServiceId::new("default", "web")].into();
+    let o = e.sync_changed(&cluster(&["10.244.1.2", "10.244.1.4"], DNS), Some(&changed)).unwrap();
+    assert_eq!(o.kind, SyncKind::Partial);
+    assert!(o.plan.touched_chains().iter().all(|c| c.contains("/default/web/")), "{}", o.plan);
+    assert_flows(&k, &["10.244.1.2", "10.244.1.4"], DNS);
+}
+
+#[test]
+fn a_foreign_commit_means_a_full_sync_that_repairs_only_what_drifted() {
+    let k = FakeKernel::default();
+    let mut e = Engine::new(k.clone(), opts(1));
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    // Someone points web's first endpoint chain at db's pod, keeping everything else.
+    let ep = "ep4/default/web/tcp/80/10.244.1.2/8080";
+    k.foreign(|s| {
+        let chain = s.ruleset.chains.get_mut(ep).unwrap();
+        let label = chain.rules[0].label.clone();
+        let addr: IpAddr = "10.244.2.1".parse().unwrap();
+        chain.rules = vec![Rule::new(&label, vec![Stmt::Dnat { addr, port: 8080 }])].into();
+    });
+    assert_eq!(flow(&k, "10.96.0.80", Protocol::Tcp, 80), set(&["10.244.1.3", "10.244.2.1"]));
+    let o = e.sync(&cluster(WEB, DNS)).unwrap();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert_eq!(o.plan.touched_chains().into_iter().collect::<Vec<_>>(), [ep], "{}", o.plan);
+    assert_flows(&k, WEB, DNS);
+    // A policy drop set by someone else is reset in place.
+    k.foreign(|s| {
+        s.policies.insert("filter-forward".into(), 0);
+    });
+    let o = e.sync(&cluster(WEB, DNS)).unwrap();
+    assert!(o.plan.ops.iter().any(|op| matches!(op, Op::UpdateChain { name, .. } if name == "filter-forward")));
+    assert!(k.with(|s| s.policies.is_empty()));
+}
+
+#[test]
+fn a_rejected_transaction_keeps_the_old_rules_and_the_next_sync_is_full() {
+    let k = FakeKernel::default();
+    let mut e = Engine::new(k.clone(), opts(1));
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    let held = k.ruleset();
+    k.with(|s| s.reject_next = Some(libc::EINVAL));
+    let changed: BTreeSet<ServiceId> = [ServiceId::new("default", "web")].into();
+    let err = e.sync_changed(&cluster(&["10.244.1.9"], DNS), Some(&changed)).unwrap_err();
+    assert!(err.to_string().contains("rejected"), "{err}");
+    assert_eq!(k.ruleset(), held, "nothing of it was committed");
+    assert_flows(&k, WEB, DNS);
+    // The caller's hint is no longer trusted: a full sync brings the kernel to the snapshot.
+    let o = e.sync_changed(&cluster(&["10.244.1.9"], DNS), Some(&BTreeSet::new())).unwrap();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert_flows(&k, &["10.244.1.9"], DNS);
+}
+
+#[test]
+fn a_restart_over_rules_it_left_sends_nothing_and_one_after_a_foreign_commit_sends_the_difference() {
+    let k = FakeKernel::default();
+    Engine::new(k.clone(), opts(1)).sync(&cluster(WEB, DNS)).unwrap();
+    let before = commits(&k);
+    let o = Engine::new(k.clone(), opts(1)).sync(&cluster(WEB, DNS)).unwrap();
+    assert_eq!((o.kind, o.plan.is_empty(), commits(&k)), (SyncKind::Full, true, before), "verified, nothing sent");
+    // Another program commits (its own table) while we are away: read back, send only the record.
+    k.foreign(|_| {});
+    let o = Engine::new(k.clone(), opts(1)).sync(&cluster(WEB, DNS)).unwrap();
+    assert!(o.plan.touched_chains().is_empty(), "{}", o.plan);
+    assert_flows(&k, WEB, DNS);
+}
+
+#[test]
+fn shards_appear_and_disappear_and_serve_the_same() {
+    let k = FakeKernel::default();
+    Engine::new(k.clone(), opts(1)).sync(&cluster(WEB, DNS)).unwrap();
+    Engine::new(k.clone(), opts(3)).sync(&cluster(WEB, DNS)).unwrap();
+    let tables = k.with(|s| s.tables.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(tables, ["nftproxy", "nftproxy-1", "nftproxy-2"]);
+    assert_flows(&k, WEB, DNS);
+    Engine::new(k.clone(), opts(1)).sync(&cluster(WEB, DNS)).unwrap();
+    assert_eq!(k.with(|s| s.tables.keys().cloned().collect::<Vec<_>>()), ["nftproxy"]);
+    assert_flows(&k, WEB, DNS);
+}
+
+#[test]
+fn a_lost_answer_or_a_failed_generation_read_after_a_commit_loses_only_the_shortcut() {
+    let k = FakeKernel::default();
+    let mut e = Engine::new(k.clone(), opts(1));
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    // The commit's answer is lost: reported as a failure, but the kernel has the new rules; the
+    // next sync reads back and finds nothing to change but the record.
+    k.with(|s| s.lose_next_ack = true);
+    assert!(e.sync(&cluster(&["10.244.1.7"], DNS)).is_err());
+    assert_flows(&k, &["10.244.1.7"], DNS);
+    let o = e.sync(&cluster(&["10.244.1.7"], DNS)).unwrap();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert!(o.plan.touched_chains().is_empty(), "{}", o.plan);
+    // The generation query after a commit fails: the sync still counts as committed (its
+    // conntrack cleanup runs), and the next one is full.
+    k.with(|s| {
+        s.fail_generation_after_commit = true;
+        s.flows = vec![udp_flow("10.244.3.1"), udp_flow("10.244.3.2")];
+    });
+    let o = e.sync(&cluster(&["10.244.1.7"], &["10.244.3.2"])).unwrap();
+    assert_eq!(o.conntrack_deleted, 1, "the removed endpoint's flow went");
+    assert_eq!(k.with(|s| s.flows.clone()), [udp_flow("10.244.3.2")]);
+    assert_eq!(e.sync(&cluster(&["10.244.1.7"], &["10.244.3.2"])).unwrap().kind, SyncKind::Full);
+    assert_flows(&k, &["10.244.1.7"], &["10.244.3.2"]);
+}
+
+fn udp_flow(endpoint: &str) -> FlowKey {
+    FlowKey {
+        protocol: Protocol::Udp.number(),
+        orig_dst: "10.96.0.53".parse().unwrap(),
+        orig_dport: 53,
+        reply_src: endpoint.parse().unwrap(),
+        reply_sport: 5353,
+    }
+}
