@@ -413,6 +413,28 @@ pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
     }
 }
 
+/// libnftnl's own text of the expressions in one NEWRULE message (the form the nftables project
+/// keeps in its `tests/py/*.payload` files: `[ meta load l4proto => reg 1 ]`), one line per
+/// expression; `None` when libnftnl cannot parse the message. For wire tests.
+pub fn rule_payload_text(msg: &[u8]) -> Option<Vec<String>> {
+    let buf = aligned(msg);
+    // SAFETY: as parse_chain; snprintf writes at most `out.len()` bytes, NUL-terminated.
+    unsafe {
+        let r = NonNull::new(sys::nftnl_rule_alloc())?;
+        let p = r.as_ptr();
+        let text = if sys::nftnl_rule_nlmsg_parse(buf.as_ptr().cast(), p) < 0 {
+            None
+        } else {
+            let mut out = vec![0u8; 16384];
+            let n = sys::nftnl_rule_snprintf(out.as_mut_ptr().cast(), out.len(), p, sys::NFTNL_OUTPUT_DEFAULT, 0);
+            out.truncate(n.max(0) as usize);
+            Some(String::from_utf8_lossy(&out).into_owned())
+        };
+        sys::nftnl_rule_free(p);
+        text.map(|t| t.lines().map(str::trim).filter(|l| l.starts_with('[')).map(str::to_string).collect())
+    }
+}
+
 /// A read-back element's verdict.
 pub enum ElemVerdict {
     Goto(String),
