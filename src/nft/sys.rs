@@ -416,6 +416,7 @@ pub fn parse_set(msg: &[u8]) -> Option<ParsedSet> {
 /// libnftnl's own text of the expressions in one NEWRULE message (the form the nftables project
 /// keeps in its `tests/py/*.payload` files: `[ meta load l4proto => reg 1 ]`), one line per
 /// expression; `None` when libnftnl cannot parse the message. For wire tests.
+#[cfg(test)]
 pub fn rule_payload_text(msg: &[u8]) -> Option<Vec<String>> {
     let buf = aligned(msg);
     // SAFETY: as parse_chain; snprintf writes at most `out.len()` bytes, NUL-terminated.
