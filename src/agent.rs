@@ -127,7 +127,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                 next_check = tokio::time::Instant::now() + timing.sync_period;
             }
             Err(e) => {
-                metrics.failed();
+                metrics.failed(e.metric_label());
                 health.queued();
                 engine.distrust();
                 let text = e.to_string();

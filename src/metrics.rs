@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -26,6 +27,7 @@ pub struct Metrics {
     endpoint_changes: Counter,
     service_changes: Counter,
     failures: Counter,
+    failures_by_reason: Family<Vec<(String, String)>, Counter>,
     messages: Counter,
     unchanged: Counter,
     services: Gauge,
@@ -49,6 +51,7 @@ impl Default for Metrics {
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
             failures: Counter::default(),
+            failures_by_reason: Family::default(),
             messages: Counter::default(),
             unchanged: Counter::default(),
             services: Gauge::default(),
@@ -85,6 +88,11 @@ impl Default for Metrics {
             m.service_changes.clone(),
         );
         registry.register("kubeproxy_sync_proxy_rules_nftables_sync_failures", "Failed syncs", m.failures.clone());
+        registry.register(
+            "nftproxy_sync_failures",
+            "Failed syncs by reason (input: bad objects; nftables: the kernel refused or could not be read)",
+            m.failures_by_reason.clone(),
+        );
         registry.register(
             "nftproxy_transaction_messages",
             "Netlink messages sent in nf_tables transactions",
@@ -137,8 +145,10 @@ impl Metrics {
         }
     }
 
-    pub fn failed(&self) {
+    /// A failed sync; `reason` is the error's `metric_label`.
+    pub fn failed(&self, reason: &'static str) {
         self.failures.inc();
+        self.failures_by_reason.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
     }
 
     pub fn encode(&self) -> String {
@@ -202,4 +212,21 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Res
     };
     let app = Router::new().route("/healthz", get(handler.clone())).route("/livez", get(handler));
     axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_in_total_and_by_reason() {
+        let m = Metrics::default();
+        m.failed(crate::Error::Input(crate::source::InputErrors(vec![])).metric_label());
+        m.failed("nftables");
+        m.failed("nftables");
+        let text = m.encode();
+        assert!(text.contains("kubeproxy_sync_proxy_rules_nftables_sync_failures_total 3"), "{text}");
+        assert!(text.contains("nftproxy_sync_failures_total{reason=\"input\"} 1"), "{text}");
+        assert!(text.contains("nftproxy_sync_failures_total{reason=\"nftables\"} 2"), "{text}");
+    }
 }

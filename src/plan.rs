@@ -609,6 +609,41 @@ mod tests {
     }
 
     #[test]
+    fn shard_tables_no_longer_used_go_whole_and_new_ones_come_first() {
+        let three = || {
+            let eps = [Endpoint::ready("10.244.1.2".parse().unwrap(), 80)];
+            let mut snap = Snapshot::default();
+            for i in 0..6 {
+                let port = ServicePort {
+                    name: "".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    node_port: None,
+                    endpoints: eps.to_vec(),
+                };
+                let id = ServiceId::new("default", format!("s{i}"));
+                snap.services
+                    .insert(id.clone(), Service::new(id, vec![format!("10.96.0.{i}").parse().unwrap()], vec![port]));
+            }
+            snap
+        };
+        let sharded = |k| compile::compile(&three(), &Options { table_shards: k, ..Default::default() });
+        // Three tables -> one: the shard tables are deleted first, whole.
+        let p = plan(&as_kernel_state(&sharded(3)), sharded(1));
+        assert_eq!(p.ops[..2], [Op::DelTable("nftproxy-1".into()), Op::DelTable("nftproxy-2".into())]);
+        assert!(p.ops[2..].iter().all(|op| !matches!(op, Op::DelTable(_))));
+        // One -> three: the new tables are created before anything goes into them.
+        let p = plan(&as_kernel_state(&sharded(1)), sharded(3));
+        let at = |op: &Op| p.ops.iter().position(|o| o == op).unwrap();
+        let first_use = p
+            .ops
+            .iter()
+            .position(|op| matches!(op, Op::AddSet { name, .. } if name.starts_with("nftproxy-1@")))
+            .unwrap();
+        assert!(at(&Op::AddTable { name: "nftproxy-1".into(), flags: 0 }) < first_use);
+    }
+
+    #[test]
     fn dry_runs_print_each_base_chain_type() {
         let text = plan(&Default::default(), wanted()).to_string();
         assert!(text.contains("+ chain filter-forward (type filter hook forward priority 0)"), "{text}");

@@ -13,10 +13,7 @@ use crate::model::{Endpoint, Family, Locality, Service, ServicePort, Snapshot};
 
 /// `10.0.0.1:80`, `[fd00::1]:80`
 fn addr(ip: &IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
+    std::net::SocketAddr::new(*ip, port).to_string()
 }
 
 fn backends(eps: &[&Endpoint], local: bool) -> String {

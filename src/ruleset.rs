@@ -87,6 +87,23 @@ pub enum Hook {
 }
 
 impl Hook {
+    const NUMBERS: [(Hook, u32); 4] = [
+        (Hook::Prerouting, crate::nft::consts::NF_INET_PRE_ROUTING),
+        (Hook::Output, crate::nft::consts::NF_INET_LOCAL_OUT),
+        (Hook::Postrouting, crate::nft::consts::NF_INET_POST_ROUTING),
+        (Hook::Forward, crate::nft::consts::NF_INET_FORWARD),
+    ];
+
+    /// The netfilter hook number (NF_INET_*).
+    pub fn number(self) -> u32 {
+        Self::NUMBERS.iter().find(|(h, _)| *h == self).map_or(0, |(_, n)| *n)
+    }
+
+    /// The hook of a netfilter hook number, if it is one we use.
+    pub fn from_number(n: u32) -> Option<Hook> {
+        Self::NUMBERS.iter().find(|(_, m)| *m == n).map(|(h, _)| *h)
+    }
+
     /// The nft chain type on this hook.
     pub fn chain_type(self) -> &'static str {
         match self {
@@ -616,6 +633,14 @@ mod tests {
         for k in 0..MAX_SHARDS {
             assert_eq!(shard_of_table(&shard_table(k)), Some(k));
         }
+    }
+
+    #[test]
+    fn hook_numbers_round_trip() {
+        for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting, Hook::Forward] {
+            assert_eq!(Hook::from_number(hook.number()), Some(hook));
+        }
+        assert_eq!(Hook::from_number(1), None, "input: a hook we never use");
     }
 
     #[test]

@@ -132,15 +132,7 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                 tag(buf.set(NFT_MSG_NEWSET, NLM_F_CREATE, &obj), 0, 1);
             }
             Op::AddChain { name, base } | Op::UpdateChain { name, base: base @ Some(_) } => {
-                let hook = base.map(|b| {
-                    let hooknum = match b.hook {
-                        Hook::Prerouting => NF_INET_PRE_ROUTING,
-                        Hook::Output => NF_INET_LOCAL_OUT,
-                        Hook::Postrouting => NF_INET_POST_ROUTING,
-                        Hook::Forward => NF_INET_FORWARD,
-                    };
-                    (hooknum, b.priority, b.hook.chain_type())
-                });
+                let hook = base.map(|b| (b.hook.number(), b.priority, b.hook.chain_type()));
                 let (table, local) = split_name(name);
                 tag(buf.chain(NFT_MSG_NEWCHAIN, NLM_F_CREATE, table, local, hook), 0, 1);
             }

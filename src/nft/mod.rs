@@ -332,15 +332,8 @@ impl Netlink {
                 continue;
             }
             let base = c.hook.map(|(hooknum, priority, kind)| {
-                let hook = match hooknum {
-                    NF_INET_PRE_ROUTING => Some(Hook::Prerouting),
-                    NF_INET_LOCAL_OUT => Some(Hook::Output),
-                    NF_INET_POST_ROUTING => Some(Hook::Postrouting),
-                    NF_INET_FORWARD => Some(Hook::Forward),
-                    _ => None,
-                };
                 // A base chain we would never make (other hook or type) compares unequal.
-                match hook {
+                match Hook::from_number(hooknum) {
                     Some(hook) if kind == hook.chain_type() => BaseChain { hook, priority },
                     _ => BaseChain { hook: Hook::Prerouting, priority: i32::MIN },
                 }
