@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod oneshot;
 pub mod plan;
 pub mod report;
 pub mod ruleset;

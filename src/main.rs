@@ -14,12 +14,12 @@ use nftproxy::kernel::LiveKernel;
 use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::model::Locality;
 use nftproxy::nft::Netlink;
+use nftproxy::oneshot::{self, Shards};
 use nftproxy::source::kube::KubeSource;
 use nftproxy::source::node_addrs::{self, NodePortAddresses};
 use nftproxy::source::resolve::{self, ResolveOptions};
 use nftproxy::source::{Manifests, Source, manifest};
 use nftproxy::sync::Engine;
-use nftproxy::{compile, plan, report};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -64,7 +64,7 @@ struct Args {
     /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...; 1 to 64). A
     /// partial sync then re-validates one table in the kernel instead of all. `auto`: one table
     /// per 500 Services at start (1 to 32), keeping the tables there are if close to that.
-    #[arg(long, default_value = "auto", value_parser = parse_shards)]
+    #[arg(long, default_value = "auto")]
     table_shards: Shards,
     /// Make our tables the kernel's "owner, persist" tables (Linux 6.9+): while nftproxy runs no
     /// other process can change or delete them, and they stay in place when it exits. Older
@@ -113,39 +113,6 @@ struct Args {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Debug, Clone, Copy)]
-enum Shards {
-    Auto,
-    Fixed(u32),
-}
-
-fn parse_shards(s: &str) -> Result<Shards, String> {
-    match s {
-        "auto" => Ok(Shards::Auto),
-        _ => match s.parse::<u32>() {
-            Ok(k @ 1..=64) => Ok(Shards::Fixed(k)),
-            _ => Err(format!("{s:?}: expected auto or a number of tables from 1 to 64")),
-        },
-    }
-}
-
-/// The number of tables: given, or for `auto` from the Services there are now and our tables
-/// already in the kernel.
-fn table_shards(wanted: Shards, source: &dyn Source) -> u32 {
-    match wanted {
-        Shards::Fixed(k) => k,
-        Shards::Auto => {
-            let services = source.service_count();
-            let existing = Netlink::open().and_then(|mut nl| nl.our_tables()).map(|t| t.len()).unwrap_or(0);
-            let tables = compile::auto_shards(services, existing);
-            if tables > 1 {
-                tracing::info!(services, existing_tables = existing, tables, "--table-shards auto");
-            }
-            tables
-        }
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -167,12 +134,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
-        let removed = Netlink::open()?.delete_tables()?;
-        match removed {
-            0 => println!("nothing to remove"),
-            1 => println!("removed table inet nftproxy"),
-            n => println!("removed table inet nftproxy and {} shard tables", n - 1),
-        }
+        out(&format!("{}\n", oneshot::cleanup(&mut Netlink::open()?)?));
         return Ok(());
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
@@ -202,7 +164,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 }
             });
         } else {
-            follow_addresses(sel, node_ips_tx).await;
+            node_addrs::follow(sel, node_ips_tx).await;
         }
         kube
     } else {
@@ -210,8 +172,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .then(|| manifest::load(&args.manifests).ok()?.node_internal_ips(&node))
             .flatten();
         match from_node {
-            Some(ips) => follow_manifest_node(sel, ips, args.manifests.clone(), node.clone(), node_ips_tx),
-            None => follow_addresses(sel, node_ips_tx).await,
+            Some(ips) => node_addrs::follow_manifest_node(sel, ips, args.manifests.clone(), node.clone(), node_ips_tx),
+            None => node_addrs::follow(sel, node_ips_tx).await,
         }
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
@@ -224,7 +186,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         masquerade_all: args.masquerade_all,
         conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
         locality: locality.clone(),
-        table_shards: table_shards(args.table_shards, &*source),
+        table_shards: args.table_shards.tables(source.service_count(), existing_tables()),
         own_tables: args.own_tables,
         node_ips: node_ips_rx.borrow().clone(),
     };
@@ -232,28 +194,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
     if args.sync_once {
         let snapshot = resolve::resolve(&source.objects()?, &resolve_opts)?;
         if args.dry_run {
-            let want = compile::compile(&snapshot, &opts);
-            let have = Netlink::open().and_then(|mut nl| nl.read_table()).unwrap_or_else(|e| {
-                tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
-                Default::default()
-            });
-            out(&plan::plan(&have, want).to_string());
+            let mut kernel = LiveKernel::open();
+            let text = match kernel.as_mut() {
+                Ok(k) => oneshot::dry_run(k, &snapshot, &opts),
+                Err(e) => {
+                    tracing::warn!("cannot read the kernel ({e}); planning against an empty table");
+                    oneshot::dry_run(&mut nftproxy::kernel::fake::FakeKernel::default(), &snapshot, &opts)
+                }
+            };
+            out(&text);
             return Ok(());
         }
-        agent::report_unserved(&snapshot, &mut Default::default());
-        let mut engine = Engine::new(LiveKernel::open()?, opts);
-        let outcome = engine.sync(&snapshot)?;
-        tracing::info!(
-            kind = ?outcome.kind,
-            messages = outcome.stats.messages,
-            bytes = outcome.stats.bytes,
-            read_back_ms = outcome.read_back.as_secs_f64() * 1e3,
-            conntrack_deleted = outcome.conntrack_deleted,
-            conntrack_ms = outcome.conntrack_time.as_secs_f64() * 1e3,
-            total_ms = outcome.total.as_secs_f64() * 1e3,
-            "synced"
-        );
-        out(&report::served_table(&snapshot, &locality));
+        out(&oneshot::sync_once(LiveKernel::open()?, &snapshot, opts, &locality)?);
         return Ok(());
     }
 
@@ -292,50 +244,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// A `v1 Node` for this node in the manifests gives the `primary` node-port addresses (its
-/// InternalIPs, as in API mode), re-read when the files change.
-fn follow_manifest_node(
-    sel: NodePortAddresses,
-    ips: Vec<std::net::IpAddr>,
-    paths: Vec<std::path::PathBuf>,
-    node: String,
-    tx: tokio::sync::watch::Sender<Vec<std::net::IpAddr>>,
-) {
-    let _ = tx.send(node_addrs::select_from_list(&sel, &ips));
-    tokio::spawn(async move {
-        let mut last = manifest::fingerprint(&paths);
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = manifest::fingerprint(&paths);
-            if now == last {
-                continue;
-            }
-            last = now;
-            if let Some(ips) = manifest::load(&paths).ok().and_then(|o| o.node_internal_ips(&node)) {
-                let ips = node_addrs::select_from_list(&sel, &ips);
-                tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
-            }
-        }
-    });
-}
-
-/// Reads this node's node-port addresses over rtnetlink now, and follows them from then on.
-async fn follow_addresses(sel: NodePortAddresses, tx: tokio::sync::watch::Sender<Vec<std::net::IpAddr>>) {
-    match node_addrs::current(&sel).await {
-        Ok(ips) => {
-            let _ = tx.send(ips);
-        }
-        Err(e) => tracing::warn!(error = %e, "reading the node's addresses failed; no node ports until they are known"),
-    }
-    let (atx, mut arx) = mpsc::channel(4);
-    tokio::spawn(node_addrs::watch(sel, atx));
-    tokio::spawn(async move {
-        while let Some(ips) = arx.recv().await {
-            tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
-        }
-    });
-}
-
 /// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -362,6 +270,11 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
         return Err(bad());
     }
     Ok(a..=b)
+}
+
+/// Our tables in the kernel now (for `--table-shards auto`).
+fn existing_tables() -> usize {
+    Netlink::open().and_then(|mut nl| nl.our_tables()).map(|t| t.len()).unwrap_or(0)
 }
 
 fn hostname() -> Option<String> {

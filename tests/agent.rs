@@ -185,7 +185,7 @@ fn manifest_watch_applies_file_changes() {
     if !can_run_netns_tests() {
         return;
     }
-    let mut c = Cluster::new(DEMO_PODS);
+    let mut c = Cluster::new(demo_pods());
     for pod in ["web-a", "web-b"] {
         c.serve(pod, pod, &[8080], &[]);
     }

@@ -115,7 +115,7 @@ fn masquerade_outside_cluster_cidr_and_masquerade_all() {
 
 #[test]
 fn hairpin_a_pod_reaching_itself_through_its_service() {
-    let Some(mut c) = (if can_run_netns_tests() { Some(Cluster::new(DEMO_PODS)) } else { None }) else {
+    let Some(mut c) = (if can_run_netns_tests() { Some(Cluster::new(demo_pods())) } else { None }) else {
         return;
     };
     c.serve("web-a", "web-a", &[8080], &[]);
@@ -136,7 +136,7 @@ fn same_port_two_protocols_and_sctp() {
     if !can_run_netns_tests() {
         return;
     }
-    let mut c = Cluster::new(DEMO_PODS);
+    let mut c = Cluster::new(demo_pods());
     c.serve("web-a", "dns-over-tcp", &[5300], &[]);
     c.serve("web-a", "dns-over-udp", &[], &[5301]);
     let m = c.write(

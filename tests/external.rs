@@ -69,7 +69,7 @@ fn split_full(t: &Tally) -> (Tally, Vec<String>) {
 }
 
 fn ip_of(pod: &str, v6: bool) -> &'static str {
-    let p = DEMO_PODS.iter().find(|p| p.0 == pod).unwrap_or_else(|| panic!("no pod {pod}"));
+    let p = demo_pods().iter().find(|p| p.0 == pod).unwrap_or_else(|| panic!("no pod {pod}"));
     if v6 { p.2 } else { p.1 }
 }
 

@@ -51,7 +51,7 @@ fn chain_blocks(listing: &str) -> BTreeMap<String, String> {
 }
 
 fn cluster() -> Option<Cluster> {
-    can_run_netns_tests().then(|| Cluster::new(DEMO_PODS))
+    can_run_netns_tests().then(|| Cluster::new(demo_pods()))
 }
 
 #[test]

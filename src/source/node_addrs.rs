@@ -366,6 +366,50 @@ async fn watch_once(
     }
 }
 
+/// A `v1 Node` for this node in the manifests gives the `primary` node-port addresses (its
+/// InternalIPs, as in API mode), re-read when the files change.
+pub fn follow_manifest_node(
+    sel: NodePortAddresses,
+    ips: Vec<IpAddr>,
+    paths: Vec<std::path::PathBuf>,
+    node: String,
+    tx: tokio::sync::watch::Sender<Vec<IpAddr>>,
+) {
+    let _ = tx.send(select_from_list(&sel, &ips));
+    tokio::spawn(async move {
+        let mut last = crate::source::manifest::fingerprint(&paths);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = crate::source::manifest::fingerprint(&paths);
+            if now == last {
+                continue;
+            }
+            last = now;
+            if let Some(ips) = crate::source::manifest::load(&paths).ok().and_then(|o| o.node_internal_ips(&node)) {
+                let ips = select_from_list(&sel, &ips);
+                tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+            }
+        }
+    });
+}
+
+/// Reads this node's node-port addresses over rtnetlink now, and follows them from then on.
+pub async fn follow(sel: NodePortAddresses, tx: tokio::sync::watch::Sender<Vec<IpAddr>>) {
+    match current(&sel).await {
+        Ok(ips) => {
+            let _ = tx.send(ips);
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the node's addresses failed; no node ports until they are known"),
+    }
+    let (atx, mut arx) = mpsc::channel(4);
+    tokio::spawn(watch(sel, atx));
+    tokio::spawn(async move {
+        while let Some(ips) = arx.recv().await {
+            tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

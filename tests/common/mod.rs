@@ -44,12 +44,22 @@ pub struct Cluster {
 /// A pod of the fixture: name, IPv4, IPv6.
 pub type PodSpec<'a> = (&'a str, &'a str, &'a str);
 
-pub const DEMO_PODS: &[PodSpec<'static>] = &[
-    ("client", "10.244.1.10", "fd00:10:244:1::10"),
-    ("web-a", "10.244.1.2", "fd00:10:244:1::2"),
-    ("web-b", "10.244.1.3", "fd00:10:244:1::3"),
-    ("web-c", "10.244.1.4", "fd00:10:244:1::4"),
-];
+/// The demo cluster's pods, read from `netns-fixtures/demo-pods.txt` (the demo's own list).
+pub fn demo_pods() -> &'static [PodSpec<'static>] {
+    static PODS: std::sync::OnceLock<Vec<PodSpec<'static>>> = std::sync::OnceLock::new();
+    PODS.get_or_init(|| {
+        let text = std::fs::read_to_string(repo().join("netns-fixtures/demo-pods.txt")).expect("demo-pods.txt");
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let f: Vec<&'static str> = l.split_whitespace().collect();
+                (f[0], f[1], f.get(2).copied().unwrap_or(""))
+            })
+            .collect()
+    })
+}
 
 fn check(out: Output, what: &str) -> Output {
     assert!(
@@ -224,7 +234,7 @@ pub fn web_cluster(tcp: &[u16], udp: &[u16]) -> Option<Cluster> {
     if !can_run_netns_tests() {
         return None;
     }
-    let mut c = Cluster::new(DEMO_PODS);
+    let mut c = Cluster::new(demo_pods());
     for pod in ["web-a", "web-b", "web-c"] {
         c.serve(pod, pod, tcp, udp);
     }
