@@ -43,6 +43,11 @@ impl Protocol {
         }
     }
 
+    /// The protocol of an IANA protocol number, if it is one Services use.
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].into_iter().find(|p| p.number() == n)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",

@@ -551,12 +551,7 @@ impl Element {
         };
         let alen = self.key.len().saturating_sub(8);
         let proto_port = |at: usize| {
-            let proto = match self.key[at] {
-                6 => "tcp".to_string(),
-                17 => "udp".to_string(),
-                132 => "sctp".to_string(),
-                n => n.to_string(),
-            };
+            let proto = Protocol::from_number(self.key[at]).map_or_else(|| self.key[at].to_string(), |p| p.to_string());
             let port = u16::from_be_bytes([self.key[at + 4], self.key[at + 5]]);
             let to = match self.goto.as_deref() {
                 Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),

@@ -6,8 +6,6 @@
 //! Pure: no libnftnl, no sockets. The golden vectors in the tests are bytes this kernel (6.18)
 //! dumped for rules nftproxy wrote.
 
-use std::net::IpAddr;
-
 use super::consts::*;
 use crate::model::Family;
 use crate::ruleset::{Fnv, Rule, Stmt, ip_bytes, local_name};
@@ -315,13 +313,10 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
         Stmt::Dnat { addr, port } => {
             immediate(a, NFT_REG_1, &ip_bytes(addr));
             immediate(a, NFT_REG_2, &port.to_be_bytes());
-            let family = match addr {
-                IpAddr::V4(_) => NFPROTO_IPV4,
-                IpAddr::V6(_) => NFPROTO_IPV6,
-            };
+            let family = u32::from(nfproto(Family::of(addr)));
             a.expr("nat", |a| {
                 a.u32(1, NFT_NAT_DNAT);
-                a.u32(2, family);
+                a.u32(2, family); // NFTA_NAT_FAMILY
                 a.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
                 a.u32(4, NFT_REG_1); // .._ADDR_MAX: the kernel fills in min
                 a.u32(5, NFT_REG_2); // NFTA_NAT_REG_PROTO_MIN
