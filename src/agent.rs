@@ -73,6 +73,10 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         }
         if std::mem::take(&mut addresses_moved) || node_ips.has_changed().unwrap_or(false) {
             let ips = node_ips.borrow_and_update().clone();
+            if ips.is_empty() {
+                // No node-port address: no health-check port either (kube-proxy binds none).
+                health_checks.update(Default::default());
+            }
             health_checks.set_addresses(ips.clone());
             engine.set_node_ips(ips);
         }
@@ -106,7 +110,13 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         resolve_all = result.is_err();
         match result {
             Ok((outcome, services)) => {
-                health_checks.update(healthcheck::wanted(desired.snapshot(), &engine.options().locality));
+                let here = &engine.options().locality;
+                let no_addresses = engine.options().node_ips.is_empty();
+                health_checks.update(if no_addresses {
+                    Default::default()
+                } else {
+                    healthcheck::wanted(desired.snapshot(), here)
+                });
                 report_unserved(desired.snapshot(), &mut unserved);
                 metrics.synced(&outcome, services, &changed_at);
                 health.synced();

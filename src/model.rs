@@ -202,7 +202,13 @@ pub struct External {
     /// `spec.healthCheckNodePort` (LoadBalancer + Local): the agent answers HTTP health checks
     /// there with this node's local endpoint count.
     pub health_check_node_port: Option<u16>,
+    /// External and load-balancer IPs not served because another Service (or this one's
+    /// ClusterIP) already holds the address on a port: why, in words.
+    pub shadowed: Vec<String>,
 }
+
+/// One entry of the dispatch map: address, protocol, port.
+pub type DispatchKey = (IpAddr, Protocol, u16);
 
 impl External {
     pub fn is_empty(&self) -> bool {
@@ -240,7 +246,33 @@ impl Service {
         };
         let mut out = lost("external IP", &ext.external_ips);
         out.extend(lost("load-balancer IP", &ext.load_balancer_ips));
+        out.extend(ext.shadowed.iter().cloned());
         out
+    }
+
+    /// The dispatch-map entries its external and load-balancer IPs take.
+    pub fn external_keys(&self) -> Vec<DispatchKey> {
+        let ext = &self.external;
+        let ips = ext.external_ips.iter().chain(&ext.load_balancer_ips);
+        ips.flat_map(|ip| self.ports.iter().map(move |p| (*ip, p.protocol, p.port))).collect()
+    }
+
+    /// Drops the external and load-balancer IPs one of whose entries `holder` says someone else
+    /// holds (a ClusterIP, another Service's external IP), and says so in `shadowed`. kube-proxy
+    /// lets one Service win such a clash; one clash must never stop the node's whole sync.
+    pub fn drop_taken_external(&mut self, holder: impl Fn(&DispatchKey) -> Option<String>) {
+        let mut taken: Vec<(IpAddr, String)> = Vec::new();
+        for k in self.external_keys() {
+            if let Some(who) = holder(&k).filter(|_| !taken.iter().any(|(ip, _)| *ip == k.0)) {
+                let at = std::net::SocketAddr::new(k.0, k.2);
+                taken.push((k.0, format!("external address {at}/{} is already {who}", k.1)));
+            }
+        }
+        for (ip, why) in taken {
+            self.external.external_ips.retain(|x| *x != ip);
+            self.external.load_balancer_ips.retain(|x| *x != ip);
+            self.external.shadowed.push(why);
+        }
     }
 
     /// Whether any port has a node port or the Service has external or load-balancer IPs.

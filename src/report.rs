@@ -51,14 +51,22 @@ fn external_rows(svc: &Service, here: &Locality, rows: &mut Vec<[String; 3]>) {
             rows.push([svc.id.to_string(), frontend, external_backends(svc, port, family, here)]);
         }
     }
-    let ranges = svc.external.source_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+    // Only what is programmed: addresses of a family the Service has a ClusterIP of (the rest is
+    // logged as not served), and for each the source ranges of its family.
+    let served = |ip: &&std::net::IpAddr| families.contains(&Family::of(ip));
+    let ranges = |family: Family| {
+        let of_family = svc.external.source_ranges.iter().filter(|r| Family::of(&r.addr()) == family);
+        of_family.map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+    };
+    let lb = &svc.external.load_balancer_ips;
     for port in &svc.ports {
-        for ip in &svc.external.external_ips {
+        for ip in svc.external.external_ips.iter().filter(served).filter(|ip| !lb.contains(ip)) {
             let frontend = format!("ext {}/{}", addr(ip, port.port), port.protocol);
             rows.push([svc.id.to_string(), frontend, external_backends(svc, port, Family::of(ip), here)]);
         }
-        for ip in &svc.external.load_balancer_ips {
+        for ip in lb.iter().filter(served) {
             let mut frontend = format!("lb {}/{}", addr(ip, port.port), port.protocol);
+            let ranges = ranges(Family::of(ip));
             if !ranges.is_empty() {
                 let _ = write!(frontend, " from {ranges}");
             }
@@ -144,17 +152,17 @@ mod tests {
         lb.external.load_balancer_ips = vec!["198.51.100.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
         lb.external.source_ranges = vec!["10.0.0.0/8".parse().unwrap(), "192.168.0.0/16".parse().unwrap()];
         let got = table(vec![np, lb]);
+        // The IPv6 load-balancer IP of an IPv4-only Service is not served (logged), so not listed.
         let want = "\
-SERVICE     FRONTEND                                                ENDPOINTS
-default/lb  10.96.0.11:80/tcp                                       -> 10.244.0.1:8080, 10.244.0.2:8080
-default/lb  node :30081/tcp                                         -> 10.244.0.1:8080
-default/lb  ext 203.0.113.10:80/tcp                                 -> 10.244.0.1:8080
-default/lb  lb 198.51.100.7:80/tcp from 10.0.0.0/8,192.168.0.0/16   -> 10.244.0.1:8080
-default/lb  lb [2001:db8::7]:80/tcp from 10.0.0.0/8,192.168.0.0/16  -> no local endpoints: dropping
-default/np  10.96.0.10:80/tcp                                       -> 10.244.0.1:8080
-default/np  [fd00::10]:80/tcp                                       -> no local endpoints: dropping
-default/np  node :30080/tcp (IPv4)                                  -> 10.244.0.1:8080, 10.244.0.2:8080
-default/np  node :30080/tcp (IPv6)                                  -> [fd00:244::2]:8080
+SERVICE     FRONTEND                                               ENDPOINTS
+default/lb  10.96.0.11:80/tcp                                      -> 10.244.0.1:8080, 10.244.0.2:8080
+default/lb  node :30081/tcp                                        -> 10.244.0.1:8080
+default/lb  ext 203.0.113.10:80/tcp                                -> 10.244.0.1:8080
+default/lb  lb 198.51.100.7:80/tcp from 10.0.0.0/8,192.168.0.0/16  -> 10.244.0.1:8080
+default/np  10.96.0.10:80/tcp                                      -> 10.244.0.1:8080
+default/np  [fd00::10]:80/tcp                                      -> no local endpoints: dropping
+default/np  node :30080/tcp (IPv4)                                 -> 10.244.0.1:8080, 10.244.0.2:8080
+default/np  node :30080/tcp (IPv6)                                 -> [fd00:244::2]:8080
 ";
         assert_eq!(got, want, "\n{got}");
     }

@@ -309,3 +309,22 @@ fn no_endpoints_reject_on_every_external_path() {
         assert_eq!(trace(&rs, &p), [(Fate::Rejected, Ratio::ONE)], "{p:?}");
     }
 }
+
+#[test]
+fn source_ranges_follow_the_family_and_apply_to_an_address_that_is_also_an_external_ip() {
+    // The LB address is also listed as an external IP: its source ranges still apply.
+    let both = external(|s| {
+        s.external.external_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.external.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.external.source_ranges = vec!["192.0.2.0/28".parse().unwrap()];
+    });
+    let to = |rs: &Ruleset, src: &str| trace(rs, &pkt(src, "198.51.100.7", Protocol::Tcp, 80));
+    assert_eq!(to(&both, "192.0.2.200"), [(Fate::Dropped, Ratio::ONE)]);
+    assert_eq!(dnats(&to(&both, "192.0.2.2")).len(), 2);
+    // Ranges of the other family only: this family is not limited (kube-proxy filters by family).
+    let v6_only = external(|s| {
+        s.external.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.external.source_ranges = vec!["2001:db8::/64".parse().unwrap()];
+    });
+    assert_eq!(dnats(&to(&v6_only, "192.0.2.200")).len(), 2);
+}

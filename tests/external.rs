@@ -586,3 +586,49 @@ fn a_node_object_in_the_manifests_names_the_node_port_addresses() {
     assert!(set.contains("192.0.2.1") && set.contains("198.51.100.1"), "{set}");
     assert!(only_web(&c.probe_ms("ext", "tcp", "192.0.2.1:30080", 3, 1000)));
 }
+
+// --- clashes and hairpin ----------------------------------------------------------------------
+
+#[test]
+fn two_services_on_one_external_address_one_serves_and_the_node_keeps_syncing() {
+    let Some(c) = web_cluster(&[8080], &[]) else { return };
+    c.exec_ok("ext", &["ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1"]);
+    let svc = |name: &str, ip: &str, ext: &str, pod: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: {ip}, externalIPs: [{ext}], ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n{}",
+            slices(name, "http", "TCP", 8080, &[(pod, "node-1")], &[false])
+        )
+    };
+    // e2 asks for e1's external address, e3 for e1's ClusterIP; e4 is unrelated.
+    let yaml = [
+        svc("e1", "10.96.0.81", "203.0.113.10", "web-a"),
+        svc("e2", "10.96.0.82", "203.0.113.10", "web-b"),
+        svc("e3", "10.96.0.83", "10.96.0.81", "web-b"),
+        svc("e4", "10.96.0.84", "203.0.113.11", "web-c"),
+    ]
+    .concat();
+    let m = c.write("clash.yaml", &yaml);
+    let out = c.nftproxy(&["--sync-once", "--manifests", m.to_str().unwrap(), "--cluster-cidr", "10.244.0.0/16"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "one clash must not stop the sync: {log}");
+    assert!(
+        log.contains("not served: external address 203.0.113.10:80/tcp is already served by Service default/e1"),
+        "{log}"
+    );
+    let from_ext = |addr: &str| c.probe_ms("ext", "tcp", addr, 6, 1000);
+    assert_eq!(from_ext("203.0.113.10:80").get("web-a"), Some(&6), "e1 keeps its address");
+    assert_eq!(from_ext("203.0.113.11:80").get("web-c"), Some(&6), "others are served");
+    assert_eq!(c.probe_ms("client", "tcp", "10.96.0.81:80", 6, 1000).get("web-a"), Some(&6), "e1's ClusterIP is e1's");
+}
+
+#[test]
+fn a_pod_reaches_itself_through_a_local_node_port() {
+    let Some(c) = web_cluster(&[8080], &[]) else { return };
+    let m = c.write("web.yaml", &web("  externalTrafficPolicy: Local\n", A_LOCAL));
+    c.sync(&m, &["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]);
+    // From web-a (a pod, so short-circuited to every endpoint, itself included): every
+    // connection is answered, the ones that land on web-a itself too (hairpin masquerade).
+    let got = c.probe_ms("web-a", "tcp", "192.0.2.1:30080", 30, 2000);
+    assert!(only_web(&got) && total(&got) == 30 && got.contains_key("web-a"), "{got:?}");
+}

@@ -403,3 +403,51 @@ spec:
     // The same objects, the same ports.
     assert_eq!(load(yaml, &opts).unwrap(), s);
 }
+
+#[test]
+fn an_external_address_held_elsewhere_is_not_served_and_stops_nothing_else() {
+    let svc = |name: &str, ip: &str, ext: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{clusterIP: {ip}, externalIPs: [{ext}], ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let yaml = [
+        svc("e1", "10.96.0.1", "203.0.113.10"),
+        svc("e2", "10.96.0.2", "203.0.113.10"), // the same external address as e1
+        svc("e3", "10.96.0.3", "10.96.0.1"),    // e1's ClusterIP
+        svc("e4", "10.96.0.4", "10.96.0.4"),    // its own ClusterIP
+        svc("e5", "10.96.0.5", "203.0.113.11"), // nobody else's
+    ]
+    .concat();
+    let s = ok(&yaml);
+    let get = |n: &str| &s.services[&ServiceId::new("default", n)];
+    assert_eq!(get("e1").external.external_ips, ["203.0.113.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(get("e5").external.external_ips, ["203.0.113.11".parse::<std::net::IpAddr>().unwrap()]);
+    for (name, why) in [
+        ("e2", "external address 203.0.113.10:80/tcp is already served by Service default/e1"),
+        ("e3", "external address 10.96.0.1:80/tcp is already the ClusterIP of Service default/e1"),
+        ("e4", "external address 10.96.0.4:80/tcp is already this Service's ClusterIP"),
+    ] {
+        assert!(get(name).external.external_ips.is_empty(), "{name}");
+        assert_eq!(get(name).unserved(), [why], "{name}");
+    }
+}
+
+#[test]
+fn special_external_addresses_are_refused_as_the_api_server_refuses_them() {
+    for (ip, why) in [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+    ] {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: x}}\nspec: {{clusterIP: 10.96.0.1, externalIPs: [\"{ip}\"], ports: [{{port: 22}}]}}\n"
+        );
+        let err = load(&yaml, &ResolveOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("spec.externalIPs[0]") && err.contains(why), "{ip}: {err}");
+    }
+}

@@ -141,9 +141,11 @@ pub(super) fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAd
     objs.elements.push((qualify(shard, &cluster_ips_set(family)), Element::address(vip)));
     let here = &opts.locality;
     let of_family = |ips: &[IpAddr]| ips.iter().copied().filter(|ip| Family::of(ip) == family).collect::<Vec<_>>();
-    let external_ips = of_family(&svc.external.external_ips);
-    let lb_ips: Vec<IpAddr> =
-        of_family(&svc.external.load_balancer_ips).into_iter().filter(|ip| !external_ips.contains(ip)).collect();
+    // An address that is both an external IP and a load-balancer IP is treated as the latter
+    // (its source ranges apply), as kube-proxy's separate firewall lookup does.
+    let lb_ips = of_family(&svc.external.load_balancer_ips);
+    let external_ips: Vec<IpAddr> =
+        of_family(&svc.external.external_ips).into_iter().filter(|ip| !lb_ips.contains(ip)).collect();
     for port in &svc.ports {
         let mut pc = PortCompiler {
             objs: &mut *objs,
@@ -218,10 +220,18 @@ pub(super) fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAd
         if let Some(node_port) = port.node_port {
             let e = Element::node_port(port.protocol, node_port, ext.clone());
             pc.objs.elements.push((qualify(shard, &node_ports_map(family)), e));
+            // A pod reaching itself through a node port of a Local Service is not masqueraded
+            // on the way in (pods short-circuit): hairpin it like the ClusterIP.
+            if svc.external.local {
+                for ip in opts.node_ips.iter().filter(|ip| Family::of(ip) == family) {
+                    hairpin(pc.objs, &all, *ip);
+                }
+            }
         }
         let ranges: Vec<_> =
             svc.external.source_ranges.iter().filter(|r| Family::of(&r.addr()) == family).copied().collect();
-        let lb_target = if lb_ips.is_empty() || svc.external.source_ranges.is_empty() {
+        // Source ranges of the other family leave this one open (kube-proxy filters by family).
+        let lb_target = if lb_ips.is_empty() || ranges.is_empty() {
             ext.clone()
         } else {
             // loadBalancerSourceRanges: others are dropped (node ports are not limited).

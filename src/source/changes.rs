@@ -136,6 +136,8 @@ pub struct Desired {
     snapshot: Snapshot,
     owners: HashMap<IpAddr, ServiceId>,
     node_port_owners: HashMap<(u16, Protocol), ServiceId>,
+    /// Who serves each external and load-balancer address entry (first come, first served).
+    external_owners: HashMap<crate::model::DispatchKey, ServiceId>,
 }
 
 impl Desired {
@@ -148,6 +150,8 @@ impl Desired {
             snapshot.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))).collect();
         self.node_port_owners =
             snapshot.services.values().flat_map(|s| node_ports(s).map(|(key, _)| (key, s.id.clone()))).collect();
+        self.external_owners =
+            snapshot.services.values().flat_map(|s| s.external_keys().into_iter().map(|k| (k, s.id.clone()))).collect();
         self.snapshot = snapshot;
     }
 
@@ -186,6 +190,17 @@ impl Desired {
         if !errors.is_empty() {
             return Err(InputErrors(errors));
         }
+        // External addresses another Service (outside `ids`) serves, or a ClusterIP holds, are
+        // dropped from the newcomer and reported as not served.
+        let mut cluster: HashMap<IpAddr, ServiceId> =
+            self.owners.iter().filter(|(_, o)| !ids.contains(*o)).map(|(ip, o)| (*ip, o.clone())).collect();
+        cluster.extend(partial.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))));
+        let others: HashMap<_, _> =
+            self.external_owners.iter().filter(|(_, o)| !ids.contains(*o)).map(|(k, o)| (*k, o.clone())).collect();
+        for svc in partial.services.values_mut() {
+            let id = svc.id.clone();
+            svc.drop_taken_external(|k| crate::source::resolve::holder_of(k, &id, &cluster, &others));
+        }
         for id in ids {
             let new = partial.services.remove(id);
             let old = match new {
@@ -198,6 +213,9 @@ impl Desired {
             for (key, _) in old.iter().flat_map(node_ports) {
                 self.node_port_owners.remove(&key);
             }
+            for key in old.iter().flat_map(|s| s.external_keys()) {
+                self.external_owners.remove(&key);
+            }
         }
         for id in ids {
             for ip in self.snapshot.services.get(id).iter().flat_map(|s| &s.cluster_ips) {
@@ -205,6 +223,9 @@ impl Desired {
             }
             for (key, _) in self.snapshot.services.get(id).into_iter().flat_map(node_ports) {
                 self.node_port_owners.insert(key, id.clone());
+            }
+            for key in self.snapshot.services.get(id).into_iter().flat_map(|s| s.external_keys()) {
+                self.external_owners.insert(key, id.clone());
             }
         }
         Ok(())
@@ -320,6 +341,32 @@ mod tests {
         let mut svc = Service::new(id(name), vec![ip.parse().unwrap()], vec![port]);
         svc.external.health_check_node_port = health;
         svc
+    }
+
+    #[test]
+    fn a_partial_update_does_not_serve_an_external_address_another_service_serves() {
+        let mut a = with_node_port("a", "10.96.0.1", 30080, None);
+        a.external.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        let mut snap = Snapshot::default();
+        snap.services.insert(id("a"), a);
+        let mut desired = Desired::default();
+        desired.replace_all(snap);
+        let mut b = with_node_port("b", "10.96.0.2", 30081, None);
+        b.external.external_ips = vec!["203.0.113.10".parse().unwrap(), "203.0.113.11".parse().unwrap()];
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("b"), b);
+        desired.apply_partial(&[id("b")].into(), partial).unwrap();
+        let b = &desired.snapshot().services[&id("b")];
+        assert_eq!(b.external.external_ips, ["203.0.113.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(b.unserved(), ["external address 203.0.113.10:80/tcp is already served by Service default/a"]);
+        // Once a is gone, b's next update takes the address.
+        desired.apply_partial(&[id("a")].into(), Snapshot::default()).unwrap();
+        let mut b = with_node_port("b", "10.96.0.2", 30081, None);
+        b.external.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        let mut partial = Snapshot::default();
+        partial.services.insert(id("b"), b);
+        desired.apply_partial(&[id("b")].into(), partial).unwrap();
+        assert!(desired.snapshot().services[&id("b")].unserved().is_empty());
     }
 
     #[test]

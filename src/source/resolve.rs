@@ -377,6 +377,9 @@ fn accept<'a>(
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
         match text.parse::<IpAddr>() {
             Ok(ip) if external.external_ips.contains(&ip) => {}
+            Ok(ip) if special(&ip).is_some() => {
+                errs.add(format!("spec.externalIPs[{i}]"), format!("{ip} {}", special(&ip).unwrap_or_default()))
+            }
             Ok(ip) => external.external_ips.push(ip),
             Err(_) => errs.add(format!("spec.externalIPs[{i}]"), format!("{text:?} is not an IP address")),
         }
@@ -392,6 +395,10 @@ fn accept<'a>(
             }
             match text.parse::<IpAddr>() {
                 Ok(ip) if external.load_balancer_ips.contains(&ip) => {}
+                Ok(ip) if special(&ip).is_some() => errs.add(
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("{ip} {}", special(&ip).unwrap_or_default()),
+                ),
                 Ok(ip) => external.load_balancer_ips.push(ip),
                 Err(_) => {
                     errs.add(format!("status.loadBalancer.ingress[{i}].ip"), format!("{text:?} is not an IP address"))
@@ -872,7 +879,59 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         };
         snapshot.services.insert(a.id, service);
     }
+    claim_external_addresses(&mut snapshot);
     if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
+}
+
+/// Why an address may not be an external or load-balancer IP, as the API server refuses them
+/// (validateNonSpecialIP): it would capture the node's own or link traffic.
+fn special(ip: &IpAddr) -> Option<&'static str> {
+    let link_local = match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() {
+        Some("may not be unspecified")
+    } else if ip.is_loopback() {
+        Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
+    } else if link_local {
+        Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+    } else if ip.is_multicast() {
+        Some("may not be a multicast address")
+    } else {
+        None
+    }
+}
+
+/// Every dispatch-map entry is held by one Service: a ClusterIP first, then external and
+/// load-balancer IPs in Service order. A Service whose external address is taken keeps the rest
+/// and reports it as not served (`Service::unserved`), as kube-proxy lets one Service win.
+fn claim_external_addresses(snapshot: &mut Snapshot) {
+    let cluster: HashMap<IpAddr, ServiceId> =
+        snapshot.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))).collect();
+    let mut claimed: HashMap<crate::model::DispatchKey, ServiceId> = HashMap::new();
+    for svc in snapshot.services.values_mut() {
+        let id = svc.id.clone();
+        svc.drop_taken_external(|k| holder_of(k, &id, &cluster, &claimed));
+        for k in svc.external_keys() {
+            claimed.insert(k, id.clone());
+        }
+    }
+}
+
+/// Who holds a dispatch-map entry `id` wants, in words ("the ClusterIP of Service a/b").
+pub fn holder_of(
+    k: &crate::model::DispatchKey,
+    id: &ServiceId,
+    cluster: &HashMap<IpAddr, ServiceId>,
+    claimed: &HashMap<crate::model::DispatchKey, ServiceId>,
+) -> Option<String> {
+    match (cluster.get(&k.0), claimed.get(k)) {
+        (Some(owner), _) if owner == id => Some("this Service's ClusterIP".into()),
+        (Some(owner), _) => Some(format!("the ClusterIP of Service {owner}")),
+        (None, Some(owner)) if owner != id => Some(format!("served by Service {owner}")),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
