@@ -13,6 +13,9 @@
 //! sync); the anchors' are the wall time of the `nft`/`iptables-restore` process, which already
 //! excludes the time kube-proxy spends generating their input.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 mod anchors;
 mod child;
 mod report;
@@ -196,34 +199,15 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
 /// New-connection latency from a pod: direct, through nftproxy's ClusterIP with N Services,
 /// and through kube-proxy's iptables rules with the Service placed last.
 fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fixture = repo.join("netns-fixtures/netns.sh");
-    let testpod = repo.join("target/release/nftproxy-testpod");
-    let prefix = format!("nbdp{}", std::process::id());
-    let sh = |args: &[&str]| {
-        let ok = Command::new("bash").arg(&fixture).args(args).status().unwrap().success();
-        assert!(ok, "netns.sh {args:?}");
-    };
-    sh(&["node", &prefix]);
-    sh(&["pod", &prefix, "client", "10.244.1.10"]);
-    sh(&["pod", &prefix, "web-a", "10.244.1.2"]);
-    sh(&["pod", &prefix, "web-b", "10.244.1.3"]);
-    let _ = Command::new("ip")
-        .args(["netns", "exec", &format!("{prefix}-client"), "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
-        .status();
-    let ns = |n: &str| format!("{prefix}-{n}");
-    let mut servers: Vec<_> = ["web-a", "web-b"]
-        .iter()
-        .map(|pod| {
-            Command::new("ip")
-                .args(["netns", "exec", &ns(pod), testpod.to_str().unwrap(), "serve", "--name", pod])
-                .args(["--tcp", "8080", "--udp", "5353"])
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The tests' namespace harness: the demo's client, web-a and web-b, torn down on drop.
+    let testpod = Path::new(common::TESTPOD);
+    let pods: Vec<_> = common::demo_pods().iter().filter(|p| ["client", "web-a", "web-b"].contains(&p.0)).copied().collect();
+    let mut cluster = common::Cluster::new(&pods);
+    for pod in ["web-a", "web-b"] {
+        cluster.serve(pod, pod, &[8080], &[5353]);
+    }
+    cluster.exec_ok("client", &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let ns = |n: &str| cluster.ns(n);
     let measure_once = |addr: &str| -> Option<(f64, f64)> {
         let out = Command::new("ip")
             .args(["netns", "exec", &ns("client"), testpod.to_str().unwrap(), "latency", addr, "--count", "300"])
@@ -269,7 +253,7 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&format!("192.0.2.1:{}", 10_000 + n - 1));
     record(r, &format!("nftproxy node port, {k} tables"), via);
     record(r, "direct pod-to-pod (paired with node port)", direct);
-    bench_conntrack(r, dir, &node, &ns("client"), &testpod);
+    bench_conntrack(r, dir, &node, &ns("client"), testpod);
     let _ = node.cmd("nft").args(["delete", "table", "inet", "nftproxy"]).status();
     let mut rules = kube_proxy_iptables(n, 5, None);
     for j in 0..5 {
@@ -283,12 +267,8 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&vip);
     record(r, "kube-proxy iptables, Service last", via);
     record(r, "direct pod-to-pod (paired with iptables)", direct);
-    for s in &mut servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    // The cluster takes its namespaces (the node's included) down when it drops.
     std::mem::forget(node);
-    sh(&["down", &prefix]);
 }
 
 /// Conntrack cost: 3,000 UDP flows to a Service of two endpoints, one endpoint removed; the
