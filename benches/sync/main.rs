@@ -201,7 +201,8 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
 fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     // The tests' namespace harness: the demo's client, web-a and web-b, torn down on drop.
     let testpod = Path::new(common::TESTPOD);
-    let pods: Vec<_> = common::demo_pods().iter().filter(|p| ["client", "web-a", "web-b"].contains(&p.0)).copied().collect();
+    let pods: Vec<_> =
+        common::demo_pods().iter().filter(|p| ["client", "web-a", "web-b"].contains(&p.0)).copied().collect();
     let mut cluster = common::Cluster::new(&pods);
     for pod in ["web-a", "web-b"] {
         cluster.serve(pod, pod, &[8080], &[5353]);

@@ -17,6 +17,21 @@ pub const NFT_MSG_NEWSETELEM: u16 = 12;
 pub const NFT_MSG_GETSETELEM: u16 = 13;
 pub const NFT_MSG_DELSETELEM: u16 = 14;
 pub const NFT_MSG_GETGEN: u16 = 16;
+
+// Message attributes (linux/netfilter/nf_tables.h) the read-back and raw messages use.
+pub const NFTA_TABLE_NAME: u16 = 1;
+pub const NFTA_TABLE_FLAGS: u16 = 2;
+pub const NFTA_RULE_TABLE: u16 = 1;
+pub const NFTA_RULE_CHAIN: u16 = 2;
+pub const NFTA_SET_DESC: u16 = 9;
+pub const NFTA_SET_DESC_SIZE: u16 = 1;
+pub const NFTA_SET_TIMEOUT: u16 = 11;
+pub const NFTA_SET_EXPR: u16 = 17;
+pub const NFTA_SET_EXPRESSIONS: u16 = 18;
+pub const NFTA_OBJ_TABLE: u16 = 1;
+pub const NFTA_OBJ_NAME: u16 = 2;
+pub const NFTA_OBJ_TYPE: u16 = 3;
+pub const NFTA_GEN_ID: u16 = 1;
 pub const NFT_MSG_GETOBJ: u16 = 19;
 pub const NFT_MSG_DELOBJ: u16 = 20;
 /// An anonymous chain bound to the rule that jumps to it.

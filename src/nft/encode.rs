@@ -92,8 +92,8 @@ pub fn describe(plan: &Plan, o: &Owner) -> String {
 /// NFTA_TABLE_NAME and NFTA_TABLE_FLAGS.
 fn table_attrs(m: &mut Vec<u8>, name: &str, flags: u32) {
     let mut a = Attrs(m);
-    a.str(1, name);
-    a.u32(2, flags);
+    a.str(NFTA_TABLE_NAME, name);
+    a.u32(NFTA_TABLE_FLAGS, flags);
 }
 
 /// Encodes a plan as BEGIN, its messages, END.
@@ -168,9 +168,9 @@ pub fn encode_plan(plan: &Plan, first_seq: u32) -> Encoded {
                 let (table, local) = split_name(name);
                 let seq = buf.raw(NFT_MSG_DELOBJ, 0, |m| {
                     let mut a = Attrs(m);
-                    a.str(1, table); // NFTA_OBJ_TABLE
-                    a.str(2, local); // NFTA_OBJ_NAME
-                    a.u32(3, *kind); // NFTA_OBJ_TYPE
+                    a.str(NFTA_OBJ_TABLE, table);
+                    a.str(NFTA_OBJ_NAME, local);
+                    a.u32(NFTA_OBJ_TYPE, *kind);
                 });
                 tag(seq, 0, 1);
             }

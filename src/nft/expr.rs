@@ -11,8 +11,6 @@ use crate::model::Family;
 use crate::ruleset::{Fnv, Rule, Stmt, ip_bytes, local_name};
 
 // Attribute numbers from linux/netfilter/nf_tables.h.
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
 pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
 pub const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;

@@ -109,8 +109,8 @@ fn rule_summary(msg: &[u8]) -> Option<RuleSummary<'_>> {
     let mut r = RuleSummary { table: &[], chain: &[], expressions: &[], userdata: &[] };
     for (kind, value) in attributes(msg) {
         match kind {
-            1 => r.table = attr_str(value),
-            2 => r.chain = attr_str(value),
+            NFTA_RULE_TABLE => r.table = attr_str(value),
+            NFTA_RULE_CHAIN => r.chain = attr_str(value),
             expr::NFTA_RULE_EXPRESSIONS => r.expressions = value,
             expr::NFTA_RULE_USERDATA => r.userdata = value,
             _ => {}
@@ -125,12 +125,12 @@ fn set_extras(msg: &[u8]) -> SetExtras {
     let mut x = SetExtras::default();
     for (kind, value) in attributes(msg) {
         match kind {
-            9 => {
-                let size = expr::attributes(value).find(|(k, v)| *k == 1 && v.len() == 4);
+            NFTA_SET_DESC => {
+                let size = expr::attributes(value).find(|(k, v)| *k == NFTA_SET_DESC_SIZE && v.len() == 4);
                 x.size = size.map_or(0, |(_, v)| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
             }
-            11 => x.timeout = true,
-            17 | 18 => x.expressions = true,
+            NFTA_SET_TIMEOUT => x.timeout = true,
+            NFTA_SET_EXPR | NFTA_SET_EXPRESSIONS => x.expressions = true,
             _ => {}
         }
     }
@@ -142,9 +142,9 @@ fn object_summary(msg: &[u8], table: &str) -> Option<(String, u32)> {
     let (mut t, mut name, mut kind) = (None, None, None);
     for (k, v) in attributes(msg) {
         match k {
-            1 => t = Some(attr_str(v)),
-            2 => name = std::str::from_utf8(attr_str(v)).ok(),
-            3 if v.len() == 4 => kind = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+            NFTA_OBJ_TABLE => t = Some(attr_str(v)),
+            NFTA_OBJ_NAME => name = std::str::from_utf8(attr_str(v)).ok(),
+            NFTA_OBJ_TYPE if v.len() == 4 => kind = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
             _ => {}
         }
     }
@@ -153,7 +153,9 @@ fn object_summary(msg: &[u8], table: &str) -> Option<(String, u32)> {
 
 /// NFTA_GEN_ID (attribute 1, big-endian u32) of a NEWGEN message.
 fn gen_id(msg: &[u8]) -> Option<u32> {
-    attributes(msg).find(|(k, v)| *k == 1 && v.len() >= 4).map(|(_, v)| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+    attributes(msg)
+        .find(|(k, v)| *k == NFTA_GEN_ID && v.len() >= 4)
+        .map(|(_, v)| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
 }
 
 /// What a commit cost, for logs, metrics and tests.
@@ -285,8 +287,8 @@ impl Netlink {
             let (mut name, mut flags) = (None, 0);
             for (k, v) in attributes(m) {
                 match k {
-                    1 => name = std::str::from_utf8(attr_str(v)).ok(),
-                    2 if v.len() == 4 => flags = u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+                    NFTA_TABLE_NAME => name = std::str::from_utf8(attr_str(v)).ok(),
+                    NFTA_TABLE_FLAGS if v.len() == 4 => flags = u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
                     _ => {}
                 }
             }
