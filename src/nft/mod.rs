@@ -457,6 +457,20 @@ mod tests {
     /// `jump` by `nft` and two `goto` elements of ours.
     const DUMPED_ELEMENTS: &str = "0c0100000c0a0200010000007f590000010000040d0001006e667470726f78790000000013000200736572766963652d6970732d76340000d40003004800010014000100100001000a6000630600000000500000300002002c00020008000100fffffffd20000200737663342f64656661756c742f6e6f7468696e672f7463702f3830004400010014000100100001000a60005011000000003500002c0002002800020008000100fffffffc1c000200737663342f64656661756c742f7765622f7564702f3533004400010014000100100001000a60005006000000005000002c0002002800020008000100fffffffc1c000200737663342f64656661756c742f7765622f7463702f383000";
 
+    /// The kernel's NLMSG_ERROR for a GETTABLE of a table that does not exist (seq 77).
+    const DUMPED_ERROR: &str = "38000000020000004d0000002d720000feffffff24000000010a05004d0000000000000001000000100001006e6f737563687461626c6500";
+
+    #[test]
+    fn a_kernel_error_names_its_errno_and_the_message_it_answers() {
+        let bytes = hex(DUMPED_ERROR);
+        let msgs: Vec<NlMsg<'_>> = messages(&bytes).collect();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].kind, NLMSG_ERROR);
+        assert_eq!(error_of(&msgs[0]), Some((libc::ENOENT, 77)));
+        // A truncated buffer yields nothing rather than garbage.
+        assert_eq!(messages(&bytes[..20]).count(), 0);
+    }
+
     #[test]
     fn a_dumped_rule_reads_back_as_the_rule_we_send() {
         let msg = hex(DUMPED_RULE);
