@@ -2,7 +2,7 @@
 //! sync, record metrics and health. A failure keeps the rules in place and retries with a
 //! full sync; the same error is logged once, not on every retry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,7 +14,7 @@ use crate::metrics::{Health, Metrics};
 use crate::model::ServiceId;
 use crate::source::changes::{Changed, Desired};
 use crate::source::resolve::{self, ResolveOptions};
-use crate::source::{Change, InputErrors, Source};
+use crate::source::{Change, InputError, InputErrors, Source};
 use crate::sync::{Engine, SyncKind};
 
 #[derive(Debug, Clone)]
@@ -59,6 +59,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     let mut verified_at = Instant::now();
     let mut addresses_moved = false;
     let mut unserved = std::collections::HashMap::new();
+    let mut invalid = Invalid::default();
     loop {
         tokio::select! {
             biased;
@@ -99,7 +100,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             verified_at = Instant::now();
         }
         let changed = source.take_changed();
-        let result = refresh(&*source, &resolve_opts, &mut desired, changed, resolve_all)
+        let result = refresh(&*source, &resolve_opts, &mut desired, changed, resolve_all, &mut invalid)
             .map_err(crate::Error::from)
             .and_then(|hint| {
                 let snapshot = desired.snapshot();
@@ -118,6 +119,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                     healthcheck::wanted(desired.snapshot(), here)
                 });
                 report_unserved(desired.snapshot(), &mut unserved);
+                metrics.invalid_objects(&invalid.by_kind());
                 metrics.synced(&outcome, services, &changed_at);
                 health.synced();
                 changed_at.clear();
@@ -169,6 +171,47 @@ pub fn report_unserved(
     }
 }
 
+/// The input errors of objects skipped in API mode, by the Service they concern, so that each is
+/// logged once and counted while present.
+#[derive(Debug, Default)]
+pub struct Invalid {
+    by_service: BTreeMap<Option<ServiceId>, Vec<InputError>>,
+}
+
+impl Invalid {
+    /// Replaces what is known about `ids` (all Services when `None`) with `errors`; logs the
+    /// errors not seen before.
+    fn update(&mut self, ids: Option<&BTreeSet<ServiceId>>, errors: Vec<(Option<ServiceId>, InputError)>) {
+        let before: HashSet<String> = self.by_service.values().flatten().map(|e| e.to_string()).collect();
+        match ids {
+            Some(ids) => self.by_service.retain(|id, _| !id.as_ref().is_some_and(|id| ids.contains(id))),
+            None => self.by_service.clear(),
+        }
+        for (owner, e) in errors {
+            if !before.contains(&e.to_string()) {
+                tracing::warn!(error = %e, "skipping an invalid object; its Service keeps its last good rules");
+            }
+            self.by_service.entry(owner).or_default().push(e);
+        }
+    }
+
+    /// How many invalid objects of each kind are present now.
+    pub fn by_kind(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for e in self.by_service.values().flatten() {
+            let kind = e.object.split(' ').next().unwrap_or_default().to_string();
+            *out.entry(kind).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// The Service an error from `Desired::apply_partial` names (`Service ns/name`).
+fn service_named(e: &InputError) -> Option<ServiceId> {
+    let (ns, name) = e.object.strip_prefix("Service ")?.split_once('/')?;
+    Some(ServiceId::new(ns, name))
+}
+
 /// Brings `desired` up to date: only the changed Services when the source can tell which and
 /// read just those, everything otherwise (or when `everything`). Returns the Services that may
 /// have changed, `None` for any.
@@ -178,13 +221,48 @@ fn refresh(
     desired: &mut Desired,
     changed: Changed,
     everything: bool,
+    invalid: &mut Invalid,
 ) -> Result<Option<BTreeSet<ServiceId>>, InputErrors> {
+    let lenient = source.skips_bad_objects();
     if let (false, Changed::Services(ids)) = (everything, changed)
         && let Some(objects) = source.objects_of(&ids)
     {
-        desired.apply_partial(&ids, resolve::resolve(&objects, opts)?)?;
-        return Ok(Some(ids));
+        if !lenient {
+            desired.apply_partial(&ids, resolve::resolve(&objects, opts)?)?;
+            return Ok(Some(ids));
+        }
+        // A bad Service (or slice) is left out: it keeps what `desired` holds for it.
+        let (mut partial, mut errors, skipped) = resolve::resolve_skipping(&objects, opts);
+        let mut good: BTreeSet<ServiceId> = ids.difference(&skipped).cloned().collect();
+        for _ in 0..4 {
+            match desired.apply_partial(&good, partial.clone()) {
+                Ok(()) => break,
+                Err(InputErrors(clashes)) => {
+                    for e in clashes {
+                        let owner = service_named(&e);
+                        if let Some(id) = &owner {
+                            good.remove(id);
+                            partial.services.remove(id);
+                        }
+                        errors.push((owner, e));
+                    }
+                }
+            }
+        }
+        invalid.update(Some(&ids), errors);
+        return Ok(Some(good));
     }
-    desired.replace_all(resolve::resolve(&source.objects()?, opts)?);
+    if !lenient {
+        desired.replace_all(resolve::resolve(&source.objects()?, opts)?);
+        return Ok(None);
+    }
+    let (mut snapshot, errors, skipped) = resolve::resolve_skipping(&source.objects()?, opts);
+    for id in &skipped {
+        if let Some(last_good) = desired.snapshot().services.get(id) {
+            snapshot.services.insert(id.clone(), last_good.clone());
+        }
+    }
+    desired.replace_all(snapshot);
+    invalid.update(None, errors);
     Ok(None)
 }

@@ -28,6 +28,7 @@ pub struct Metrics {
     service_changes: Counter,
     failures: Counter,
     failures_by_reason: Family<Vec<(String, String)>, Counter>,
+    invalid: Family<Vec<(String, String)>, Gauge>,
     messages: Counter,
     unchanged: Counter,
     services: Gauge,
@@ -52,6 +53,7 @@ impl Default for Metrics {
             service_changes: Counter::default(),
             failures: Counter::default(),
             failures_by_reason: Family::default(),
+            invalid: Family::default(),
             messages: Counter::default(),
             unchanged: Counter::default(),
             services: Gauge::default(),
@@ -93,6 +95,12 @@ impl Default for Metrics {
             "Failed syncs by reason (input: bad objects; nftables: the kernel refused or could not be read)",
             m.failures_by_reason.clone(),
         );
+        registry.register(
+            "nftproxy_invalid_objects",
+            "Objects skipped as invalid (API mode), present now, by kind; their Services keep their last good rules",
+            m.invalid.clone(),
+        );
+        m.invalid_objects(&Default::default());
         registry.register(
             "nftproxy_transaction_messages",
             "Netlink messages sent in nf_tables transactions",
@@ -142,6 +150,14 @@ impl Metrics {
         self.conntrack_deleted.inc_by(o.conntrack_deleted as u64);
         if o.conntrack_time > Duration::ZERO {
             self.conntrack_time.observe(o.conntrack_time.as_secs_f64());
+        }
+    }
+
+    /// The invalid objects present now, by kind (Service and EndpointSlice always exported).
+    pub fn invalid_objects(&self, by_kind: &std::collections::BTreeMap<String, i64>) {
+        for kind in ["Service", "EndpointSlice"].iter().map(|k| k.to_string()).chain(by_kind.keys().cloned()) {
+            let n = by_kind.get(&kind).copied().unwrap_or(0);
+            self.invalid.get_or_create(&vec![("kind".to_string(), kind)]).set(n);
         }
     }
 

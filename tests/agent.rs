@@ -227,3 +227,49 @@ fn api_mode_serves_node_ports_on_the_nodes_internal_ips_and_follows_them() {
     assert!(wait_until(20, || only_web(&from_outside("192.0.2.9:30080"))), "{}", a.log_text());
     assert!(wait_until(10, || !only_web(&from_outside("192.0.2.1:30080"))), "{}", a.log_text());
 }
+
+/// `metric{label="value"} N` from a /metrics text.
+fn labelled(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn one_bad_object_is_skipped_on_its_own_and_its_service_keeps_its_last_good_rules() {
+    let Some(s) = setup() else { return };
+    let heavy = |mut v: serde_json::Value| {
+        v["metadata"]["annotations"] = serde_json::json!({"nftproxy.io/weight": "heavy"});
+        v
+    };
+    // db's slice is invalid from the start: the agent starts, serves web, and counts the slice.
+    s.api.apply(Kind::Service, service("db", "10.96.0.81", 80, 8080));
+    s.api.apply(Kind::EndpointSlice, heavy(slice("db", 8080, &["10.244.1.4"])));
+    let a = agent(&s, "agent-bad");
+    let metrics = || s.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let invalid_slices = || labelled(&metrics(), "nftproxy_invalid_objects{kind=\"EndpointSlice\"}");
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 3))), "{}", a.log_text());
+    assert!(wait_until(10, || invalid_slices() == Some(1.0)), "{}", metrics());
+    assert!(a.log_text().contains("nftproxy.io/weight"), "the warning names the field:\n{}", a.log_text());
+    assert!(!s.c.probe("client", "tcp", "10.96.0.81:80", 2).contains_key("web-c"), "db never had good rules");
+    // Fixed: db is served, the gauge returns to 0.
+    s.api.apply(Kind::EndpointSlice, slice("db", 8080, &["10.244.1.4"]));
+    assert!(
+        wait_until(10, || s.c.probe("client", "tcp", "10.96.0.81:80", 3).get("web-c") == Some(&3)),
+        "{}",
+        a.log_text()
+    );
+    assert!(wait_until(10, || invalid_slices() == Some(0.0)), "{}", metrics());
+    // web's slice goes bad while moving to web-c: web keeps its last good rules (web-a..c as
+    // before, not only web-c), and other Services still sync (db moves to web-a).
+    s.api.apply(Kind::EndpointSlice, heavy(slice("web", 8080, &["10.244.1.4"])));
+    s.api.apply(Kind::EndpointSlice, slice("db", 8080, &["10.244.1.2"]));
+    assert!(
+        wait_until(10, || s.c.probe("client", "tcp", "10.96.0.81:80", 3).get("web-a") == Some(&3)),
+        "{}",
+        a.log_text()
+    );
+    assert!(wait_until(10, || invalid_slices() == Some(1.0)), "{}", metrics());
+    let web = s.c.probe("client", "tcp", VIP, 30);
+    assert!(web.len() == 3 && only_web(&web), "web keeps its three endpoints: {web:?}");
+    let (code, _) = s.c.http_get("127.0.0.1:10256", "/healthz").unwrap();
+    assert_eq!(code, 200, "a bad object is not an unhealthy proxy");
+}

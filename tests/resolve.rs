@@ -451,3 +451,28 @@ fn special_external_addresses_are_refused_as_the_api_server_refuses_them() {
         assert!(err.contains("spec.externalIPs[0]") && err.contains(why), "{ip}: {err}");
     }
 }
+
+#[test]
+fn resolving_while_skipping_leaves_out_only_the_services_of_bad_objects() {
+    let yaml = "\
+apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+metadata: {name: bad-1, labels: {kubernetes.io/service-name: bad}, annotations: {nftproxy.io/weight: heavy}}\n\
+addressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.0.9]}]\n---\n\
+apiVersion: v1\nkind: Service\nmetadata: {name: worse}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 0}]}\n";
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    manifest::parse_into("t.yaml", yaml, &mut objects, &mut errors);
+    assert!(errors.is_empty());
+    assert!(resolve(&objects, &ResolveOptions::default()).is_err(), "all or nothing without skipping");
+    let (snap, errors, skipped) = nftproxy::source::resolve::resolve_skipping(&objects, &ResolveOptions::default());
+    assert_eq!(snap.services.keys().map(|id| id.name.as_str()).collect::<Vec<_>>(), ["good"]);
+    assert_eq!(skipped, [ServiceId::new("default", "bad"), ServiceId::new("default", "worse")].into());
+    let text: Vec<String> = errors.iter().map(|(_, e)| e.to_string()).collect();
+    assert!(
+        text.iter().any(|e| e.contains("EndpointSlice default/bad-1") && e.contains("nftproxy.io/weight")),
+        "{text:?}"
+    );
+    assert!(text.iter().any(|e| e.contains("Service default/worse") && e.contains("spec.ports[0].port")), "{text:?}");
+}

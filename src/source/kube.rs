@@ -218,6 +218,10 @@ impl Source for KubeSource {
         self.services.state().len()
     }
 
+    fn skips_bad_objects(&self) -> bool {
+        true
+    }
+
     fn take_changed(&self) -> Changed {
         lock(&self.changes).take()
     }

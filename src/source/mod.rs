@@ -96,6 +96,12 @@ pub trait Source: Send + Sync {
     fn objects_of(&self, _ids: &BTreeSet<ServiceId>) -> Option<Objects> {
         None
     }
+
+    /// Whether a bad object is skipped on its own (the API: objects come and go independently)
+    /// rather than failing the whole input (manifests: a file is one unit a person just edited).
+    fn skips_bad_objects(&self) -> bool {
+        false
+    }
 }
 
 /// Manifest files, read afresh on every sync.

@@ -883,6 +883,73 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
 }
 
+/// The Service an input error is about: the Service itself, or the one an EndpointSlice or
+/// Endpoints object belongs to.
+fn owner_of(e: &InputError, objects: &Objects) -> Option<ServiceId> {
+    let (kind, name) = e.object.split_once(' ')?;
+    let (ns, name) = name.split_once('/')?;
+    match kind {
+        "Service" | "Endpoints" => Some(ServiceId::new(ns, name)),
+        "EndpointSlice" => {
+            let slice = objects
+                .slices
+                .iter()
+                .map(|(_, s)| s)
+                .find(|s| s.metadata.name.as_deref() == Some(name) && ns_of(&s.metadata) == ns)?;
+            let owner = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+            Some(ServiceId::new(ns, owner.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// What [`resolve_skipping`] gives: the good Services' snapshot, each error with the Service it is
+/// about (if any), and the Services left out.
+pub type Skipping = (Snapshot, Vec<(Option<ServiceId>, InputError)>, BTreeSet<ServiceId>);
+
+/// [`resolve`] that skips what is bad instead of failing: every Service an error is about is left
+/// out (with its slices), and the rest resolved. Returns the snapshot of the good Services, the
+/// errors, and the Services left out. Errors about no Service in particular leave the snapshot
+/// empty and are returned with everything skipped.
+pub fn resolve_skipping(objects: &Objects, opts: &ResolveOptions) -> Skipping {
+    let mut objects = objects.clone();
+    let (mut errors, mut skipped) = (Vec::new(), BTreeSet::new());
+    // Each round removes at least one Service; a handful of rounds covers errors that only show
+    // once others are gone (a ClusterIP clash, say).
+    for _ in 0..8 {
+        match resolve(&objects, opts) {
+            Ok(snapshot) => return (snapshot, errors, skipped),
+            Err(InputErrors(errs)) => {
+                let owned: Vec<(Option<ServiceId>, InputError)> =
+                    errs.into_iter().map(|e| (owner_of(&e, &objects), e)).collect();
+                let bad: BTreeSet<ServiceId> = owned.iter().filter_map(|(o, _)| o.clone()).collect();
+                let stuck = bad.is_empty() || bad.is_subset(&skipped);
+                errors.extend(owned);
+                if stuck {
+                    break;
+                }
+                let keep = |meta: &ObjectMeta, owner: Option<&String>| {
+                    let id = ServiceId::new(ns_of(meta), owner.cloned().unwrap_or_default());
+                    !bad.contains(&id)
+                };
+                objects.services.retain(|(_, s)| keep(&s.metadata, s.metadata.name.as_ref()));
+                objects.endpoints.retain(|(_, s)| keep(&s.metadata, s.metadata.name.as_ref()));
+                objects.slices.retain(|(_, s)| {
+                    keep(&s.metadata, s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)))
+                });
+                skipped.extend(bad);
+            }
+        }
+    }
+    let all: BTreeSet<ServiceId> = objects
+        .services
+        .iter()
+        .map(|(_, s)| ServiceId::new(ns_of(&s.metadata), s.metadata.name.clone().unwrap_or_default()))
+        .collect();
+    skipped.extend(all);
+    (Snapshot::default(), errors, skipped)
+}
+
 /// Why an address may not be an external or load-balancer IP, as the API server refuses them
 /// (validateNonSpecialIP): it would capture the node's own or link traffic.
 fn special(ip: &IpAddr) -> Option<&'static str> {
