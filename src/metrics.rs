@@ -214,7 +214,45 @@ impl Health {
 /// Serves `/metrics` on `addr`.
 pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let app = Router::new().route("/metrics", get(move || async move { metrics.encode() }));
-    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+    serve_bounded(tokio::net::TcpListener::bind(addr).await?, app).await
+}
+
+/// Most connections one of our HTTP servers holds at once: far below the descriptor limit (which
+/// may be 1024, hard), so that no client can starve the sync path of sockets.
+pub const MAX_CONNECTIONS: usize = 128;
+/// A request's headers must arrive within this; an idle keep-alive connection is closed then too.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer than this, busy or not.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves `app` on `listener` with a connection cap and timeouts: connections beyond the cap
+/// are closed at once, a connection that sends no complete request within `HEADER_TIMEOUT`
+/// (idle keep-alive included) is closed, and none lives past `CONNECTION_LIFETIME`.
+pub async fn serve_bounded(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            // Out of descriptors or a reset before accept: wait a little, keep serving.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
+        });
+    }
 }
 
 /// Serves `/healthz` and `/livez` on `addr`.
@@ -227,7 +265,7 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Res
         }
     };
     let app = Router::new().route("/healthz", get(handler.clone())).route("/livez", get(handler));
-    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+    serve_bounded(tokio::net::TcpListener::bind(addr).await?, app).await
 }
 
 #[cfg(test)]
@@ -244,5 +282,51 @@ mod failure_tests {
         assert!(text.contains("kubeproxy_sync_proxy_rules_nftables_sync_failures_total 3"), "{text}");
         assert!(text.contains("nftproxy_sync_failures_total{reason=\"input\"} 1"), "{text}");
         assert!(text.contains("nftproxy_sync_failures_total{reason=\"nftables\"} 2"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+
+    fn http_get(addr: SocketAddr) -> Option<String> {
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// Idle sockets beyond the cap cannot keep the server (or the process's descriptors) busy:
+    /// the idle ones are closed after the header timeout and the server answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_capped_and_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/healthz", get(|| async { "ok" }));
+        tokio::spawn(serve_bounded(listener, app));
+        let answered = tokio::task::spawn_blocking(move || {
+            assert!(http_get(addr).unwrap().ends_with("ok"));
+            let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS + 50).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            // Within the header timeout (plus slack) the server closes every idle socket...
+            for mut s in idle {
+                s.set_read_timeout(Some(HEADER_TIMEOUT + Duration::from_secs(20))).unwrap();
+                let mut buf = [0u8; 1];
+                let read = s.read(&mut buf);
+                assert!(
+                    matches!(read, Ok(0)) || read.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+                    "an idle connection stayed open: {read:?}"
+                );
+            }
+            // ...and answers again.
+            http_get(addr)
+        })
+        .await
+        .unwrap();
+        assert!(answered.unwrap().ends_with("ok"));
     }
 }
