@@ -35,6 +35,8 @@ const MAX_CHANGE_TIMES: usize = 1024;
 /// Everything the loop works with.
 pub struct Agent {
     pub engine: Engine,
+    /// Follow the source's idea of this node's zone (no `--zone` given).
+    pub zone_from_source: bool,
     /// The node's node-port addresses as they change (rtnetlink, or the Node object).
     pub node_ips: tokio::sync::watch::Receiver<Vec<std::net::IpAddr>>,
     pub source: Arc<dyn Source>,
@@ -47,7 +49,17 @@ pub struct Agent {
 
 /// Runs until `shutdown` completes; the rules stay in place afterwards.
 pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) {
-    let Agent { mut engine, mut node_ips, source, resolve: resolve_opts, mut changes, timing, metrics, health } = agent;
+    let Agent {
+        mut engine,
+        zone_from_source,
+        mut node_ips,
+        source,
+        resolve: resolve_opts,
+        mut changes,
+        timing,
+        metrics,
+        health,
+    } = agent;
     let mut health_checks = HealthChecks::new(node_ips.borrow().clone());
     let mut shutdown = std::pin::pin!(shutdown);
     let mut changed_at: Vec<SystemTime> = vec![SystemTime::now()];
@@ -95,6 +107,11 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             }
         }
         last_sync = Some(Instant::now());
+        if zone_from_source {
+            // The Node's labels are re-read on every pass: a zone change moves topology-aware
+            // traffic without a restart.
+            engine.set_zone(source.zone());
+        }
         if verified_at.elapsed() >= timing.verify_period {
             engine.distrust();
             verified_at = Instant::now();

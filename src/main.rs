@@ -232,6 +232,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let agent = agent::Agent {
         engine,
+        zone_from_source: args.zone.is_none() && args.manifests.is_empty(),
         node_ips: node_ips_rx,
         source,
         resolve: resolve_opts,

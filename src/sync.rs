@@ -139,6 +139,17 @@ impl Engine {
         }
     }
 
+    /// This node's zone changed (the Node's label): topology hints pick other endpoints, so
+    /// the next sync compiles and compares everything (a full sync).
+    pub fn set_zone(&mut self, zone: Option<String>) {
+        if zone != self.opts.locality.zone {
+            tracing::info!(?zone, "this node's zone");
+            self.opts.locality.zone = zone;
+            self.generation = None;
+            self.models_current = false;
+        }
+    }
+
     pub fn options(&self) -> &Options {
         &self.opts
     }

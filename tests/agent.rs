@@ -273,3 +273,24 @@ fn one_bad_object_is_skipped_on_its_own_and_its_service_keeps_its_last_good_rule
     let (code, _) = s.c.http_get("127.0.0.1:10256", "/healthz").unwrap();
     assert_eq!(code, 200, "a bad object is not an unhealthy proxy");
 }
+
+#[test]
+fn a_zone_label_change_on_the_node_moves_topology_aware_traffic_without_a_restart() {
+    let Some(s) = setup() else { return };
+    // web's endpoints carry zone hints: web-a for zone-a, web-b for zone-b.
+    let mut hinted = slice("web", 8080, &["10.244.1.2", "10.244.1.3"]);
+    for (i, zone) in ["zone-a", "zone-b"].iter().enumerate() {
+        hinted["endpoints"][i]["hints"] = serde_json::json!({"forZones": [{"name": zone}]});
+    }
+    s.api.apply(Kind::EndpointSlice, hinted);
+    let a = agent(&s, "agent-zone");
+    let only = |pod: &str| {
+        let got = s.c.probe("client", "tcp", VIP, 10);
+        got.get(pod) == Some(&10)
+    };
+    assert!(wait_until(30, || only("web-a")), "the Node is in zone-a:\n{}", a.log_text());
+    let mut n = node("node-1");
+    n["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-b".into();
+    s.api.apply(Kind::Node, n);
+    assert!(wait_until(20, || only("web-b")), "the Node moved to zone-b:\n{}", a.log_text());
+}

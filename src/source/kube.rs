@@ -222,6 +222,10 @@ impl Source for KubeSource {
         true
     }
 
+    fn zone(&self) -> Option<String> {
+        KubeSource::zone(self)
+    }
+
     fn take_changed(&self) -> Changed {
         lock(&self.changes).take()
     }

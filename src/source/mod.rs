@@ -97,6 +97,12 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// This node's zone as the source knows it now (the Node's `topology.kubernetes.io/zone`
+    /// label in API mode); `None` when it does not know.
+    fn zone(&self) -> Option<String> {
+        None
+    }
+
     /// Whether a bad object is skipped on its own (the API: objects come and go independently)
     /// rather than failing the whole input (manifests: a file is one unit a person just edited).
     fn skips_bad_objects(&self) -> bool {
