@@ -107,6 +107,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             }
         }
         last_sync = Some(Instant::now());
+        health.set_node_eligible(source.node_eligible());
         if zone_from_source {
             // The Node's labels are re-read on every pass: a zone change moves topology-aware
             // traffic without a restart.

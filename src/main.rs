@@ -218,9 +218,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
             tracing::error!(%maddr, error = %e, "metrics server failed");
         }
     });
-    let h = health.clone();
+    let (h, hm) = (health.clone(), metrics.clone());
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve_health(haddr, h).await {
+        if let Err(e) = metrics::serve_health(haddr, h, hm).await {
             tracing::error!(%haddr, error = %e, "healthz server failed");
         }
     });

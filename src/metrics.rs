@@ -29,6 +29,8 @@ pub struct Metrics {
     failures: Counter,
     failures_by_reason: Family<Vec<(String, String)>, Counter>,
     invalid: Family<Vec<(String, String)>, Gauge>,
+    healthz: Family<Vec<(String, String)>, Counter>,
+    livez: Family<Vec<(String, String)>, Counter>,
     messages: Counter,
     unchanged: Counter,
     services: Gauge,
@@ -54,6 +56,8 @@ impl Default for Metrics {
             failures: Counter::default(),
             failures_by_reason: Family::default(),
             invalid: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
             messages: Counter::default(),
             unchanged: Counter::default(),
             services: Gauge::default(),
@@ -101,6 +105,8 @@ impl Default for Metrics {
             m.invalid.clone(),
         );
         m.invalid_objects(&Default::default());
+        registry.register("kubeproxy_proxy_healthz", "/healthz answers by HTTP code", m.healthz.clone());
+        registry.register("kubeproxy_proxy_livez", "/livez answers by HTTP code", m.livez.clone());
         registry.register(
             "nftproxy_transaction_messages",
             "Netlink messages sent in nf_tables transactions",
@@ -179,11 +185,27 @@ pub struct Health {
     sync_period: Duration,
     pending_since: Mutex<Option<Instant>>,
     last_synced: Mutex<Option<SystemTime>>,
+    /// False while the Node is being deleted or the cluster autoscaler is removing it (KEP-3836):
+    /// `/healthz` then answers 503 so load balancers drain the node; `/livez` ignores it.
+    node_eligible: std::sync::atomic::AtomicBool,
 }
 
 impl Health {
     pub fn new(sync_period: Duration) -> Self {
-        Health { sync_period, pending_since: Mutex::new(Some(Instant::now())), last_synced: Mutex::new(None) }
+        Health {
+            sync_period,
+            pending_since: Mutex::new(Some(Instant::now())),
+            last_synced: Mutex::new(None),
+            node_eligible: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn node_eligible(&self) -> bool {
+        self.node_eligible.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn queued(&self) {
@@ -199,15 +221,19 @@ impl Health {
         self.pending_since.lock().unwrap().is_none_or(|t| t.elapsed() <= 2 * self.sync_period)
     }
 
-    fn body(&self) -> String {
-        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let last = self.last_synced.lock().unwrap().map(secs);
-        format!(
-            "{{\"lastUpdated\": {}, \"currentTime\": {:.3}, \"healthy\": {}}}\n",
-            last.map_or("null".to_string(), |t| format!("{t:.3}")),
-            secs(SystemTime::now()),
-            self.healthy()
-        )
+    /// kube-proxy's body: `lastUpdated` and `currentTime` as RFC 3339 times; with the node's
+    /// eligibility on `/healthz`.
+    fn body(&self, with_node: bool) -> String {
+        let time = |t: SystemTime| format!("\"{}\"", humantime::format_rfc3339_millis(t));
+        let last = self.last_synced.lock().unwrap().map(time).unwrap_or_else(|| "null".into());
+        let node = if with_node { format!(", \"nodeEligible\": {}", self.node_eligible()) } else { String::new() };
+        format!("{{\"lastUpdated\": {last}, \"currentTime\": {}{node}}}\n", time(SystemTime::now()))
+    }
+
+    /// (status, body) of `/healthz` (`node`) or `/livez`.
+    pub fn answer(&self, node: bool) -> (StatusCode, String) {
+        let ok = self.healthy() && (!node || self.node_eligible());
+        (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, self.body(node))
     }
 }
 
@@ -255,16 +281,18 @@ pub async fn serve_bounded(listener: tokio::net::TcpListener, app: Router) -> st
     }
 }
 
-/// Serves `/healthz` and `/livez` on `addr`.
-pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
-    let handler = move || {
-        let health = health.clone();
-        async move {
-            let code = if health.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            (code, health.body())
+/// Serves `/healthz` and `/livez` on `addr`, counting answers by code as kube-proxy does.
+pub async fn serve_health(addr: SocketAddr, health: Arc<Health>, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let handler = move |node: bool| {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        move || async move {
+            let (code, body) = health.answer(node);
+            let counter = if node { &metrics.healthz } else { &metrics.livez };
+            counter.get_or_create(&vec![("code".to_string(), code.as_u16().to_string())]).inc();
+            (code, body)
         }
     };
-    let app = Router::new().route("/healthz", get(handler.clone())).route("/livez", get(handler));
+    let app = Router::new().route("/healthz", get(handler(true))).route("/livez", get(handler(false)));
     serve_bounded(tokio::net::TcpListener::bind(addr).await?, app).await
 }
 

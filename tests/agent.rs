@@ -294,3 +294,28 @@ fn a_zone_label_change_on_the_node_moves_topology_aware_traffic_without_a_restar
     s.api.apply(Kind::Node, n);
     assert!(wait_until(20, || only("web-b")), "the Node moved to zone-b:\n{}", a.log_text());
 }
+
+#[test]
+fn healthz_drains_a_node_the_autoscaler_removes_while_livez_stays_up() {
+    let Some(s) = setup() else { return };
+    let a = agent(&s, "agent-drain");
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 3))), "{}", a.log_text());
+    let healthz = || s.c.http_get("127.0.0.1:10256", "/healthz").unwrap_or_default();
+    let (code, body) = healthz();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\": true") && body.contains("\"lastUpdated\": \"20"), "{body}");
+    let mut n = node("node-1");
+    n["spec"] = serde_json::json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]});
+    s.api.apply(Kind::Node, n);
+    assert!(wait_until(10, || healthz().0 == 503), "{}", a.log_text());
+    assert!(healthz().1.contains("\"nodeEligible\": false"));
+    let (code, body) = s.c.http_get("127.0.0.1:10256", "/livez").unwrap();
+    assert_eq!(code, 200, "livez ignores the node: {body}");
+    assert!(!body.contains("nodeEligible"), "{body}");
+    assert!(only_web(&s.c.probe("client", "tcp", VIP, 3)), "the node still proxies while draining");
+    let metrics = s.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(labelled(&metrics, "kubeproxy_proxy_healthz_total{code=\"503\"}") >= Some(1.0), "{metrics}");
+    assert!(labelled(&metrics, "kubeproxy_proxy_livez_total{code=\"200\"}") >= Some(1.0), "{metrics}");
+    s.api.apply(Kind::Node, node("node-1"));
+    assert!(wait_until(10, || healthz().0 == 200), "{}", a.log_text());
+}

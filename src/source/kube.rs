@@ -226,6 +226,17 @@ impl Source for KubeSource {
         KubeSource::zone(self)
     }
 
+    fn node_eligible(&self) -> bool {
+        let node = self.node.state();
+        let Some(n) = node.first() else { return true };
+        let tainted = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+        n.metadata.deletion_timestamp.is_none() && !tainted
+    }
+
     fn take_changed(&self) -> Changed {
         lock(&self.changes).take()
     }

@@ -103,6 +103,12 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// Whether this node should still receive load-balancer traffic: false while its Node is
+    /// being deleted or carries the `ToBeDeletedByClusterAutoscaler` taint (KEP-3836).
+    fn node_eligible(&self) -> bool {
+        true
+    }
+
     /// Whether a bad object is skipped on its own (the API: objects come and go independently)
     /// rather than failing the whole input (manifests: a file is one unit a person just edited).
     fn skips_bad_objects(&self) -> bool {
