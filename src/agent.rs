@@ -13,6 +13,7 @@ use crate::healthcheck::{self, HealthChecks};
 use crate::metrics::{Health, Metrics};
 use crate::model::ServiceId;
 use crate::source::changes::{Changed, Desired};
+use crate::source::node_addrs::{NodePortAddresses, select_from_list};
 use crate::source::resolve::{self, ResolveOptions};
 use crate::source::{Change, InputError, InputErrors, Source};
 use crate::sync::{Engine, SyncKind};
@@ -37,8 +38,11 @@ pub struct Agent {
     pub engine: Engine,
     /// Follow the source's idea of this node's zone (no `--zone` given).
     pub zone_from_source: bool,
-    /// The node's node-port addresses as they change (rtnetlink, or the Node object).
+    /// The node's node-port addresses as they change (rtnetlink, or a Node in the manifests).
     pub node_ips: tokio::sync::watch::Receiver<Vec<std::net::IpAddr>>,
+    /// Take the node-port addresses from the source's Node on every pass instead (API mode,
+    /// `primary`), selected as `--nodeport-addresses` says.
+    pub node_ips_from_source: Option<NodePortAddresses>,
     pub source: Arc<dyn Source>,
     pub resolve: ResolveOptions,
     pub changes: mpsc::Receiver<Change>,
@@ -53,6 +57,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         mut engine,
         zone_from_source,
         mut node_ips,
+        node_ips_from_source,
         source,
         resolve: resolve_opts,
         mut changes,
@@ -84,8 +89,13 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             // `changed()` marks the value seen: remember that it moved.
             Ok(()) = node_ips.changed() => addresses_moved = true,
         }
-        if std::mem::take(&mut addresses_moved) || node_ips.has_changed().unwrap_or(false) {
-            let ips = node_ips.borrow_and_update().clone();
+        let watched = std::mem::take(&mut addresses_moved) || node_ips.has_changed().unwrap_or(false);
+        let moved = match &node_ips_from_source {
+            Some(sel) => Some(select_from_list(sel, &source.node_internal_ips().unwrap_or_default()))
+                .filter(|ips| *ips != engine.options().node_ips),
+            None => watched.then(|| node_ips.borrow_and_update().clone()),
+        };
+        if let Some(ips) = moved {
             if ips.is_empty() {
                 // No node-port address: no health-check port either (kube-proxy binds none).
                 health_checks.update(Default::default());

@@ -153,18 +153,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         kube.wait_ready().await;
         zone = zone.or_else(|| kube.zone());
         if sel == NodePortAddresses::Primary {
-            // kube-proxy's `primary`: the Node's InternalIPs, followed as the Node changes.
+            // kube-proxy's `primary`: the Node's InternalIPs; the agent follows them on every
+            // pass, as it follows the Node's zone.
             let _ = node_ips_tx.send(node_addrs::select_from_list(&sel, &kube.node_ips()));
-            let k = kube.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    let ips = node_addrs::select_from_list(&sel, &k.node_ips());
-                    node_ips_tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
-                }
-            });
         } else {
-            node_addrs::follow(sel, node_ips_tx).await;
+            node_addrs::follow(sel.clone(), node_ips_tx).await;
         }
         kube
     } else {
@@ -172,8 +165,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .then(|| manifest::load(&args.manifests).ok()?.node_internal_ips(&node))
             .flatten();
         match from_node {
-            Some(ips) => node_addrs::follow_manifest_node(sel, ips, args.manifests.clone(), node.clone(), node_ips_tx),
-            None => node_addrs::follow(sel, node_ips_tx).await,
+            Some(ips) => {
+                node_addrs::follow_manifest_node(sel.clone(), ips, args.manifests.clone(), node.clone(), node_ips_tx)
+            }
+            None => node_addrs::follow(sel.clone(), node_ips_tx).await,
         }
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
@@ -233,6 +228,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let agent = agent::Agent {
         engine,
         zone_from_source: args.zone.is_none() && args.manifests.is_empty(),
+        node_ips_from_source: (args.manifests.is_empty() && args.nodeport_addresses == NodePortAddresses::Primary)
+            .then(|| args.nodeport_addresses.clone()),
         node_ips: node_ips_rx,
         source,
         resolve: resolve_opts,

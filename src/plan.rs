@@ -117,6 +117,18 @@ pub struct Plan {
     pub ops: Vec<Op>,
 }
 
+impl KernelState {
+    /// Our tables that exist: the main table, then the shards.
+    fn tables(&self) -> impl Iterator<Item = &str> {
+        self.table_exists.then_some(TABLE).into_iter().chain(self.shard_tables.iter().map(String::as_str))
+    }
+
+    /// A table's flags (0 when it has none).
+    fn flags_of(&self, table: &str) -> u32 {
+        self.table_flags.get(table).copied().unwrap_or(0)
+    }
+}
+
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -198,9 +210,9 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
         )
         // The kernel cannot turn `persist` on or off in place (--own-tables switched).
         .chain(
-            have.table_exists.then(|| TABLE.to_string()).into_iter().chain(have.shard_tables.iter().cloned()).filter(
-                |t| (have.table_flags.get(t).copied().unwrap_or(0) ^ want.table_flags) & NFT_TABLE_F_PERSIST != 0,
-            ),
+            have.tables()
+                .filter(|t| (have.flags_of(t) ^ want.table_flags) & NFT_TABLE_F_PERSIST != 0)
+                .map(str::to_string),
         )
         .filter(|t| !stale.contains(t.as_str()))
         .collect();
@@ -239,9 +251,8 @@ pub fn plan(have: &KernelState, want: Ruleset) -> Plan {
     for t in want_shards.iter().filter(|t| !have.shard_tables.contains(*t)) {
         ops.push(Op::AddTable { name: t.clone(), flags });
     }
-    let existing = have.shard_tables.iter().filter(|t| want_shards.contains(*t));
-    for t in have.table_exists.then_some(TABLE).into_iter().chain(existing.map(String::as_str)) {
-        if have.table_flags.get(t).copied().unwrap_or(0) != flags {
+    for t in have.tables().filter(|t| *t == TABLE || want_shards.contains(*t)) {
+        if have.flags_of(t) != flags {
             ops.push(Op::UpdateTable { name: t.to_string(), flags });
         }
     }

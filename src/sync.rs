@@ -38,6 +38,13 @@ pub fn kernel_has_persist(release: &str) -> bool {
     (major, minor) >= (6, 9)
 }
 
+/// Node addresses in the one order the skeleton and its digest are built from.
+fn sorted(mut ips: Vec<std::net::IpAddr>) -> Vec<std::net::IpAddr> {
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// The outcome of one sync.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -95,8 +102,7 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
 
 impl Engine {
     pub fn new(kernel: impl Kernel + 'static, mut opts: Options) -> Self {
-        opts.node_ips.sort();
-        opts.node_ips.dedup();
+        opts.node_ips = sorted(std::mem::take(&mut opts.node_ips));
         if opts.own_tables {
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             if !kernel_has_persist(release.trim()) {
@@ -127,9 +133,8 @@ impl Engine {
 
     /// The node's addresses that serve node ports changed: the next sync rewrites the node
     /// address sets (a full sync).
-    pub fn set_node_ips(&mut self, mut ips: Vec<std::net::IpAddr>) {
-        ips.sort();
-        ips.dedup();
+    pub fn set_node_ips(&mut self, ips: Vec<std::net::IpAddr>) {
+        let ips = sorted(ips);
         if ips != self.opts.node_ips {
             tracing::info!(?ips, "node-port addresses");
             self.opts.node_ips = ips;

@@ -226,6 +226,10 @@ impl Source for KubeSource {
         KubeSource::zone(self)
     }
 
+    fn node_internal_ips(&self) -> Option<Vec<std::net::IpAddr>> {
+        Some(self.node_ips())
+    }
+
     fn node_eligible(&self) -> bool {
         let node = self.node.state();
         let Some(n) = node.first() else { return true };

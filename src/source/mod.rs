@@ -103,6 +103,12 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// This node's InternalIPs as the source knows them now (the Node object in API mode);
+    /// `None` when it does not know.
+    fn node_internal_ips(&self) -> Option<Vec<std::net::IpAddr>> {
+        None
+    }
+
     /// Whether this node should still receive load-balancer traffic: false while its Node is
     /// being deleted or carries the `ToBeDeletedByClusterAutoscaler` taint (KEP-3836).
     fn node_eligible(&self) -> bool {

@@ -386,8 +386,7 @@ pub fn follow_manifest_node(
             }
             last = now;
             if let Some(ips) = crate::source::manifest::load(&paths).ok().and_then(|o| o.node_internal_ips(&node)) {
-                let ips = select_from_list(&sel, &ips);
-                tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+                publish(&tx, select_from_list(&sel, &ips));
             }
         }
     });
@@ -405,9 +404,14 @@ pub async fn follow(sel: NodePortAddresses, tx: tokio::sync::watch::Sender<Vec<I
     tokio::spawn(watch(sel, atx));
     tokio::spawn(async move {
         while let Some(ips) = arx.recv().await {
-            tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
+            publish(&tx, ips);
         }
     });
+}
+
+/// Hands `ips` to the receivers only when they differ from what they hold.
+fn publish(tx: &tokio::sync::watch::Sender<Vec<IpAddr>>, ips: Vec<IpAddr>) {
+    tx.send_if_modified(|have| (*have != ips).then(|| *have = ips).is_some());
 }
 
 #[cfg(test)]
