@@ -11,7 +11,7 @@ use tokio::time::sleep_until;
 
 use crate::healthcheck::{self, HealthChecks};
 use crate::metrics::{Health, Metrics};
-use crate::model::ServiceId;
+use crate::model::{Family, ServiceId};
 use crate::source::changes::{Changed, Desired};
 use crate::source::node_addrs::{NodePortAddresses, select_from_list};
 use crate::source::resolve::{self, ResolveOptions};
@@ -29,9 +29,6 @@ pub struct Timing {
     /// was down, a kernel that lost our objects without a commit) can stay.
     pub verify_period: Duration,
 }
-
-/// Most change times kept for the programming-latency metric between two syncs.
-const MAX_CHANGE_TIMES: usize = 1024;
 
 /// Everything the loop works with.
 pub struct Agent {
@@ -67,7 +64,6 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
     } = agent;
     let mut health_checks = HealthChecks::new(node_ips.borrow().clone());
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut changed_at: Vec<SystemTime> = vec![SystemTime::now()];
     let mut last_sync: Option<Instant> = None;
     let mut next_check = tokio::time::Instant::now();
     let mut last_error: Option<String> = None;
@@ -81,9 +77,10 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            Some(change) = changes.recv() => {
+            Some(_) = changes.recv() => {
                 health.queued();
-                if changed_at.len() < MAX_CHANGE_TIMES { changed_at.push(change.at); }
+                let (services, endpoints) = source.pending_counts();
+                metrics.queued(services, endpoints);
             }
             _ = sleep_until(next_check) => {}
             // `changed()` marks the value seen: remember that it moved.
@@ -111,11 +108,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                 _ = sleep_until(earliest) => {}
             }
         }
-        while let Ok(change) = changes.try_recv() {
-            if changed_at.len() < MAX_CHANGE_TIMES {
-                changed_at.push(change.at);
-            }
-        }
+        while changes.try_recv().is_ok() {}
         last_sync = Some(Instant::now());
         health.set_node_eligible(source.node_eligible());
         if zone_from_source {
@@ -128,6 +121,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             verified_at = Instant::now();
         }
         let changed = source.take_changed();
+        let pending = source.take_pending();
         let result = refresh(&*source, &resolve_opts, &mut desired, changed, resolve_all, &mut invalid)
             .map_err(crate::Error::from)
             .and_then(|hint| {
@@ -148,9 +142,16 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                 });
                 report_unserved(desired.snapshot(), &mut unserved);
                 metrics.invalid_objects(&invalid.by_kind());
-                metrics.synced(&outcome, services, &changed_at);
+                metrics.synced(&outcome, services);
+                // Committed before the conntrack cleanup, as kube-proxy measures it.
+                let committed = SystemTime::now() - outcome.conntrack_time;
+                metrics.programmed(&pending.triggers, committed);
+                let (services_pending, endpoints_pending) = source.pending_counts();
+                metrics.pending(services_pending, endpoints_pending);
+                for family in [Family::V4, Family::V6] {
+                    metrics.no_local_endpoints(family, desired.snapshot().no_local_endpoints(family, here));
+                }
                 health.synced();
-                changed_at.clear();
                 if last_error.take().is_some() {
                     tracing::info!("sync recovered");
                 }

@@ -46,7 +46,7 @@ struct Port {
 }
 
 /// The listeners of one port (one per address). Dropping it closes the port at once; the
-/// aborted `axum::serve` tasks then drop their listeners and close idle connections.
+/// aborted serving tasks then drop their listeners and close their connections.
 struct Listening {
     /// Duplicates of the listening sockets, shut down on drop so that the port refuses
     /// connections and can be bound again before the serving tasks are gone (aborting is
@@ -225,7 +225,9 @@ fn open(
         l.sockets.push(socket);
         let app = router(health.clone(), proxy.clone());
         l.tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            // The same connection cap and timeouts as /healthz and /metrics: a load balancer's
+            // (or anyone's) idle connections cannot use up the agent's descriptors.
+            let _ = crate::metrics::serve_bounded(listener, app).await;
         }));
     }
     Ok(l)

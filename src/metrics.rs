@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::{Family as ModelFamily, NoLocalEndpoints};
 use crate::sync::{Outcome, SyncKind};
 
 pub struct Metrics {
@@ -22,8 +23,15 @@ pub struct Metrics {
     sync: Histogram,
     sync_full: Histogram,
     sync_partial: Histogram,
-    programming: Histogram,
+    programming: Family<Labels, Histogram, fn() -> Histogram>,
     last_timestamp: Gauge<f64, AtomicU64>,
+    last_queued: Gauge<f64, AtomicU64>,
+    endpoint_changes_pending: Gauge,
+    service_changes_pending: Gauge,
+    no_local_endpoints: Family<Labels, Gauge>,
+    cleanup_failures: Family<Labels, Counter>,
+    reconciler_time: Family<Labels, Histogram, fn() -> Histogram>,
+    reconciler_deleted: Family<Labels, Counter>,
     endpoint_changes: Counter,
     service_changes: Counter,
     failures: Counter,
@@ -38,8 +46,30 @@ pub struct Metrics {
     conntrack_time: Histogram,
 }
 
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+/// kube-proxy's buckets for network programming latency: 0.25 s, 0.5 s, 1-59 s, 60-115 s by 5,
+/// 2-5 min by 30 s.
+fn programming_buckets() -> Histogram {
+    let b = [0.25, 0.5].into_iter();
+    let b = b.chain((1..=59).map(f64::from)).chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    Histogram::new(b.chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i))))
+}
+
+/// kube-proxy's `ip_family` label values.
+fn ip_family(f: ModelFamily) -> &'static str {
+    match f {
+        ModelFamily::V4 => "IPv4",
+        ModelFamily::V6 => "IPv6",
+    }
 }
 
 impl Default for Metrics {
@@ -49,8 +79,15 @@ impl Default for Metrics {
             sync: seconds(),
             sync_full: seconds(),
             sync_partial: seconds(),
-            programming: seconds(),
+            programming: Family::new_with_constructor(programming_buckets),
             last_timestamp: Gauge::default(),
+            last_queued: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
+            service_changes_pending: Gauge::default(),
+            no_local_endpoints: Family::default(),
+            cleanup_failures: Family::default(),
+            reconciler_time: Family::new_with_constructor(seconds),
+            reconciler_deleted: Family::default(),
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
             failures: Counter::default(),
@@ -75,9 +112,52 @@ impl Default for Metrics {
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
-            "From an object's change to the rules being committed",
+            "From an EndpointSlice's last-change-trigger-time to the commit of the rules that apply it \
+             (slice updates that changed endpoints, triggered after the agent started)",
             m.programming.clone(),
         );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "When a sync was last queued by a change (unix seconds)",
+            m.last_queued.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "EndpointSlice changes waiting for a sync",
+            m.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Service changes waiting for a sync",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no endpoint on this node (their traffic is dropped)",
+            m.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+            "Failed removals of stale objects (always in the sync's own transaction here: a failure counts as a sync failure)",
+            m.cleanup_failures.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "Time to clear stale UDP conntrack entries after a commit",
+            m.reconciler_time.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Stale UDP conntrack entries deleted",
+            m.reconciler_deleted.clone(),
+        );
+        for family in [ModelFamily::V4, ModelFamily::V6] {
+            let f = ip_family(family);
+            m.no_local_endpoints(family, NoLocalEndpoints::default());
+            let _ = m.cleanup_failures.get_or_create(&labels(&[("ip_family", f)]));
+            let _ = m.reconciler_deleted.get_or_create(&labels(&[("ip_family", f)]));
+            let _ = m.reconciler_time.get_or_create(&labels(&[("ip_family", f)]));
+        }
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "When the rules were last synced successfully (unix seconds)",
@@ -133,8 +213,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records a successful sync; `changed_at` are the change times it made effective.
-    pub fn synced(&self, o: &Outcome, services: usize, changed_at: &[SystemTime]) {
+    /// Records a successful sync.
+    pub fn synced(&self, o: &Outcome, services: usize) {
         let secs = o.total.as_secs_f64();
         self.sync.observe(secs);
         match o.kind {
@@ -145,8 +225,10 @@ impl Metrics {
             }
         }
         let now = SystemTime::now();
-        for t in changed_at {
-            self.programming.observe(now.duration_since(*t).unwrap_or_default().as_secs_f64());
+        for c in &o.conntrack {
+            let family = labels(&[("ip_family", ip_family(c.family))]);
+            self.reconciler_time.get_or_create(&family).observe(c.time.as_secs_f64());
+            self.reconciler_deleted.get_or_create(&family).inc_by(c.deleted as u64);
         }
         self.last_timestamp.set(now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         self.endpoint_changes.inc_by(o.endpoints_changed as u64);
@@ -156,6 +238,34 @@ impl Metrics {
         self.conntrack_deleted.inc_by(o.conntrack_deleted as u64);
         if o.conntrack_time > Duration::ZERO {
             self.conntrack_time.observe(o.conntrack_time.as_secs_f64());
+        }
+    }
+
+    /// Network programming latency: one sample per trigger time, measured to `committed` (the
+    /// commit, before conntrack cleanup).
+    pub fn programmed(&self, triggers: &[(SystemTime, ModelFamily)], committed: SystemTime) {
+        for (at, family) in triggers {
+            let latency = committed.duration_since(*at).unwrap_or_default().as_secs_f64();
+            self.programming.get_or_create(&labels(&[("ip_family", ip_family(*family))])).observe(latency);
+        }
+    }
+
+    /// A change arrived: kube-proxy's queued timestamp and pending counts.
+    pub fn queued(&self, services_pending: usize, endpoints_pending: usize) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        self.last_queued.set(now);
+        self.pending(services_pending, endpoints_pending);
+    }
+
+    pub fn pending(&self, services: usize, endpoints: usize) {
+        self.service_changes_pending.set(services as i64);
+        self.endpoint_changes_pending.set(endpoints as i64);
+    }
+
+    pub fn no_local_endpoints(&self, family: ModelFamily, n: NoLocalEndpoints) {
+        for (policy, count) in [("internal", n.internal), ("external", n.external)] {
+            let l = labels(&[("ip_family", ip_family(family)), ("traffic_policy", policy)]);
+            self.no_local_endpoints.get_or_create(&l).set(count as i64);
         }
     }
 
@@ -256,7 +366,11 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// (idle keep-alive included) is closed, and none lives past `CONNECTION_LIFETIME`.
 pub async fn serve_bounded(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections belong to this future: when it is dropped (a health-check port removed),
+    // they are closed with it.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             // Out of descriptors or a reset before accept: wait a little, keep serving.
@@ -270,7 +384,7 @@ pub async fn serve_bounded(listener: tokio::net::TcpListener, app: Router) -> st
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)

@@ -291,9 +291,73 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceId, Service>,
 }
 
+/// kube-proxy's `kubeproxy_sync_proxy_rules_no_local_endpoints_total` for one family: Service
+/// ports whose Local traffic policy finds no endpoint on this node, whose traffic is dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// `internalTrafficPolicy: Local`.
+    pub internal: usize,
+    /// `externalTrafficPolicy: Local` on a Service reachable from outside.
+    pub external: usize,
+}
+
+impl Snapshot {
+    /// Counted per Service port and family, as kube-proxy's per-family proxiers count them.
+    pub fn no_local_endpoints(&self, family: Family, here: &Locality) -> NoLocalEndpoints {
+        let mut out = NoLocalEndpoints::default();
+        for svc in self.services.values().filter(|s| s.cluster_ips.iter().any(|ip| Family::of(ip) == family)) {
+            let external = !svc.external.is_empty();
+            for port in &svc.ports {
+                let none_here = || port.usable_endpoints(family, true, here).is_empty();
+                if svc.internal_local && none_here() {
+                    out.internal += 1;
+                }
+                if svc.external.local && (external || port.node_port.is_some()) && none_here() {
+                    out.external += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_local_endpoints_counts_local_policies_left_without_a_local_endpoint() {
+        let here = Locality { node: Some("n1".into()), zone: None };
+        let on = |ip: &str, node: &str| Endpoint {
+            node_name: Some(node.into()),
+            ..Endpoint::ready(ip.parse().unwrap(), 80)
+        };
+        let svc = |name: &str, endpoints: Vec<Endpoint>, internal_local: bool, external_local: bool| {
+            let port = ServicePort {
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                node_port: Some(30080),
+                endpoints,
+            };
+            let mut s = Service::new(ServiceId::new("ns", name), vec!["10.96.0.1".parse().unwrap()], vec![port]);
+            s.internal_local = internal_local;
+            s.external.local = external_local;
+            (s.id.clone(), s)
+        };
+        let snapshot = Snapshot {
+            services: [
+                svc("remote-only", vec![on("10.0.0.2", "n2")], true, true),
+                svc("local", vec![on("10.0.0.1", "n1")], true, true),
+                svc("cluster-policy", vec![on("10.0.0.2", "n2")], false, false),
+                svc("internal-only", vec![], true, false),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        assert_eq!(snapshot.no_local_endpoints(Family::V4, &here), NoLocalEndpoints { internal: 2, external: 1 });
+        assert_eq!(snapshot.no_local_endpoints(Family::V6, &here), NoLocalEndpoints::default(), "no IPv6 ClusterIP");
+    }
 
     fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint { ready, serving, terminating, ..Endpoint::ready(ip.parse().unwrap(), 80) }

@@ -8,13 +8,14 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::compile::{self, Options, ServiceObjects};
 use crate::compile::{STATE_SET, StateRecord};
 use crate::conntrack::stale::UdpTargets;
 use crate::kernel::Kernel;
-use crate::model::{Service, ServiceId, Snapshot};
+use crate::model::{Family, Service, ServiceId, Snapshot};
 use crate::nft::ApplyStats;
 use crate::plan::{self, Op, Plan};
 use crate::ruleset::{Element, SetKind};
@@ -57,7 +58,17 @@ pub struct Outcome {
     /// Stale UDP conntrack entries deleted after the commit, and the time that took.
     pub conntrack_deleted: usize,
     pub conntrack_time: Duration,
+    /// The same per IP family (only families that had something to reconcile).
+    pub conntrack: Vec<ConntrackReconcile>,
     pub total: Duration,
+}
+
+/// One family's stale-UDP conntrack cleanup after a commit.
+#[derive(Debug, Clone)]
+pub struct ConntrackReconcile {
+    pub family: Family,
+    pub deleted: usize,
+    pub time: Duration,
 }
 
 pub struct Engine {
@@ -362,9 +373,17 @@ impl Engine {
         for svc in reconcile {
             targets.add(svc, false, &self.opts.node_ips);
         }
-        let ct_start = Instant::now();
-        let conntrack_deleted = if targets.is_empty() { 0 } else { self.kernel.clean_udp(&targets) };
-        let conntrack_time = if targets.is_empty() { Duration::ZERO } else { ct_start.elapsed() };
+        // One reconcile per IP family, as kube-proxy's metrics count them (`ip_family`).
+        let mut conntrack = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let of_family = |((ip, _), _): &(&(IpAddr, u16), _)| Family::of(ip) == family;
+            let part = UdpTargets(targets.0.iter().filter(of_family).map(|(k, v)| (*k, v.clone())).collect());
+            if !part.is_empty() {
+                let ct_start = Instant::now();
+                let deleted = self.kernel.clean_udp(&part);
+                conntrack.push(ConntrackReconcile { family, deleted, time: ct_start.elapsed() });
+            }
+        }
         for id in &changed {
             let replaced = match (snapshot.services.get(id), digests.get(id)) {
                 (Some(svc), Some(&d)) => {
@@ -378,8 +397,9 @@ impl Engine {
             }
         }
         let mut outcome = self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start);
-        outcome.conntrack_deleted = conntrack_deleted;
-        outcome.conntrack_time = conntrack_time;
+        outcome.conntrack_deleted = conntrack.iter().map(|c| c.deleted).sum();
+        outcome.conntrack_time = conntrack.iter().map(|c| c.time).sum();
+        outcome.conntrack = conntrack;
         Ok(outcome)
     }
 
@@ -403,6 +423,7 @@ impl Engine {
             read_back,
             conntrack_deleted: 0,
             conntrack_time: Duration::ZERO,
+            conntrack: Vec::new(),
             total: start.elapsed(),
         }
     }

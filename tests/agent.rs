@@ -128,7 +128,18 @@ fn metrics_and_healthz_move_with_syncs() {
     assert!(metric(&first, "kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= Some(1.0), "{first}");
     assert!(metric(&first, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(3.0), "{first}");
     assert_eq!(metric(&first, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"), Some(0.0));
-    assert!(first.contains("kubeproxy_network_programming_duration_seconds_bucket"));
+    // kube-proxy's names are exported with a value from the start.
+    for series in [
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"external\"}",
+        "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"}",
+        "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv6\"}",
+        "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"}",
+    ] {
+        assert_eq!(labelled(&first, series), Some(0.0), "{series}\n{first}");
+    }
+    assert_eq!(metric(&first, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), Some(0.0), "{first}");
+    assert_eq!(metric(&first, "kubeproxy_sync_proxy_rules_service_changes_pending"), Some(0.0), "{first}");
     // The conntrack cleanup's metrics are exported (no UDP flow here: nothing deleted yet).
     assert_eq!(metric(&first, "nftproxy_conntrack_entries_deleted_total"), Some(0.0), "{first}");
     assert!(first.contains("nftproxy_conntrack_cleanup_duration_seconds_bucket"), "{first}");
@@ -137,6 +148,7 @@ fn metrics_and_healthz_move_with_syncs() {
     assert!(wait_until(10, || metric(&get(), "kubeproxy_sync_partial_proxy_rules_duration_seconds_count") >= Some(1.0)));
     let second = get();
     assert!(metric(&second, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > ts1);
+    assert!(metric(&second, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > Some(ts1 - 60.0), "{second}");
     assert!(metric(&second, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= Some(5.0), "{second}");
     assert!(metric(&second, "nftproxy_transaction_messages_total") > Some(0.0));
     // Periodic checks of an untouched kernel read and send nothing.
@@ -318,4 +330,51 @@ fn healthz_drains_a_node_the_autoscaler_removes_while_livez_stays_up() {
     assert!(labelled(&metrics, "kubeproxy_proxy_livez_total{code=\"200\"}") >= Some(1.0), "{metrics}");
     s.api.apply(Kind::Node, node("node-1"));
     assert!(wait_until(10, || healthz().0 == 200), "{}", a.log_text());
+}
+
+/// `slice` with an `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+fn triggered(mut slice: serde_json::Value, at: &str) -> serde_json::Value {
+    slice["metadata"]["annotations"] = serde_json::json!({"endpoints.kubernetes.io/last-change-trigger-time": at});
+    slice
+}
+
+#[test]
+fn network_programming_latency_has_kube_proxys_semantics() {
+    let Some(s) = setup() else { return };
+    let a = agent(&s, "agent-npl");
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 1))), "{}", a.log_text());
+    let get = || s.c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let count = || labelled(&get(), "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}");
+    let synced = || metric(&get(), "kubeproxy_sync_partial_proxy_rules_duration_seconds_count").unwrap_or(0.0);
+    // Applies `obj` and waits for the partial sync it causes.
+    let apply_and_sync = |obj: serde_json::Value| {
+        let before = synced();
+        s.api.apply(Kind::EndpointSlice, obj);
+        assert!(wait_until(10, || synced() > before), "{}", a.log_text());
+    };
+    assert_eq!(count(), None, "no slice had a trigger time after the start: no sample\n{}", get());
+
+    // An endpoint change triggered now: one sample, from the trigger time to the commit.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    apply_and_sync(triggered(slice("web", 8080, &["10.244.1.2", "10.244.1.3"]), &now));
+    assert_eq!(count(), Some(1.0), "{}", get());
+    let sum = labelled(&get(), "kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv4\"}").unwrap();
+    assert!((0.0..10.0).contains(&sum), "from {now} to the commit: {sum} s");
+    assert!(
+        get().contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\",ip_family=\"IPv4\"}")
+            || get().contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"}"),
+        "kube-proxy's first bucket\n{}",
+        get()
+    );
+
+    // A change triggered before the agent started: no sample.
+    apply_and_sync(triggered(slice("web", 8080, &["10.244.1.2"]), "2020-01-01T00:00:00Z"));
+    // The same endpoints with a new trigger time: not an endpoint change, no sample.
+    let later = k8s_openapi::jiff::Timestamp::now().to_string();
+    s.api.apply(Kind::EndpointSlice, triggered(slice("web", 8080, &["10.244.1.2"]), &later));
+    // A deletion, however old the slice: no sample.
+    let before = synced();
+    s.api.delete(Kind::EndpointSlice, "default", "web-abc");
+    assert!(wait_until(10, || synced() > before), "{}", a.log_text());
+    assert_eq!(count(), Some(1.0), "only the first change is a sample\n{}", get());
 }

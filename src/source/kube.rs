@@ -2,8 +2,9 @@
 //! reflectors. The stores keep the last state when the API goes away; the watchers re-list
 //! with backoff (also after 410 Gone); each outage is logged once, not in a loop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,8 +21,8 @@ use tokio::sync::mpsc;
 
 use super::changes::{self, Changed, Tracker};
 use super::resolve::LABEL_SERVICE_NAME;
-use super::{API_ORIGIN, Change, InputErrors, Objects, Origin, Source};
-use crate::model::ServiceId;
+use super::{API_ORIGIN, Change, InputErrors, MAX_TRIGGERS, Objects, Origin, Pending, Source};
+use crate::model::{Family, ServiceId};
 
 /// kube-proxy's server-side filter on Services.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
@@ -45,6 +46,40 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     node: Store<Node>,
     changes: Arc<Mutex<Tracker>>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+/// Tells the EndpointSlice events that changed endpoints (kube-proxy's rule for counting them
+/// and for the programming-latency metric) from those that did not.
+#[derive(Default)]
+struct SliceChanges {
+    /// `(namespace, name)` -> a hash of the slice's endpoints and ports.
+    seen: HashMap<(String, String), u64>,
+}
+
+impl SliceChanges {
+    /// Records `slice`; true when its endpoints or ports differ from the last version seen.
+    fn applied(&mut self, slice: &EndpointSlice) -> bool {
+        let (namespace, name) = key_of(&slice.metadata);
+        let mut h = std::hash::DefaultHasher::new();
+        format!("{:?}{:?}", slice.endpoints, slice.ports).hash(&mut h);
+        let hash = h.finish();
+        self.seen.insert((namespace.to_string(), name.to_string()), hash) != Some(hash)
+    }
+
+    fn deleted(&mut self, slice: &EndpointSlice) {
+        let (namespace, name) = key_of(&slice.metadata);
+        self.seen.remove(&(namespace.to_string(), name.to_string()));
+    }
+}
+
+/// The trigger time a slice update contributes to the programming-latency metric: its
+/// annotation, when later than `started`.
+fn trigger_of(slice: &EndpointSlice, started: SystemTime) -> Option<(SystemTime, Family)> {
+    let at = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME)?.parse::<k8s_openapi::jiff::Timestamp>().ok()?;
+    let at = SystemTime::from(at);
+    let family = if slice.address_type == "IPv6" { Family::V6 } else { Family::V4 };
+    (at > started).then_some((at, family))
 }
 
 /// (namespace, name) of an object.
@@ -63,19 +98,9 @@ fn slice_owner(slice: &EndpointSlice) -> Option<ServiceId> {
     Some(ServiceId::new(key_of(&slice.metadata).0, name.as_str()))
 }
 
-fn lock(t: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
-    // The tracker holds no invariant a panicking holder could break halfway.
+fn lock<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Neither the tracker nor the counts hold an invariant a panicking holder could break.
     t.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn change_time<K: Resource>(obj: &K) -> SystemTime {
-    obj.meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(TRIGGER_TIME))
-        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .map(SystemTime::from)
-        .unwrap_or_else(SystemTime::now)
 }
 
 /// Runs a reflector for `K`; `observe` sees each event after the store has taken it (and
@@ -105,14 +130,10 @@ where
                         down = false;
                     }
                     observe(&event, &store);
-                    let at = match &event {
-                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(change_time(o)),
-                        watcher::Event::InitDone => Some(SystemTime::now()),
-                        _ => None,
-                    };
-                    if let Some(at) = at {
+                    if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)
+                    {
                         // Capacity 1: a pending notification already covers this change.
-                        let _ = tx.try_send(Change { at });
+                        let _ = tx.try_send(Change::now());
                     }
                 }
                 Err(e) if !down => {
@@ -129,19 +150,27 @@ where
 impl KubeSource {
     pub fn start(client: Client, node_name: &str, tx: mpsc::Sender<Change>) -> KubeSource {
         let changes = Arc::new(Mutex::new(Tracker::default()));
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let started = SystemTime::now();
         let c = changes.clone();
+        let p = pending.clone();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_SELECTOR),
             "Service",
             tx.clone(),
             move |event, _| match event {
-                watcher::Event::Apply(s) | watcher::Event::Delete(s) => lock(&c).service(service_id(&s.metadata)),
+                watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                    lock(&p).services += 1;
+                    lock(&c).service(service_id(&s.metadata))
+                }
                 watcher::Event::InitDone => lock(&c).everything(),
                 watcher::Event::Init | watcher::Event::InitApply(_) => {}
             },
         );
         let c = changes.clone();
+        let p = pending.clone();
+        let mut seen = SliceChanges::default();
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
@@ -151,10 +180,28 @@ impl KubeSource {
                 watcher::Event::Apply(s) => {
                     let (namespace, name) = key_of(&s.metadata);
                     lock(&c).slice_applied(namespace, name, slice_owner(s));
+                    if seen.applied(s) {
+                        let mut p = lock(&p);
+                        p.endpoints += 1;
+                        if p.triggers.len() < MAX_TRIGGERS {
+                            p.triggers.extend(trigger_of(s, started));
+                        }
+                    }
                 }
                 watcher::Event::Delete(s) => {
                     let (namespace, name) = key_of(&s.metadata);
                     lock(&c).slice_deleted(namespace, name);
+                    seen.deleted(s);
+                    lock(&p).endpoints += 1;
+                }
+                watcher::Event::InitApply(s) => {
+                    // A (re-)list: remember the slice; its trigger time, if new, counts.
+                    if seen.applied(s) {
+                        let mut p = lock(&p);
+                        if p.triggers.len() < MAX_TRIGGERS {
+                            p.triggers.extend(trigger_of(s, started));
+                        }
+                    }
                 }
                 watcher::Event::InitDone => {
                     let all = store.state();
@@ -164,7 +211,7 @@ impl KubeSource {
                     });
                     lock(&c).slices_relisted(index);
                 }
-                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                watcher::Event::Init => {}
             },
         );
         let c = changes.clone();
@@ -179,7 +226,7 @@ impl KubeSource {
                 }
             },
         );
-        KubeSource { services, slices, node, changes }
+        KubeSource { services, slices, node, changes, pending }
     }
 
     /// Waits until Services and EndpointSlices have been listed once.
@@ -220,6 +267,15 @@ impl Source for KubeSource {
 
     fn skips_bad_objects(&self) -> bool {
         true
+    }
+
+    fn take_pending(&self) -> Pending {
+        std::mem::take(&mut *lock(&self.pending))
+    }
+
+    fn pending_counts(&self) -> (usize, usize) {
+        let p = lock(&self.pending);
+        (p.services, p.endpoints)
     }
 
     fn zone(&self) -> Option<String> {

@@ -77,6 +77,23 @@ impl Change {
     }
 }
 
+/// Changes seen since the last sync, as kube-proxy counts them for its metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Service events (`kubeproxy_sync_proxy_rules_service_changes_pending`).
+    pub services: usize,
+    /// EndpointSlice events that changed endpoints, and deletions.
+    pub endpoints: usize,
+    /// For `kubeproxy_network_programming_duration_seconds`: the
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of each slice update that changed its
+    /// endpoints, when later than the agent's start, with the slice's address family. Never
+    /// for deletions or Service changes, as kube-proxy.
+    pub triggers: Vec<(std::time::SystemTime, crate::model::Family)>,
+}
+
+/// Most trigger times kept between two syncs.
+pub const MAX_TRIGGERS: usize = 4096;
+
 /// Where the agent's loop reads the current objects from.
 pub trait Source: Send + Sync {
     fn objects(&self) -> Result<Objects, InputErrors>;
@@ -113,6 +130,16 @@ pub trait Source: Send + Sync {
     /// being deleted or carries the `ToBeDeletedByClusterAutoscaler` taint (KEP-3836).
     fn node_eligible(&self) -> bool {
         true
+    }
+
+    /// The changes since the last `take_pending` (none for sources that cannot tell).
+    fn take_pending(&self) -> Pending {
+        Pending::default()
+    }
+
+    /// How many Service and endpoint changes wait for a sync now.
+    fn pending_counts(&self) -> (usize, usize) {
+        (0, 0)
     }
 
     /// Whether a bad object is skipped on its own (the API: objects come and go independently)
