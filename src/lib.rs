@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod compile;
+pub mod config;
 pub mod conntrack;
 pub mod healthcheck;
 pub mod kernel;
@@ -18,6 +19,7 @@ pub mod report;
 pub mod ruleset;
 pub mod source;
 pub mod sync;
+pub mod sysctl;
 pub mod trace;
 
 /// Every way a sync can fail, one variant per step.

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
@@ -51,16 +52,41 @@ struct Args {
     /// Remove everything nftproxy created (table inet nftproxy) and exit.
     #[arg(long)]
     cleanup: bool,
-    /// Pod network range(s); traffic to a ClusterIP from outside them is masqueraded.
-    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    /// kube-proxy's configuration file (a `KubeProxyConfiguration`, as in kubeadm's
+    /// `kube-proxy` ConfigMap). As in kube-proxy, flags that the file covers are then ignored
+    /// (with a warning), except `--hostname-override` and the logging flags.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Pod network range(s), comma-separated or repeated, one per family; traffic to a
+    /// ClusterIP from outside them is masqueraded.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
     cluster_cidrs: Vec<IpNet>,
     /// Masquerade all traffic to ClusterIPs.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     masquerade_all: bool,
-    /// Do not drop packets conntrack marks INVALID on the forward path (kube-proxy's flag of
-    /// the same name; set it only if your CNI relies on such packets passing).
-    #[arg(long)]
+    /// kube-proxy's flag: set nf_conntrack_tcp_be_liberal=1 and do not drop packets conntrack
+    /// marks INVALID on the forward path.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     conntrack_tcp_be_liberal: bool,
+    /// kube-proxy's: raise nf_conntrack_max to this many entries per CPU (or --conntrack-min,
+    /// whichever is larger); never lowers it. Initial network namespace only.
+    #[arg(long, value_name = "N")]
+    conntrack_max_per_core: Option<u32>,
+    /// kube-proxy's: the least nf_conntrack_max to raise to (with --conntrack-max-per-core).
+    #[arg(long, value_name = "N")]
+    conntrack_min: Option<u32>,
+    /// kube-proxy's: nf_conntrack_tcp_timeout_established (a Go duration such as 24h0m0s).
+    #[arg(long, value_name = "DURATION", value_parser = nftproxy::config::go_duration)]
+    conntrack_tcp_timeout_established: Option<Duration>,
+    /// kube-proxy's: nf_conntrack_tcp_timeout_close_wait.
+    #[arg(long, value_name = "DURATION", value_parser = nftproxy::config::go_duration)]
+    conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// kube-proxy's: nf_conntrack_udp_timeout.
+    #[arg(long, value_name = "DURATION", value_parser = nftproxy::config::go_duration)]
+    conntrack_udp_timeout: Option<Duration>,
+    /// kube-proxy's: nf_conntrack_udp_timeout_stream.
+    #[arg(long, value_name = "DURATION", value_parser = nftproxy::config::go_duration)]
+    conntrack_udp_timeout_stream: Option<Duration>,
     /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...; 1 to 64). A
     /// partial sync then re-validates one table in the kernel instead of all. `auto`: one table
     /// per 500 Services at start (1 to 32), keeping the tables there are if close to that.
@@ -75,8 +101,8 @@ struct Args {
     /// label when reading the API).
     #[arg(long)]
     zone: Option<String>,
-    /// This node's name; defaults to the hostname.
-    #[arg(long)]
+    /// This node's name; defaults to the hostname (kube-proxy's `--hostname-override`).
+    #[arg(long, visible_alias = "hostname-override")]
     node_name: Option<String>,
     /// Which of the node's addresses serve node ports: `primary` (in API mode the Node's
     /// InternalIPs; in manifest mode a `v1 Node` of this name in the manifests, else the
@@ -92,34 +118,55 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10.96.0.0/12")]
     service_cluster_ip_range: Vec<IpNet>,
     /// Periodic check: the kernel is verified (and repaired if anything drifted) this often.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, alias = "iptables-sync-period")]
     sync_period: Duration,
     /// A full read-back of our tables at least this often, even when no commit by anyone else
     /// was seen (the periodic check above is one cheap generation query otherwise).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     verify_period: Duration,
     /// Minimum time between syncs; changes in between are applied together.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, alias = "iptables-min-sync-period")]
     min_sync_period: Duration,
-    /// healthz (`/healthz`, `/livez`) address.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// healthz (`/healthz`, `/livez`) address: IP:PORT, IP or :PORT.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| bind_address(s, 10256))]
     healthz_bind_address: SocketAddr,
-    /// Prometheus `/metrics` address.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    /// Prometheus `/metrics` address: IP:PORT, IP or :PORT.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| bind_address(s, 10249))]
     metrics_bind_address: SocketAddr,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Log verbosity as kube-proxy's `--v`: 4 and up logs debug, 6 and up trace (RUST_LOG wins).
+    #[arg(long = "v", value_name = "N")]
+    verbosity: Option<u32>,
+    /// The conntrack settings in effect: from the `--conntrack-*` flags, or from the file.
+    #[arg(skip)]
+    conntrack: nftproxy::config::Conntrack,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    let (argv, foreign_flags) = nftproxy::config::strip_foreign_flags(std::env::args_os().collect());
+    let matches = Args::command().get_matches_from(argv);
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let file = match args.config.as_deref().map(nftproxy::config::load).transpose() {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("nftproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Logging flags override the file, as in kube-proxy.
+    let verbosity = args.verbosity.or(file.as_ref().and_then(|(f, _)| f.verbosity));
+    init_logging(args.log_format, verbosity);
+    for w in foreign_flags {
+        tracing::warn!("{w}");
+    }
+    args.conntrack = conntrack_flags(&args);
+    if let Some((settings, warnings)) = file {
+        for w in warnings.into_iter().chain(apply_config(&mut args, &matches, settings)) {
+            tracing::warn!("{w}");
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let result = runtime.map_err(BoxError::from).and_then(|rt| rt.block_on(run(args)));
@@ -136,6 +183,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
     if args.cleanup {
         out(&format!("{}\n", oneshot::cleanup(&mut Netlink::open()?)?));
         return Ok(());
+    }
+    if !args.dry_run {
+        nftproxy::sysctl::apply_conntrack(&args.conntrack);
     }
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
     let resolve_opts = ResolveOptions {
@@ -179,7 +229,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let opts = Options {
         cluster_cidrs: args.cluster_cidrs.clone(),
         masquerade_all: args.masquerade_all,
-        conntrack_tcp_be_liberal: args.conntrack_tcp_be_liberal,
+        conntrack_tcp_be_liberal: args.conntrack.tcp_be_liberal == Some(true),
         locality: locality.clone(),
         table_shards: args.table_shards.tables(source.service_count(), existing_tables()),
         own_tables: args.own_tables,
@@ -240,6 +290,84 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     agent::run(agent, shutdown_signal()).await;
     Ok(())
+}
+
+fn init_logging(format: LogFormat, verbosity: Option<u32>) {
+    let level = match verbosity.unwrap_or(0) {
+        0..=3 => "info",
+        4 | 5 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+}
+
+fn conntrack_flags(args: &Args) -> nftproxy::config::Conntrack {
+    nftproxy::config::Conntrack {
+        max_per_core: args.conntrack_max_per_core.filter(|n| *n > 0),
+        min: args.conntrack_min.filter(|n| *n > 0),
+        tcp_established_timeout: args.conntrack_tcp_timeout_established.filter(|d| !d.is_zero()),
+        tcp_close_wait_timeout: args.conntrack_tcp_timeout_close_wait.filter(|d| !d.is_zero()),
+        tcp_be_liberal: args.conntrack_tcp_be_liberal.then_some(true),
+        udp_timeout: args.conntrack_udp_timeout.filter(|d| !d.is_zero()),
+        udp_stream_timeout: args.conntrack_udp_timeout_stream.filter(|d| !d.is_zero()),
+    }
+}
+
+/// The flags a KubeProxyConfiguration covers: under `--config` the file decides them, as in
+/// kube-proxy (which ignores such flags silently; we say so).
+const FILE_FLAGS: &[(&str, &str)] = &[
+    ("cluster_cidrs", "--cluster-cidr"),
+    ("masquerade_all", "--masquerade-all"),
+    ("conntrack_tcp_be_liberal", "--conntrack-tcp-be-liberal"),
+    ("conntrack_max_per_core", "--conntrack-max-per-core"),
+    ("conntrack_min", "--conntrack-min"),
+    ("conntrack_tcp_timeout_established", "--conntrack-tcp-timeout-established"),
+    ("conntrack_tcp_timeout_close_wait", "--conntrack-tcp-timeout-close-wait"),
+    ("conntrack_udp_timeout", "--conntrack-udp-timeout"),
+    ("conntrack_udp_timeout_stream", "--conntrack-udp-timeout-stream"),
+    ("nodeport_addresses", "--nodeport-addresses"),
+    ("sync_period", "--sync-period"),
+    ("min_sync_period", "--min-sync-period"),
+    ("healthz_bind_address", "--healthz-bind-address"),
+    ("metrics_bind_address", "--metrics-bind-address"),
+    ("kubeconfig", "--kubeconfig"),
+];
+
+/// Puts the file's settings in `args` (defaults where the file leaves a field empty); returns
+/// a warning for each flag the file overrode.
+fn apply_config(args: &mut Args, matches: &ArgMatches, file: nftproxy::config::FileSettings) -> Vec<String> {
+    let warnings = FILE_FLAGS
+        .iter()
+        .filter(|(id, _)| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .map(|(_, flag)| {
+            format!("{flag} ignored: with --config the file decides it (only --hostname-override and logging flags override the file, as in kube-proxy)")
+        })
+        .collect();
+    let defaults = Args::try_parse_from(["nftproxy"]).expect("the defaults parse");
+    args.cluster_cidrs = file.cluster_cidrs.unwrap_or(defaults.cluster_cidrs);
+    args.masquerade_all = file.masquerade_all.unwrap_or(defaults.masquerade_all);
+    args.conntrack = file.conntrack;
+    args.nodeport_addresses = file.nodeport_addresses.unwrap_or(defaults.nodeport_addresses);
+    args.sync_period = file.sync_period.unwrap_or(defaults.sync_period);
+    args.min_sync_period = file.min_sync_period.unwrap_or(defaults.min_sync_period);
+    args.healthz_bind_address = file.healthz_bind_address.unwrap_or(defaults.healthz_bind_address);
+    args.metrics_bind_address = file.metrics_bind_address.unwrap_or(defaults.metrics_bind_address);
+    if args.manifests.is_empty() {
+        args.kubeconfig = file.kubeconfig;
+    }
+    if args.node_name.is_none() {
+        args.node_name = file.hostname_override;
+    }
+    warnings
+}
+
+fn bind_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
+    nftproxy::config::bind_address(text, default_port)
 }
 
 /// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.
