@@ -43,6 +43,8 @@ pub struct FileSettings {
     pub conntrack: Conntrack,
     /// `logging.verbosity` (kube-proxy's `--v`).
     pub verbosity: Option<u32>,
+    /// Worth saying, not worth a warning (the `mode` the file names).
+    pub notes: Vec<String>,
 }
 
 /// kube-proxy's conntrack settings; each applied only when set (see [`crate::sysctl`]).
@@ -201,7 +203,7 @@ pub fn parse(file: &str, text: &str) -> Result<(FileSettings, Vec<String>), Conf
         return Err(err("mode", format!("{mode:?}: not a kube-proxy mode on Linux (iptables, ipvs, nftables)")));
     }
     if !mode.is_empty() {
-        warnings.push(format!("{file}: mode: {mode:?} accepted; nftproxy is the proxier (nftables over netlink)"));
+        s.notes.push(format!("{file}: mode: {mode:?} accepted; nftproxy is the proxier (nftables over netlink)"));
     }
     s.sync_period = duration(&section.sync_period).map_err(|m| err(&format!("{name}.syncPeriod"), m))?;
     s.min_sync_period = duration(&section.min_sync_period).map_err(|m| err(&format!("{name}.minSyncPeriod"), m))?;
@@ -562,8 +564,9 @@ logging: {verbosity: 4}
             }
         );
         assert_eq!(s.verbosity, Some(4));
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("mode: \"nftables\" accepted"), "{warnings:?}");
+        assert_eq!(warnings, Vec::<String>::new());
+        assert_eq!(s.notes.len(), 1, "{:?}", s.notes);
+        assert!(s.notes[0].contains("mode: \"nftables\" accepted"), "{:?}", s.notes);
     }
 
     #[test]

@@ -164,6 +164,9 @@ fn main() -> ExitCode {
     }
     args.conntrack = conntrack_flags(&args);
     if let Some((settings, warnings)) = file {
+        for note in &settings.notes {
+            tracing::info!("{note}");
+        }
         for w in warnings.into_iter().chain(apply_config(&mut args, &matches, settings)) {
             tracing::warn!("{w}");
         }

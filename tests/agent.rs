@@ -378,3 +378,28 @@ fn network_programming_latency_has_kube_proxys_semantics() {
     assert!(wait_until(10, || synced() > before), "{}", a.log_text());
     assert_eq!(count(), Some(1.0), "only the first change is a sample\n{}", get());
 }
+
+#[test]
+fn api_mode_from_a_kube_proxy_config_file() {
+    let Some(s) = setup() else { return };
+    // kubeadm's layout: the API access, bind addresses and periods in the file, the node name
+    // from `--hostname-override`, as kube-proxy's DaemonSet passes them.
+    let config = s.c.write(
+        "kube-proxy.conf",
+        &format!(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n\
+             clientConnection:\n  kubeconfig: {}\nclusterCIDR: 10.244.0.0/16\nmetricsBindAddress: 127.0.0.1:10259\n\
+             healthzBindAddress: 0.0.0.0:10266\nnftables:\n  minSyncPeriod: 100ms\n  syncPeriod: 2s\n",
+            s.kubeconfig
+        ),
+    );
+    let a = s.c.start_agent("agent-config", &["--config", config.to_str().unwrap(), "--hostname-override=node-1"]);
+    assert!(wait_until(30, || only_web(&s.c.probe("client", "tcp", VIP, 3))), "{}", a.log_text());
+    let metrics = s.c.http_get("127.0.0.1:10259", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(metric(&metrics, "kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= Some(1.0), "{metrics}");
+    assert_eq!(s.c.http_get("127.0.0.1:10266", "/livez").map(|(c, _)| c), Some(200));
+    // A change goes through at the file's pace.
+    s.api.apply(Kind::EndpointSlice, slice("web", 8080, &["10.244.1.4"]));
+    assert!(wait_until(10, || s.c.probe("client", "tcp", VIP, 3).get("web-c") == Some(&3)), "{}", a.log_text());
+    assert!(!a.log_text().contains("WARN"), "{}", a.log_text());
+}
