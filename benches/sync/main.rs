@@ -18,6 +18,7 @@ mod common;
 
 mod anchors;
 mod child;
+mod first_packet;
 mod report;
 mod shapes;
 
@@ -338,6 +339,17 @@ fn harness(args: &[String]) {
     let work = std::env::temp_dir().join(format!("nftproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let mut r = Report::default();
+    let first_packet = |r: &mut Report| {
+        let n = get("--dataplane-services", "10000").parse().unwrap();
+        let rounds = get("--first-packet-rounds", "20").parse().unwrap();
+        first_packet::bench_first_packet(r, &work, n, rounds, get("--first-packet-connections", "1000").parse().unwrap());
+    };
+    if args.iter().any(|a| a == "--only-first-packet") {
+        first_packet(&mut r);
+        let _ = std::fs::remove_dir_all(&work);
+        write_outputs(&r, &out_dir);
+        return;
+    }
     for &n in &sizes {
         bench_size(&mut r, &work, n, e, n <= nft_max);
     }
@@ -349,6 +361,7 @@ fn harness(args: &[String]) {
     }
     if !args.iter().any(|a| a == "--no-dataplane") {
         bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
+        first_packet(&mut r);
     }
     if !args.iter().any(|a| a == "--no-external") {
         bench_external(&mut r, get("--external-services", "10000").parse().unwrap(), e);
