@@ -18,7 +18,8 @@ use super::*;
 /// Busy jiffies of all CPUs (everything but idle and iowait) from `/proc/stat`.
 fn busy_jiffies() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<u64> = stat.lines().next().unwrap().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let cpu: Vec<u64> =
+        stat.lines().next().unwrap().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     cpu.iter().sum::<u64>() - cpu[3] - cpu[4]
 }
 

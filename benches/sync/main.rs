@@ -342,7 +342,13 @@ fn harness(args: &[String]) {
     let first_packet = |r: &mut Report| {
         let n = get("--dataplane-services", "10000").parse().unwrap();
         let rounds = get("--first-packet-rounds", "20").parse().unwrap();
-        first_packet::bench_first_packet(r, &work, n, rounds, get("--first-packet-connections", "1000").parse().unwrap());
+        first_packet::bench_first_packet(
+            r,
+            &work,
+            n,
+            rounds,
+            get("--first-packet-connections", "1000").parse().unwrap(),
+        );
     };
     if args.iter().any(|a| a == "--only-first-packet") {
         first_packet(&mut r);
