@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod compile;
 pub mod conntrack;
+pub mod dns;
 pub mod healthcheck;
 pub mod kernel;
 pub mod metrics;

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
+use nftproxy::dns::{self, ClusterDns};
 use nftproxy::kernel::LiveKernel;
 use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::model::Locality;
@@ -109,6 +110,13 @@ struct Args {
     metrics_bind_address: SocketAddr,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Manifest mode: answer cluster DNS (`<svc>.<ns>.svc.<domain>`) on these addresses, port
+    /// 53 UDP and TCP, reached like a ClusterIP (comma-separated, one per family).
+    #[arg(long, value_delimiter = ',', value_name = "IP[,IP]")]
+    cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster's DNS domain, with --cluster-dns.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -137,6 +145,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         out(&format!("{}\n", oneshot::cleanup(&mut Netlink::open()?)?));
         return Ok(());
     }
+    let dns_mode = dns::Mode { manifests: !args.manifests.is_empty(), sync_once: args.sync_once };
+    let cluster_dns = ClusterDns::from_flags(&args.cluster_dns, &args.cluster_domain, dns_mode)?;
     let node = args.node_name.clone().or_else(hostname).unwrap_or_default();
     let resolve_opts = ResolveOptions {
         service_cidrs: args.service_cluster_ip_range.clone(),
@@ -173,7 +183,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
-        Arc::new(Manifests(args.manifests.clone()))
+        let manifests: Arc<dyn Source> = Arc::new(Manifests(args.manifests.clone()));
+        match cluster_dns {
+            Some(dns) => dns.start(manifests, tx.clone()).await?,
+            None => manifests,
+        }
     };
     let locality = Locality { node: Some(node.clone()), zone };
     let opts = Options {
