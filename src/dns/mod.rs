@@ -335,3 +335,112 @@ pub fn synthetic(dns_ips: &[IpAddr], listeners: &[IpAddr]) -> (Service, Endpoint
     };
     (service, Endpoints { metadata: meta, subsets: Some(vec![subset]) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifest::parse_into;
+    use crate::source::resolve::{ResolveOptions, resolve};
+
+    fn mode() -> Mode {
+        Mode { manifests: true, sync_once: false }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn flags_are_checked_with_errors_that_say_why() {
+        let dns = ClusterDns::from_flags(&ips(&["fd00::a", "10.96.0.10"]), "cluster.local", mode()).unwrap().unwrap();
+        assert_eq!(dns.ips, ips(&["10.96.0.10", "fd00::a"]));
+        assert_eq!(dns.domain.to_ascii(), "cluster.local.");
+        assert!(ClusterDns::from_flags(&[], "cluster.local", mode()).unwrap().is_none());
+        let err =
+            |list: &[&str], domain: &str, mode: Mode| ClusterDns::from_flags(&ips(list), domain, mode).unwrap_err();
+        let api = err(&["10.96.0.10"], "cluster.local", Mode { manifests: false, sync_once: false });
+        assert!(api.contains("CoreDNS"), "{api}");
+        let once = err(&["10.96.0.10"], "cluster.local", Mode { manifests: true, sync_once: true });
+        assert!(once.contains("--sync-once"), "{once}");
+        let two = err(&["10.96.0.10", "10.96.0.11"], "cluster.local", mode());
+        assert!(two.contains("one family"), "{two}");
+        assert!(err(&["127.0.0.1"], "cluster.local", mode()).contains("loopback"));
+        assert!(err(&["10.96.0.10"], "a..b", mode()).contains("--cluster-domain"));
+    }
+
+    fn objects(yaml: &str) -> Objects {
+        let (mut objects, mut errors) = (Objects::default(), Vec::new());
+        parse_into("svc.yaml", yaml, &mut objects, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        objects
+    }
+
+    #[test]
+    fn a_manifest_service_claiming_the_dns_address_or_name_is_an_error_naming_it() {
+        let o = objects(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: mine, namespace: apps}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{port: 53}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: cluster-dns, namespace: kube-system}\n\
+             spec: {ports: [{port: 53}]}\n",
+        );
+        let errors: Vec<String> = claims(&o, &ips(&["10.96.0.10"])).iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "svc.yaml (document 1): Service apps/mine: spec.clusterIP: 10.96.0.10 is a --cluster-dns address"
+            ),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[1].contains("Service kube-system/cluster-dns: metadata.name"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn the_allocator_never_hands_out_a_dns_address() {
+        // A /30 has two usable addresses; the DNS address takes one, so every Service that asks
+        // for one gets the other or an error, never the DNS address.
+        let mut o = objects("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n");
+        let (service, endpoints) = synthetic(&ips(&["10.96.0.1"]), &ips(&["192.0.2.1"]));
+        o.services.push((Origin(ORIGIN.into()), service));
+        o.endpoints.push((Origin(ORIGIN.into()), endpoints));
+        let opts = ResolveOptions { service_cidrs: vec!["10.96.0.0/30".parse().unwrap()], ..Default::default() };
+        let snapshot = resolve(&o, &opts).unwrap();
+        let a = &snapshot.services[&ServiceId::new("default", "a")];
+        assert_eq!(a.cluster_ips, ips(&["10.96.0.2"]));
+        let dns = &snapshot.services[&ServiceId::new(SERVICE_NAMESPACE, SERVICE_NAME)];
+        assert_eq!(dns.cluster_ips, ips(&["10.96.0.1"]));
+        let ep: Vec<String> =
+            dns.ports.iter().flat_map(|p| &p.endpoints).map(|e| format!("{}:{}", e.ip, e.port)).collect();
+        assert_eq!(ep, ["192.0.2.1:10053", "192.0.2.1:10053"]);
+    }
+
+    #[test]
+    fn the_listener_is_the_first_node_address_of_each_family_asked_for() {
+        let node = ips(&["192.0.2.9", "192.0.2.1", "2001:db8::1"]);
+        assert_eq!(listen_addresses(&node, &[Family::V4]), ips(&["192.0.2.1"]));
+        assert_eq!(listen_addresses(&node, &[Family::V4, Family::V6]), ips(&["192.0.2.1", "2001:db8::1"]));
+        assert_eq!(listen_addresses(&ips(&["2001:db8::1"]), &[Family::V4]), Vec::<IpAddr>::new());
+    }
+
+    #[test]
+    fn headless_services_resolve_to_ready_addresses_from_slices_or_pods() {
+        let o = objects(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, selector: {app: db}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, labels: {app: db}}\n\
+             status: {podIPs: [{ip: 10.244.1.5}], conditions: [{type: Ready, status: 'True'}]}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: db-1, labels: {app: db}}\n\
+             status: {podIPs: [{ip: 10.244.1.6}], conditions: [{type: Ready, status: 'False'}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: cache}\nspec: {clusterIP: None, ports: [{name: redis, port: 6379}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: cache-1, labels: {kubernetes.io/service-name: cache}}\n\
+             addressType: IPv6\nports: [{name: redis, port: 6379}]\n\
+             endpoints: [{addresses: ['fd00::7']}, {addresses: ['fd00::8'], conditions: {ready: false}}]\n",
+        );
+        let h = resolve::headless(&o).unwrap();
+        let got: Vec<(String, Vec<IpAddr>)> = h.iter().map(|h| (h.id.to_string(), h.addresses.clone())).collect();
+        assert_eq!(
+            got,
+            [("default/db".to_string(), ips(&["10.244.1.5"])), ("default/cache".to_string(), ips(&["fd00::7"]))]
+        );
+        assert_eq!(h[1].ports[0].name, "redis");
+    }
+}
