@@ -33,9 +33,10 @@ enum Cmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
-        /// UDP ports that send every datagram back as it came (the benchmark's floor for DNS).
+        /// `IP:PORT` where every UDP datagram is sent back as it came (the benchmark's floor for
+        /// DNS). A specific address, so that answers leave from the address the DNAT sent to.
         #[arg(long)]
-        udp_echo: Vec<u16>,
+        udp_echo: Vec<SocketAddr>,
     },
     /// Asks a DNS server one question and prints the response (`status ...`, then one line per
     /// record: `answer|authority|additional NAME TTL TYPE DATA`).
@@ -214,6 +215,10 @@ fn dns_bench(server: SocketAddr, pattern: &str, range: u32, count: usize) -> Exi
                 }
             }
         }
+        if failed >= 10 && us.len() < failed {
+            eprintln!("giving up: {failed} queries unanswered");
+            break;
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     us.sort_by(|a, b| a.total_cmp(b));
@@ -228,10 +233,10 @@ fn dns_bench(server: SocketAddr, pattern: &str, range: u32, count: usize) -> Exi
     ExitCode::SUCCESS
 }
 
-fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, udp_echo: Vec<u16>) -> ExitCode {
+fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, udp_echo: Vec<SocketAddr>) -> ExitCode {
     let mut threads = Vec::new();
-    for port in udp_echo {
-        let s = UdpSocket::bind(("::", port)).expect("bind udp");
+    for addr in udp_echo {
+        let s = UdpSocket::bind(addr).expect("bind udp");
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok((n, peer)) = s.recv_from(&mut buf) {
