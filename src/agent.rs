@@ -141,6 +141,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
                     healthcheck::wanted(desired.snapshot(), here)
                 });
                 report_unserved(desired.snapshot(), &mut unserved);
+                source.served(desired.snapshot());
                 metrics.invalid_objects(&invalid.by_kind());
                 metrics.synced(&outcome, services);
                 // Committed before the conntrack cleanup, as kube-proxy measures it.

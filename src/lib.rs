@@ -8,6 +8,7 @@ pub mod agent;
 pub mod compile;
 pub mod config;
 pub mod conntrack;
+pub mod dns;
 pub mod healthcheck;
 pub mod kernel;
 pub mod metrics;

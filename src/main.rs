@@ -11,6 +11,7 @@ use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, ValueE
 use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
+use nftproxy::dns::{self, ClusterDns};
 use nftproxy::kernel::LiveKernel;
 use nftproxy::metrics::{self, Health, Metrics};
 use nftproxy::model::Locality;
@@ -141,6 +142,13 @@ struct Args {
     /// The conntrack settings in effect: from the `--conntrack-*` flags, or from the file.
     #[arg(skip)]
     conntrack: nftproxy::config::Conntrack,
+    /// Manifest mode: answer cluster DNS (`<svc>.<ns>.svc.<domain>`) on these addresses, port
+    /// 53 UDP and TCP, reached like a ClusterIP (comma-separated, one per family).
+    #[arg(long, value_delimiter = ',', value_name = "IP[,IP]")]
+    cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster's DNS domain, with --cluster-dns.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -187,6 +195,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         out(&format!("{}\n", oneshot::cleanup(&mut Netlink::open()?)?));
         return Ok(());
     }
+    let dns_mode = dns::Mode { manifests: !args.manifests.is_empty(), sync_once: args.sync_once };
+    let cluster_dns = ClusterDns::from_flags(&args.cluster_dns, &args.cluster_domain, dns_mode)?;
     if !args.dry_run {
         nftproxy::sysctl::apply_conntrack(&args.conntrack);
     }
@@ -226,7 +236,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
-        Arc::new(Manifests(args.manifests.clone()))
+        let manifests: Arc<dyn Source> = Arc::new(Manifests(args.manifests.clone()));
+        match cluster_dns {
+            Some(dns) => dns.start(manifests, tx.clone()).await?,
+            None => manifests,
+        }
     };
     let locality = Locality { node: Some(node.clone()), zone };
     let opts = Options {

@@ -4,7 +4,9 @@
 //! datagram with `NAME PEER-IP\n` (TCP connections then echo what they receive, so a test can
 //! hold a long-lived connection open).
 //! `probe tcp|udp ADDR:PORT --count N`: makes N fresh connections (or N datagrams from fresh
-//! sockets) and prints how many answers came from each pod, and how many failed and why.
+//! sockets) and prints how many answers came from each pod, and how many failed and why; ADDR
+//! may be `NAME:PORT` with `--dns SERVER` to resolve NAME first.
+//! `resolve NAME [TYPE] --server IP`: one DNS question, the response as text.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,6 +15,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use hickory_proto::rr::RecordType;
+use nftproxy::dns::client as dns;
 
 #[derive(Parser)]
 struct Args {
@@ -29,11 +33,47 @@ enum Cmd {
         tcp: Vec<u16>,
         #[arg(long)]
         udp: Vec<u16>,
+        /// `IP:PORT` where every UDP datagram is sent back as it came (the benchmark's floor for
+        /// DNS). A specific address, so that answers leave from the address the DNAT sent to.
+        #[arg(long)]
+        udp_echo: Vec<SocketAddr>,
+    },
+    /// Asks a DNS server one question and prints the response (`status ...`, then one line per
+    /// record: `answer|authority|additional NAME TTL TYPE DATA`).
+    Resolve {
+        name: String,
+        #[arg(default_value = "A")]
+        qtype: String,
+        /// `IP[:PORT]` (port 53 by default).
+        #[arg(long)]
+        server: String,
+        /// Over TCP instead of UDP.
+        #[arg(long)]
+        tcp: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// DNS load from one socket: COUNT queries for names NAME-PATTERN with `{}` replaced by a
+    /// random number below RANGE, one outstanding at a time; prints
+    /// `qps=... p50_us=... p99_us=... n=... failed=...`. Any datagram with the query's id counts
+    /// as the answer, so a UDP echo server gives the path's floor.
+    DnsBench {
+        server: SocketAddr,
+        #[arg(long)]
+        name_pattern: String,
+        #[arg(long, default_value_t = 1)]
+        range: u32,
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
     },
     Probe {
         /// tcp or udp
         proto: String,
-        addr: SocketAddr,
+        /// `IP:PORT`, or `NAME:PORT` resolved through `--dns`.
+        addr: String,
+        /// The DNS server (`IP[:PORT]`) that resolves a name in ADDR.
+        #[arg(long)]
+        dns: Option<String>,
         #[arg(long, default_value_t = 1)]
         count: usize,
         #[arg(long, default_value_t = 2000)]
@@ -74,15 +114,26 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Args::parse().cmd {
-        Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Serve { name, tcp, udp, udp_echo } => serve(name, tcp, udp, udp_echo),
+        Cmd::Resolve { name, qtype, server, tcp, timeout_ms } => {
+            resolve(&name, &qtype, &server, tcp, Duration::from_millis(timeout_ms))
+        }
+        Cmd::DnsBench { server, name_pattern, range, count } => dns_bench(server, &name_pattern, range, count),
         Cmd::Latency { addr, count } => latency(addr, count),
         Cmd::Stream { addr, count, interval_ms } => stream(addr, count, Duration::from_millis(interval_ms)),
         Cmd::StrayAck { src, dst } => stray_ack(src, dst),
         Cmd::Hold { addr, seconds, interval_ms } => {
             hold(addr, Duration::from_secs(seconds), Duration::from_millis(interval_ms))
         }
-        Cmd::Probe { proto, addr, count, timeout_ms, full } => {
-            probe(&proto, addr, count, Duration::from_millis(timeout_ms), full)
+        Cmd::Probe { proto, addr, dns, count, timeout_ms, full } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            match target(&addr, dns.as_deref(), timeout) {
+                Ok(addr) => probe(&proto, addr, count, timeout, full),
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -91,8 +142,108 @@ fn greeting(name: &str, peer: SocketAddr) -> String {
     format!("{name} {}\n", peer.ip().to_canonical())
 }
 
-fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>) -> ExitCode {
+/// `IP[:PORT]` with a default port.
+fn server_addr(text: &str, default_port: u16) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, default_port)))
+        .map_err(|_| format!("{text:?} is not IP or IP:PORT"))
+}
+
+/// `IP:PORT`, or `NAME:PORT` with NAME resolved at `dns`.
+fn target(addr: &str, dns: Option<&str>, timeout: Duration) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let (name, port) = addr.rsplit_once(':').ok_or_else(|| format!("{addr:?} is not HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{addr:?}: bad port"))?;
+    let server = server_addr(dns.ok_or_else(|| format!("{addr:?} is a name: give --dns SERVER"))?, 53)?;
+    let ips = dns::addresses(server, name, timeout)?;
+    println!("{name} -> {}", ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(", "));
+    Ok(SocketAddr::new(ips[0], port))
+}
+
+fn resolve(name: &str, qtype: &str, server: &str, tcp: bool, timeout: Duration) -> ExitCode {
+    let result = server_addr(server, 53).and_then(|server| {
+        let qtype: RecordType = qtype.to_ascii_uppercase().parse().map_err(|_| format!("unknown type {qtype}"))?;
+        dns::ask(server, name, qtype, tcp, timeout)
+    });
+    match result {
+        Ok(msg) => {
+            print!("{}", dns::render(&msg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dns_bench(server: SocketAddr, pattern: &str, range: u32, count: usize) -> ExitCode {
+    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).expect("bind");
+    s.connect(server).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut us = Vec::with_capacity(count);
+    let mut failed = 0;
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    for i in 0..count {
+        // xorshift: names spread over the whole range, the same sequence every run.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let name = pattern.replace("{}", &(state % u64::from(range.max(1))).to_string());
+        let id = i as u16;
+        let Ok(q) = dns::query_bytes(id, &name, RecordType::A, false) else {
+            eprintln!("bad name {name}");
+            return ExitCode::FAILURE;
+        };
+        let t = std::time::Instant::now();
+        let _ = s.send(&q);
+        loop {
+            match s.recv(&mut buf) {
+                Ok(n) if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id => {
+                    us.push(t.elapsed().as_secs_f64() * 1e6);
+                    break;
+                }
+                Ok(_) => continue, // a late answer to an earlier query
+                Err(_) => {
+                    failed += 1;
+                    break;
+                }
+            }
+        }
+        if failed >= 10 && us.len() < failed {
+            eprintln!("giving up: {failed} queries unanswered");
+            break;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    us.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| us.get(((us.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    println!(
+        "qps={:.0} p50_us={:.1} p99_us={:.1} n={} failed={failed}",
+        us.len() as f64 / secs,
+        pct(0.5),
+        pct(0.99),
+        us.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, udp_echo: Vec<SocketAddr>) -> ExitCode {
     let mut threads = Vec::new();
+    for addr in udp_echo {
+        let s = UdpSocket::bind(addr).expect("bind udp");
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], peer);
+            }
+        }));
+    }
     for port in tcp {
         // [::] also accepts IPv4 (v4-mapped) on Linux by default.
         let l = TcpListener::bind(("::", port)).expect("bind tcp");

@@ -147,6 +147,9 @@ pub trait Source: Send + Sync {
     fn skips_bad_objects(&self) -> bool {
         false
     }
+
+    /// Told, after every successful sync, what is now served (cluster DNS answers from it).
+    fn served(&self, _snapshot: &crate::model::Snapshot) {}
 }
 
 /// Manifest files, read afresh on every sync.

@@ -562,10 +562,12 @@ fn assign_node_ports(accepted: &mut [Accepted<'_>], range: &RangeInclusive<u16>,
     }
 }
 
+/// The endpoints of a slice for one Service port, or with `port` `None` every address of the
+/// slice whatever its ports (target port 0: a headless Service's names need only addresses).
 fn slice_endpoints(
     origin: &Origin,
     slice: &EndpointSlice,
-    port: &ServicePort,
+    port: Option<&ServicePort>,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
     let mut errs = Errors { origin, object: object_name("EndpointSlice", &slice.metadata), list: errors };
@@ -575,15 +577,22 @@ fn slice_endpoints(
         // FQDN slices are not proxied.
         _ => return Vec::new(),
     };
-    let matching = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-        p.name.clone().unwrap_or_default() == port.name
-            && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(port.protocol)
-    });
-    let Some((pi, slice_port)) = matching else {
-        return Vec::new();
-    };
-    let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs)) else {
-        return Vec::new();
+    let target = match port {
+        None => 0,
+        Some(port) => {
+            let matching = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+                p.name.clone().unwrap_or_default() == port.name
+                    && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(port.protocol)
+            });
+            let Some((pi, slice_port)) = matching else {
+                return Vec::new();
+            };
+            let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs))
+            else {
+                return Vec::new();
+            };
+            target
+        }
     };
     let weight = weight_of(slice.metadata.annotations.as_ref(), &mut errs);
     let mut out = Vec::new();
@@ -618,23 +627,30 @@ fn slice_endpoints(
     out
 }
 
+/// Like [`slice_endpoints`], from a legacy Endpoints object.
 fn legacy_endpoints(
     origin: &Origin,
     eps: &Endpoints,
-    port: &ServicePort,
+    port: Option<&ServicePort>,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
     let mut errs = Errors { origin, object: object_name("Endpoints", &eps.metadata), list: errors };
     let mut out = Vec::new();
     for (si, subset) in eps.subsets.iter().flatten().enumerate() {
-        let Some(p) = subset.ports.iter().flatten().find(|p| {
-            p.name.clone().unwrap_or_default() == port.name
-                && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(port.protocol)
-        }) else {
-            continue;
-        };
-        let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else {
-            continue;
+        let target = match port {
+            None => 0,
+            Some(port) => {
+                let Some(p) = subset.ports.iter().flatten().find(|p| {
+                    p.name.clone().unwrap_or_default() == port.name
+                        && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(port.protocol)
+                }) else {
+                    continue;
+                };
+                let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else {
+                    continue;
+                };
+                target
+            }
         };
         let lists = [(true, "addresses", &subset.addresses), (false, "notReadyAddresses", &subset.not_ready_addresses)];
         for (ready, field, list) in lists {
@@ -851,23 +867,11 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     let mut snapshot = Snapshot::default();
     for a in accepted {
         let key = (a.id.namespace.clone(), a.id.name.clone());
-        let slices = slices_by_service.get(&key);
-        let legacy = objects
-            .endpoints
-            .iter()
-            .find(|(_, e)| ns_of(&e.metadata) == a.id.namespace && e.metadata.name.as_deref() == Some(&a.id.name));
+        let slices = slices_by_service.get(&key).map(Vec::as_slice);
         let selector = a.svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
         let mut ports = Vec::new();
         for (mut port, target) in a.ports {
-            port.endpoints = if let Some(slices) = slices {
-                slices.iter().flat_map(|(o, s)| slice_endpoints(o, s, &port, &mut errors)).collect()
-            } else if let Some((o, e)) = legacy {
-                legacy_endpoints(o, e, &port, &mut errors)
-            } else if !selector.is_empty() {
-                pod_endpoints(&selector, &a.id.namespace, &objects.pods, &port, &target, &mut errors)
-            } else {
-                Vec::new()
-            };
+            port.endpoints = endpoints_of(objects, &a.id, slices, &selector, Some((&port, &target)), &mut errors);
             port.endpoints.sort();
             ports.push(port);
         }
@@ -881,6 +885,94 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     }
     claim_external_addresses(&mut snapshot);
     if errors.is_empty() { Ok(snapshot) } else { Err(InputErrors(errors)) }
+}
+
+/// The endpoints of Service `id`, from its EndpointSlices, else its legacy Endpoints, else the
+/// Pods its selector picks: for one port (with its target port), or with `port` `None` every
+/// address whatever the port (a headless Service's names).
+fn endpoints_of(
+    objects: &Objects,
+    id: &ServiceId,
+    slices: Option<&[&(Origin, EndpointSlice)]>,
+    selector: &BTreeMap<String, String>,
+    port: Option<(&ServicePort, &Option<IntOrString>)>,
+    errors: &mut Vec<InputError>,
+) -> Vec<Endpoint> {
+    let legacy = || {
+        objects
+            .endpoints
+            .iter()
+            .find(|(_, e)| ns_of(&e.metadata) == id.namespace && e.metadata.name.as_deref() == Some(&id.name))
+    };
+    let any_port =
+        ServicePort { name: String::new(), port: 0, protocol: Protocol::Tcp, node_port: None, endpoints: vec![] };
+    if let Some(slices) = slices {
+        slices.iter().flat_map(|(o, s)| slice_endpoints(o, s, port.map(|p| p.0), errors)).collect()
+    } else if let Some((o, e)) = legacy() {
+        legacy_endpoints(o, e, port.map(|p| p.0), errors)
+    } else if !selector.is_empty() {
+        let (port, target) = port.unwrap_or((&any_port, &None));
+        pod_endpoints(selector, &id.namespace, &objects.pods, port, target, errors)
+    } else {
+        Vec::new()
+    }
+}
+
+/// A headless Service (`clusterIP: None`): what its DNS names answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Headless {
+    pub id: ServiceId,
+    /// Its ports (no endpoints attached): SRV records.
+    pub ports: Vec<ServicePort>,
+    /// The ready endpoint addresses, sorted, each once.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The headless Services (`clusterIP: None`, not ExternalName) of `objects` with their ready
+/// endpoint addresses, for cluster DNS; errors in them (or their endpoints) name object and field.
+/// Services with invalid names are left to [`resolve`], which reports them.
+pub fn headless(objects: &Objects) -> Result<Vec<Headless>, InputErrors> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (origin, svc) in &objects.services {
+        let spec = svc.spec.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        if spec.cluster_ip.as_deref() != Some("None")
+            || spec.type_.as_deref() == Some("ExternalName")
+            || !is_dns1035_label(&name)
+            || !is_dns1123_label(&ns_of(&svc.metadata))
+        {
+            continue;
+        }
+        let id = ServiceId::new(ns_of(&svc.metadata), name);
+        let mut errs = Errors { origin, object: format!("Service {id}"), list: &mut errors };
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let protocol =
+                Protocol::from_k8s(p.protocol.as_deref()).map_err(|e| errs.add(format!("spec.ports[{i}].protocol"), e));
+            let number = port_u16(p.port, &format!("spec.ports[{i}].port"), &mut errs);
+            if let (Ok(protocol), Some(port)) = (protocol, number) {
+                let name = p.name.clone().unwrap_or_default();
+                ports.push(ServicePort { name, port, protocol, node_port: None, endpoints: Vec::new() });
+            }
+        }
+        let slices: Vec<&(Origin, EndpointSlice)> = objects
+            .slices
+            .iter()
+            .filter(|(_, s)| {
+                ns_of(&s.metadata) == id.namespace
+                    && s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) == Some(&id.name)
+            })
+            .collect();
+        let selector = spec.selector.clone().unwrap_or_default();
+        let slices = (!slices.is_empty()).then_some(slices.as_slice());
+        let endpoints = endpoints_of(objects, &id, slices, &selector, None, &mut errors);
+        let mut addresses: Vec<IpAddr> = endpoints.iter().filter(|e| e.ready).map(|e| e.ip).collect();
+        addresses.sort();
+        addresses.dedup();
+        out.push(Headless { id, ports, addresses });
+    }
+    if errors.is_empty() { Ok(out) } else { Err(InputErrors(errors)) }
 }
 
 /// The Service an input error is about: the Service itself, or the one an EndpointSlice or
