@@ -17,7 +17,7 @@ use crate::kernel::{Commit, Kernel};
 use crate::model::{Service, ServiceId, Snapshot};
 use crate::nft::ApplyStats;
 use crate::plan::{self, Op, Plan};
-use crate::ruleset::{Element, SetKind};
+use crate::ruleset::{Element, SetKind, shard_of_table};
 use crate::ruleset::{RULE_FORMAT, Ruleset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -544,17 +544,15 @@ impl Engine {
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
         skip: &BTreeSet<u32>,
     ) -> Plan {
-        let old = changed
-            .iter()
-            .filter_map(|id| self.services.get(id))
-            .map(|(s, _)| compile::compile_service(s, &self.opts));
+        let old =
+            changed.iter().filter_map(|id| self.services.get(id)).map(|(s, _)| compile::compile_service(s, &self.opts));
         let new: Vec<ServiceObjects> = if skip.is_empty() {
             std::mem::take(compiled).into_values().collect()
         } else {
             compiled.values().cloned().collect()
         };
         let mut plan = plan::plan_services(old, new, &self.skeleton);
-        plan.ops.retain(|op| !plan::in_tables(op.table(), skip));
+        plan.ops.retain(|op| !shard_of_table(op.table()).is_some_and(|k| skip.contains(&k)));
         plan
     }
 

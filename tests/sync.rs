@@ -404,7 +404,7 @@ fn rules_left_in_another_rule_format_are_rewritten_once_and_the_log_says_so() {
         let mut nl = Netlink::open().unwrap();
         let generation = nl.generation().unwrap();
         let state = nl.read_elements(STATE_SET).unwrap().unwrap();
-        let record = parse_state_element(&state[0]).unwrap();
+        let record = state.iter().find_map(parse_state_element).unwrap();
         let mut forged = state_element(generation.wrapping_add(1), record.digest);
         forged.key[4..8].copy_from_slice(&0u32.to_be_bytes());
         let old = Rule::new(

@@ -78,7 +78,8 @@ impl FakeKernel {
         f(&mut s);
         s.generation = s.generation.wrapping_add(1);
         if s.monitor {
-            let tables = (0..crate::ruleset::MAX_SHARDS).filter(|k| before.table_view(*k) != s.table_view(*k)).collect();
+            let tables =
+                (0..crate::ruleset::MAX_SHARDS).filter(|k| before.table_view(*k) != s.table_view(*k)).collect();
             let commit = Commit { generation: s.generation, own: false, tables, by: "nft[1]".into() };
             s.events.push(commit);
         }
@@ -113,7 +114,12 @@ fn references(stmts: &[Stmt]) -> (Vec<&str>, Vec<&str>) {
 }
 
 /// What one table holds, for comparing before and after a commit.
-type TableView<'a> = (Option<u32>, Vec<(&'a String, &'a crate::ruleset::Chain)>, Vec<(&'a String, &'a crate::ruleset::Set)>, Vec<(&'a String, &'a u32)>);
+type TableView<'a> = (
+    Option<u32>,
+    Vec<(&'a String, &'a crate::ruleset::Chain)>,
+    Vec<(&'a String, &'a crate::ruleset::Set)>,
+    Vec<(&'a String, &'a u32)>,
+);
 
 impl FakeState {
     fn table_view(&self, shard: u32) -> TableView<'_> {
@@ -281,13 +287,14 @@ impl Kernel for FakeKernel {
         let mut s = self.lock();
         let mut ks = s.read();
         let ours = |name: &str| shard_of_table(table_of(name)).is_some_and(|k| shards.contains(&k));
+        let our_table = |t: &str| shard_of_table(t).is_some_and(|k| shards.contains(&k));
         ks.table_exists &= shards.contains(&0);
-        ks.shard_tables.retain(|t| ours(t));
-        ks.table_flags.retain(|t, _| ours(t));
+        ks.shard_tables.retain(|t| our_table(t));
+        ks.table_flags.retain(|t, _| our_table(t));
         ks.chains.retain(|n, _| ours(n));
         ks.sets.retain(|n, _| ours(n));
         ks.objects.retain(|n, _| ours(n));
-        let n = s.tables.keys().filter(|t| ours(t)).count();
+        let n = s.tables.keys().filter(|t| our_table(t)).count();
         s.tables_read.push(n);
         Ok(ks)
     }
