@@ -445,7 +445,7 @@ impl Engine {
                     self.state = recorded;
                 }
                 plan.ops.append(&mut others.ops);
-                let names = shards.iter().map(|k| crate::ruleset::shard_table(*k)).collect();
+                let names: Vec<String> = shards.iter().map(|k| crate::ruleset::shard_table(*k)).collect();
                 tracing::info!(tables = ?names, "read back");
                 (SyncKind::Full, plan, read_back, names, true)
             }
@@ -456,7 +456,8 @@ impl Engine {
                 let want = self.want(snapshot, &mut compiled, None);
                 let plan = plan::plan(&have, want);
                 self.take_state(&have, &plan);
-                let names = have.tables().map(str::to_string).collect();
+                let names: Vec<String> = have.tables().map(str::to_string).collect();
+                tracing::info!(tables = ?names, "read back");
                 // Recorded even when nothing else changes, so that the next restart is quick.
                 (SyncKind::Full, plan, read_back, names, true)
             }
