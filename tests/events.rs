@@ -34,7 +34,7 @@ fn a_neighbour_committing_costs_no_read_back_and_an_edit_to_our_table_is_repaire
     let rules = || c.nft_list("inet nftproxy").lines().filter(|l| l.contains("# handle")).count();
     let before = rules();
     let listing = c.exec_ok("node", &["nft", "-a", "list", "chain", "inet", "nftproxy", "nat-postrouting"]);
-    let handle = listing.lines().filter_map(|l| l.split("# handle ").nth(1)).last().unwrap().trim().to_string();
+    let handle = listing.lines().rev().find_map(|l| l.split("# handle ").nth(1)).unwrap().trim().to_string();
     c.nft(&format!("delete rule inet nftproxy nat-postrouting handle {handle}"));
     assert!(wait_until(10, || read_backs(&a.log_text()).len() == 2), "{}", a.log_text());
     assert!(wait_until(5, || rules() == before), "repaired");
