@@ -19,6 +19,7 @@ mod common;
 mod anchors;
 mod child;
 mod report;
+mod scale;
 mod shapes;
 
 use k8s_openapi::api::core::v1::Service as K8sService;
@@ -44,6 +45,7 @@ use std::time::{Duration, Instant};
 use anchors::*;
 use child::*;
 use report::*;
+use scale::*;
 use shapes::*;
 
 struct Ns(String);
@@ -338,6 +340,23 @@ fn harness(args: &[String]) {
     let work = std::env::temp_dir().join(format!("nftproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let mut r = Report::default();
+    // Issue 13's shapes (44,000 x 1 and 5,000 x 50, several minutes): with --scale or
+    // NFTPROXY_BENCH_SCALE=1; --only-scale runs nothing else.
+    let only_scale = args.iter().any(|a| a == "--only-scale");
+    if only_scale
+        || args.iter().any(|a| a == "--scale")
+        || std::env::var("NFTPROXY_BENCH_SCALE").is_ok_and(|v| v == "1")
+    {
+        bench_neighbour(&mut r, 10_000, 5, get("--neighbour-changes", "20").parse().unwrap());
+        for (n, e) in [(44_000, 1), (5_000, 50)] {
+            bench_process(&mut r, &work, n, e);
+        }
+    }
+    if only_scale {
+        let _ = std::fs::remove_dir_all(&work);
+        write_outputs(&r, &out_dir);
+        return;
+    }
     for &n in &sizes {
         bench_size(&mut r, &work, n, e, n <= nft_max);
     }
