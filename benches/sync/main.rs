@@ -348,7 +348,7 @@ fn harness(args: &[String]) {
         || std::env::var("NFTPROXY_BENCH_SCALE").is_ok_and(|v| v == "1")
     {
         bench_neighbour(&mut r, 10_000, 5, get("--neighbour-changes", "20").parse().unwrap());
-        for (n, e) in [(44_000, 1), (5_000, 50)] {
+        for (n, e) in [(44_000, 1), (5_000, 50)].into_iter().filter(|_| !args.iter().any(|a| a == "--no-process")) {
             bench_process(&mut r, &work, n, e);
         }
     }

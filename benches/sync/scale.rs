@@ -54,7 +54,7 @@ fn sync_once(ns: &Ns, dir: &Path) -> (f64, Option<f64>, Option<f64>, usize) {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nftproxy --sync-once: {log}");
     let field = |key: &str| -> Option<f64> {
-        log.split_whitespace().filter_map(|kv| kv.strip_prefix(key)).filter_map(|v| v.parse().ok()).last()
+        log.split_whitespace().rev().filter_map(|kv| kv.strip_prefix(key)).find_map(|v| v.parse().ok())
     };
     let tables = log.lines().filter(|l| l.contains("read back")).map(|l| l.matches("\"nftproxy").count()).sum();
     (wall, field("maxrss_kib=").map(|k| k / 1024.0), field("total_ms="), tables)

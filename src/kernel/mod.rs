@@ -59,6 +59,9 @@ pub struct Commits {
     pub commits: Vec<Commit>,
 }
 
+/// Commits of more messages than this are not watched by our own event monitor (see `apply`).
+const PAUSE_ABOVE_MESSAGES: usize = 1000;
+
 /// The real kernel: nf_tables and conntrack over netlink.
 pub struct LiveKernel {
     nl: Netlink,
@@ -106,15 +109,17 @@ impl Kernel for LiveKernel {
     }
 
     fn apply(&mut self, plan: &Plan) -> nft::Result<ApplyStats> {
-        // Our own commit's events are not needed (we know what we sent), and a full sync's
-        // hundred thousand of them would overflow the monitor's buffer: it leaves the group
-        // meanwhile. A commit by someone else in that window shows as a generation no event
-        // accounts for, which the engine treats as lost events.
-        if let Some(m) = &mut self.monitor {
+        // A big commit's own events (a full sync: a hundred thousand) would overflow the
+        // monitor's buffer: it leaves the group meanwhile. A commit by someone else in that
+        // window shows as a generation no event accounts for, which the engine treats as lost
+        // events. A small commit's events are read and recognised as ours (our port id), so
+        // others' commits beside it stay accounted for.
+        let pause = plan.message_count() > PAUSE_ABOVE_MESSAGES;
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
             m.pause();
         }
         let result = self.nl.apply(plan);
-        if let Some(m) = &mut self.monitor {
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
             m.resume();
         }
         result
