@@ -141,12 +141,15 @@ pub fn parse(file: &str, text: &str) -> Result<(FileSettings, Vec<String>), Conf
     let err = |field: &str, message: String| ConfigError { file: file.to_string(), field: field.to_string(), message };
     let mut warnings = Vec::new();
     let mut unknown = Vec::new();
-    let de = serde_yaml::Deserializer::from_str(text);
+    let value = crate::source::manifest::yaml_value(text)
+        .map_err(|e| err("(file)", format!("malformed YAML: {}", e.to_string().lines().next().unwrap_or_default())))?
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
     let mut track = serde_path_to_error::Track::new();
-    let raw: RawConfig = serde_ignored::deserialize(serde_path_to_error::Deserializer::new(de, &mut track), |path| {
-        unknown.push(path.to_string())
-    })
-    .map_err(|e| err(&track.path().to_string(), e.to_string()))?;
+    let raw: RawConfig =
+        serde_ignored::deserialize(serde_path_to_error::Deserializer::new(&value, &mut track), |path| {
+            unknown.push(path.to_string())
+        })
+        .map_err(|e| err(&track.path().to_string(), e.to_string()))?;
     // `?` paths are inside sections read as "anything" on purpose (ipvs, winkernel, ...).
     for path in unknown.into_iter().filter(|p| !p.ends_with('?')) {
         warnings.push(format!("{file}: {path}: unknown field, ignored"));

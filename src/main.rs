@@ -209,6 +209,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let mut zone = args.zone.clone();
     let (node_ips_tx, node_ips_rx) = tokio::sync::watch::channel(Vec::new());
     let sel = args.nodeport_addresses.clone();
+    let mut first_read = None;
     let source: Arc<dyn Source> = if args.manifests.is_empty() {
         let client = nftproxy::source::kube::client(args.kubeconfig.as_deref()).await?;
         let kube = Arc::new(KubeSource::start(client, &node, tx.clone()));
@@ -224,9 +225,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
         kube
     } else {
-        let from_node = (sel == NodePortAddresses::Primary)
-            .then(|| manifest::load(&args.manifests).ok()?.node_internal_ips(&node))
-            .flatten();
+        // Read once: the node's addresses, the Service count and a --sync-once all use it.
+        let manifests = Manifests::new(args.manifests.clone(), !args.sync_once);
+        let objects = manifests.objects();
+        let from_node =
+            (sel == NodePortAddresses::Primary).then(|| objects.as_ref().ok()?.node_internal_ips(&node)).flatten();
+        first_read = Some(objects);
         match from_node {
             Some(ips) => {
                 node_addrs::follow_manifest_node(sel.clone(), ips, args.manifests.clone(), node.clone(), node_ips_tx)
@@ -236,7 +240,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         if args.watch {
             tokio::spawn(manifest::watch(args.manifests.clone(), Duration::from_millis(500), tx.clone()));
         }
-        let manifests: Arc<dyn Source> = Arc::new(Manifests(args.manifests.clone()));
+        let manifests: Arc<dyn Source> = Arc::new(manifests);
         match cluster_dns {
             Some(dns) => dns.start(manifests, tx.clone()).await?,
             None => manifests,
@@ -248,13 +252,21 @@ async fn run(args: Args) -> Result<(), BoxError> {
         masquerade_all: args.masquerade_all,
         conntrack_tcp_be_liberal: args.conntrack.tcp_be_liberal == Some(true),
         locality: locality.clone(),
-        table_shards: args.table_shards.tables(source.service_count(), existing_tables()),
+        table_shards: args.table_shards.tables(
+            first_read.as_ref().map_or_else(|| source.service_count(), |o| o.as_ref().map_or(0, |o| o.services.len())),
+            existing_tables(),
+        ),
         own_tables: args.own_tables,
         node_ips: node_ips_rx.borrow().clone(),
     };
 
     if args.sync_once {
-        let snapshot = resolve::resolve(&source.objects()?, &resolve_opts)?;
+        let objects = match first_read {
+            Some(objects) => objects?,
+            None => source.objects()?,
+        };
+        let snapshot = resolve::resolve(&objects, &resolve_opts)?;
+        drop(objects);
         if args.dry_run {
             let mut kernel = LiveKernel::open();
             let text = match kernel.as_mut() {

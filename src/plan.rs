@@ -119,13 +119,32 @@ pub struct Plan {
 
 impl KernelState {
     /// Our tables that exist: the main table, then the shards.
-    fn tables(&self) -> impl Iterator<Item = &str> {
+    pub fn tables(&self) -> impl Iterator<Item = &str> {
         self.table_exists.then_some(TABLE).into_iter().chain(self.shard_tables.iter().map(String::as_str))
     }
 
     /// A table's flags (0 when it has none).
     fn flags_of(&self, table: &str) -> u32 {
         self.table_flags.get(table).copied().unwrap_or(0)
+    }
+}
+
+impl Op {
+    /// The table the operation is about.
+    pub fn table(&self) -> &str {
+        match self {
+            Op::DelTable(t) | Op::AddTable { name: t, .. } | Op::UpdateTable { name: t, .. } => t,
+            Op::AddSet { name, .. }
+            | Op::AddChain { name, .. }
+            | Op::UpdateChain { name, .. }
+            | Op::FlushChain(name)
+            | Op::DelChain(name)
+            | Op::DelSet(name)
+            | Op::DelObject { name, .. }
+            | Op::AddRules { chain: name, .. }
+            | Op::DelElements { set: name, .. }
+            | Op::AddElements { set: name, .. } => split_name(name).0,
+        }
     }
 }
 
@@ -409,6 +428,28 @@ pub fn as_kernel_state(want: &Ruleset) -> KernelState {
             })
             .collect(),
     }
+}
+
+/// Whether an object name lives in one of the tables `shards` (by shard number).
+pub fn in_tables(name: &str, shards: &BTreeSet<u32>) -> bool {
+    shard_of_table(split_name(name).0).is_some_and(|k| shards.contains(&k))
+}
+
+/// The plan for only our tables `shards` (by shard number), from a read-back of just those
+/// tables (`have`): `want` is cut to them, and the others are taken to hold what we want.
+pub fn plan_tables(have: &KernelState, mut want: Ruleset, shards: &BTreeSet<u32>) -> Plan {
+    want.chains.retain(|n, _| in_tables(n, shards));
+    want.sets.retain(|n, _| in_tables(n, shards));
+    if shards.contains(&0) {
+        return plan(have, want);
+    }
+    // The main table was not read: it exists, with the flags we want.
+    let mut have = have.clone();
+    have.table_exists = true;
+    if want.table_flags != 0 {
+        have.table_flags.insert(TABLE.to_string(), want.table_flags);
+    }
+    plan(&have, want)
 }
 
 /// A partial sync: the change from `old` to `new` objects of some Services, trusting that the

@@ -369,9 +369,10 @@ impl Fnv {
 }
 
 /// How our rules are encoded for the kernel. Bump it whenever `nft::expr` or the labels change
-/// what a rule looks like in the kernel: it is part of every digest and of the state record,
-/// so an agent of a new release rewrites the rules an older one left, once, and says so.
-pub const RULE_FORMAT: u32 = 2;
+/// what a rule looks like in the kernel, or the state record's layout: it is part of every digest
+/// and of the state record, so an agent of a new release rewrites the rules an older one left,
+/// once, and says so. 3: the state set also records a digest per table.
+pub const RULE_FORMAT: u32 = 3;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -659,7 +660,7 @@ mod tests {
         let mut other = chain.clone();
         other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
         assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
-        assert_eq!(d, 0xd151_f62b_d5d2_8e23, "digest of a fixed chain changed: bump RULE_FORMAT");
+        assert_eq!(d, 0x42da_a7f9_05f7_6700, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

@@ -11,14 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::compile::{self, Options, ServiceObjects};
-use crate::compile::{STATE_SET, StateRecord};
+use crate::compile::STATE_SET;
+use crate::compile::{self, Options, ServiceObjects, TableDigests};
 use crate::conntrack::stale::UdpTargets;
-use crate::kernel::Kernel;
+use crate::kernel::{Commit, Kernel};
 use crate::model::{Family, Service, ServiceId, Snapshot};
 use crate::nft::ApplyStats;
 use crate::plan::{self, Op, Plan};
-use crate::ruleset::{Element, SetKind};
+use crate::ruleset::{Element, SetKind, shard_of_table};
 use crate::ruleset::{RULE_FORMAT, Ruleset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,8 @@ pub struct Outcome {
     pub services_changed: usize,
     pub endpoints_changed: usize,
     pub read_back: Duration,
+    /// The tables read back (none when the kernel was trusted or verified by its state record).
+    pub tables_read: Vec<String>,
     /// Stale UDP conntrack entries deleted after the commit, and the time that took.
     pub conntrack_deleted: usize,
     pub conntrack_time: Duration,
@@ -71,21 +73,40 @@ pub struct ConntrackReconcile {
     pub time: Duration,
 }
 
+/// What a sync must read back before it plans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Nothing: the kernel holds what we last committed (no commit by anyone else touched it).
+    Trusted,
+    /// These tables (by shard number): someone else's commits touched them, or (a restart)
+    /// their digests in the state record differ from what we want. Empty on a restart: every
+    /// table verified by the state record.
+    Tables(BTreeSet<u32>),
+    /// Everything.
+    All,
+}
+
 pub struct Engine {
     kernel: Box<dyn Kernel>,
     opts: Options,
     skeleton: Ruleset,
-    /// What we last committed, per Service, with the digest of its objects.
+    /// What we last committed, per Service, with the digest of its objects in each table.
     /// (Their objects are not kept: a partial sync recompiles the old model of each changed
     /// Service, which costs microseconds and saves tens of MiB at 10,000 Services.)
-    services: BTreeMap<ServiceId, (Service, u64)>,
-    skeleton_digest: u64,
-    /// XOR of the digests in `services`.
-    services_digest: u64,
+    services: BTreeMap<ServiceId, (Service, TableDigests)>,
+    /// The skeleton's digest per table (by shard number).
+    skeleton_digests: BTreeMap<u32, u64>,
+    /// Per table, the XOR of the digests of the Services' objects in it.
+    service_digests: BTreeMap<u32, u64>,
     /// The state element(s) our table holds, as far as we know.
     state: Vec<Element>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
     generation: Option<u32>,
+    /// Our tables (by shard number) that other programs' commits touched after `generation`
+    /// was trusted (seen by the event monitor): the next sync reads them back.
+    dirty: BTreeSet<u32>,
+    /// Commits the event monitor announced that no sync has accounted for yet, by generation.
+    seen: BTreeMap<u32, Commit>,
     /// `services` holds exactly the models of the last snapshot synced: a caller's list of
     /// changed Services can be trusted. False after a failed sync.
     models_current: bool,
@@ -111,6 +132,17 @@ fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
     set(old).symmetric_difference(&set(new)).count()
 }
 
+/// `acc` with `digests` XORed into their tables.
+fn xor_into(acc: &mut BTreeMap<u32, u64>, digests: &TableDigests) {
+    for (k, d) in digests {
+        *acc.entry(*k).or_insert(0) ^= d;
+    }
+}
+
+/// Most commits by others between two syncs that are accounted for one by one; more (a
+/// generation far ahead) means a read-back.
+const MAX_ACCOUNTED: u32 = 1 << 20;
+
 impl Engine {
     pub fn new(kernel: impl Kernel + 'static, mut opts: Options) -> Self {
         opts.node_ips = sorted(std::mem::take(&mut opts.node_ips));
@@ -126,16 +158,18 @@ impl Engine {
             }
         }
         let skeleton = compile::skeleton(&opts);
-        let skeleton_digest = compile::skeleton_digest(&skeleton);
+        let skeleton_digests = compile::skeleton_digests(&skeleton);
         Engine {
             kernel: Box::new(kernel),
             opts,
             skeleton,
             services: BTreeMap::new(),
-            skeleton_digest,
-            services_digest: 0,
+            skeleton_digests,
+            service_digests: BTreeMap::new(),
             state: Vec::new(),
             generation: None,
+            dirty: BTreeSet::new(),
+            seen: BTreeMap::new(),
             models_current: false,
             owns_tables: false,
             restarting: true,
@@ -150,7 +184,7 @@ impl Engine {
             tracing::info!(?ips, "node-port addresses");
             self.opts.node_ips = ips;
             self.skeleton = compile::skeleton(&self.opts);
-            self.skeleton_digest = compile::skeleton_digest(&self.skeleton);
+            self.skeleton_digests = compile::skeleton_digests(&self.skeleton);
             self.generation = None;
         }
     }
@@ -247,98 +281,213 @@ impl Engine {
         (changed, endpoints_changed)
     }
 
+    /// Accounts for every commit that produced a generation in `(from, to]` with the events
+    /// the monitor announced: `Some(our tables others touched)` when each such commit was seen,
+    /// or is one of the `ours_unseen` commits of our own the monitor did not watch; `None` when
+    /// that cannot be told (no monitor, lost events, a commit nobody announced).
+    fn account(&mut self, from: u32, to: u32, ours_unseen: u32) -> Option<BTreeSet<u32>> {
+        let span = to.wrapping_sub(from);
+        let commits = self.kernel.commits(Some(to))?;
+        if commits.lost {
+            tracing::info!("nf_tables events were lost; reading all our tables back");
+            self.seen.clear();
+            return None;
+        }
+        for c in commits.commits {
+            self.seen.insert(c.generation, c);
+        }
+        // Commits at or before `from` are accounted for already.
+        self.seen.retain(|g, _| g.wrapping_sub(from) as i32 > 0);
+        if span > MAX_ACCOUNTED {
+            return None;
+        }
+        let (mut touched, mut unseen) = (BTreeSet::new(), 0);
+        for g in (1..=span).map(|i| from.wrapping_add(i)) {
+            match self.seen.remove(&g) {
+                Some(c) if !c.own => {
+                    if !c.tables.is_empty() {
+                        tracing::info!(by = %c.by, generation = g, tables = ?c.tables, "another program changed our tables");
+                    }
+                    touched.extend(c.tables);
+                }
+                Some(_) => {}
+                None => unseen += 1,
+            }
+        }
+        (unseen <= ours_unseen).then_some(touched)
+    }
+
+    /// What this sync must read back, given the generation now and the digests we want per table.
+    fn scope(&mut self, generation: u32, wanted: &BTreeMap<u32, u64>) -> crate::Result<(Scope, Option<Vec<Element>>)> {
+        // Owned tables can only have been changed by us: other programs' commits move the
+        // generation but need no read-back.
+        if self.owns_tables && self.generation.is_some() {
+            return Ok((Scope::Trusted, None));
+        }
+        if let Some(last) = self.generation {
+            if last == generation && self.dirty.is_empty() {
+                return Ok((Scope::Trusted, None));
+            }
+            let Some(mut touched) = self.account(last, generation, 0) else {
+                return Ok((Scope::All, None));
+            };
+            touched.append(&mut self.dirty);
+            if touched.is_empty() {
+                tracing::debug!(from = last, to = generation, "other programs committed, none to our tables");
+                return Ok((Scope::Trusted, None));
+            }
+            return Ok((Scope::Tables(touched), None));
+        }
+        if !self.restarting {
+            return Ok((Scope::All, None));
+        }
+        let elements = self.kernel.read_elements(STATE_SET)?.unwrap_or_default();
+        let Some((record, recorded)) = compile::parse_state(&elements) else {
+            return Ok((Scope::All, None));
+        };
+        if record.format != RULE_FORMAT {
+            tracing::info!(
+                from = record.format,
+                to = RULE_FORMAT,
+                "the rules in the kernel were written in another rule format; rewriting what differs"
+            );
+            return Ok((Scope::All, None));
+        }
+        if record.generation != generation || recorded.is_empty() {
+            return Ok((Scope::All, None));
+        }
+        // Nobody committed anything since our last commit (the generation is the one it
+        // produced): the tables whose digest is what we want hold it.
+        let differ: BTreeSet<u32> =
+            recorded.keys().chain(wanted.keys()).filter(|k| recorded.get(k) != wanted.get(k)).copied().collect();
+        Ok((Scope::Tables(differ), Some(elements)))
+    }
+
+    /// The skeleton and every Service, compiled (reusing `compiled`), cut to the tables `shards`
+    /// (all when `None`).
+    fn want(
+        &self,
+        snapshot: &Snapshot,
+        compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
+        shards: Option<&BTreeSet<u32>>,
+    ) -> Ruleset {
+        let mut want = self.skeleton.clone();
+        // A Service's objects live in its shard's table and (hairpin) in the main table.
+        let all = shards.is_none_or(|s| s.contains(&0));
+        for (id, svc) in &snapshot.services {
+            if !all && !shards.is_some_and(|s| s.contains(&self.opts.shard_of(id))) {
+                continue;
+            }
+            let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+            compile::merge(&mut want, objs);
+        }
+        want
+    }
+
     fn try_sync(&mut self, snapshot: &Snapshot, hint: Option<&BTreeSet<ServiceId>>) -> crate::Result<Outcome> {
         let start = Instant::now();
+        if self.generation.is_none() {
+            // Everything before this sync's generation is read back or verified: the events
+            // queued so far (and any loss among them) do not matter.
+            let _ = self.kernel.commits(None);
+            self.seen.clear();
+        }
         let generation = self.kernel.generation()?;
         let (changed, endpoints_changed) = self.changed_services(snapshot, hint);
         let mut compiled: BTreeMap<ServiceId, ServiceObjects> = changed
             .iter()
             .filter_map(|id| Some((id.clone(), compile::compile_service(snapshot.services.get(id)?, &self.opts))))
             .collect();
-        let digests: BTreeMap<ServiceId, u64> = compiled.iter().map(|(id, o)| (id.clone(), o.digest())).collect();
-        // The digest of everything wanted: the skeleton's and each Service's, combined (XOR, so
-        // only the changed Services' parts need updating).
-        let digest = changed.iter().fold(self.skeleton_digest ^ self.services_digest, |acc, id| {
-            let old = self.services.get(id).map_or(0, |(_, d)| *d);
-            acc ^ old ^ digests.get(id).copied().unwrap_or(0)
-        });
-
-        // Owned tables can only have been changed by us: other programs' commits move the
-        // generation but need no read-back.
-        let trusted = self.generation == Some(generation) || (self.owns_tables && self.generation.is_some());
-        let (kind, mut plan, read_back, record_state) = if trusted {
-            if changed.is_empty() {
-                return Ok(self.outcome(
-                    SyncKind::Unchanged,
-                    Plan::default(),
-                    ApplyStats::default(),
-                    0,
-                    0,
-                    Duration::ZERO,
-                    start,
-                ));
+        let digests: BTreeMap<ServiceId, TableDigests> =
+            compiled.iter().map(|(id, o)| (id.clone(), o.table_digests())).collect();
+        // The digest of each table wanted: the skeleton's and each Service's parts, combined
+        // (XOR, so only the changed Services' parts need updating).
+        let mut services_now = self.service_digests.clone();
+        for id in &changed {
+            if let Some((_, old)) = self.services.get(id) {
+                xor_into(&mut services_now, old);
             }
-            let old = changed
-                .iter()
-                .filter_map(|id| self.services.get(id))
-                .map(|(s, _)| compile::compile_service(s, &self.opts));
-            let plan = plan::plan_services(old, std::mem::take(&mut compiled).into_values(), &self.skeleton);
-            let record = !plan.is_empty();
-            (SyncKind::Partial, plan, Duration::ZERO, record)
-        } else {
-            let recorded = self
-                .kernel
-                .read_elements(STATE_SET)?
-                .and_then(|e| if e.len() == 1 { compile::parse_state_element(&e[0]) } else { None });
-            let wanted = StateRecord { generation, format: RULE_FORMAT, digest };
-            if self.restarting && recorded == Some(wanted) {
-                // Nobody committed anything since our last commit (the generation is the one it
-                // produced) and that commit left exactly what we want (same digest): verified.
-                self.state = vec![compile::state_element(generation, digest)];
+            if let Some(new) = digests.get(id) {
+                xor_into(&mut services_now, new);
+            }
+        }
+        let mut wanted = self.skeleton_digests.clone();
+        xor_into(&mut wanted, &services_now.iter().map(|(k, d)| (*k, *d)).collect());
+
+        let (scope, recorded) = self.scope(generation, &wanted)?;
+        let (kind, mut plan, read_back, tables_read, record_state) = match scope {
+            Scope::Trusted => {
+                if changed.is_empty() {
+                    self.generation = Some(generation);
+                    return Ok(self.outcome(
+                        SyncKind::Unchanged,
+                        Plan::default(),
+                        ApplyStats::default(),
+                        0,
+                        0,
+                        Duration::ZERO,
+                        start,
+                    ));
+                }
+                let plan = self.partial_plan(&changed, &mut compiled, &BTreeSet::new());
+                let record = !plan.is_empty();
+                (SyncKind::Partial, plan, Duration::ZERO, Vec::new(), record)
+            }
+            Scope::Tables(shards) if shards.is_empty() => {
+                // A restart over rules we left, each table's digest what we want: verified.
+                self.state = recorded.unwrap_or_default();
                 // Owned tables left by a previous run are orphaned: adopt them (one commit).
                 let adopt = self.opts.own_tables && !self.owns_tables;
                 let plan = Plan { ops: if adopt { self.adoption() } else { Vec::new() } };
-                (SyncKind::Full, plan, start.elapsed(), adopt)
-            } else {
-                if let Some(r) = recorded.filter(|r| r.format != RULE_FORMAT) {
-                    tracing::info!(
-                        from = r.format,
-                        to = RULE_FORMAT,
-                        "the rules in the kernel were written in another rule format; rewriting what differs"
-                    );
+                (SyncKind::Full, plan, start.elapsed(), Vec::new(), adopt)
+            }
+            Scope::Tables(shards) => {
+                // Read back only these tables; the changed Services elsewhere get a partial plan
+                // (not on a restart: it knows no old models, the other tables are verified).
+                let mut others =
+                    if self.restarting { Plan::default() } else { self.partial_plan(&changed, &mut compiled, &shards) };
+                let have = self.kernel.read_tables(&shards)?;
+                let read_back = start.elapsed();
+                let want = self.want(snapshot, &mut compiled, Some(&shards));
+                let mut plan = plan::plan_tables(&have, want, &shards);
+                if shards.contains(&0) {
+                    self.take_state(&have, &plan);
+                } else if let Some(recorded) = recorded {
+                    self.state = recorded;
                 }
+                plan.ops.append(&mut others.ops);
+                let names: Vec<String> = shards.iter().map(|k| crate::ruleset::shard_table(*k)).collect();
+                tracing::info!(tables = ?names, "read back");
+                (SyncKind::Full, plan, read_back, names, true)
+            }
+            Scope::All => {
+                self.dirty.clear();
                 let have = self.kernel.read_table()?;
                 let read_back = start.elapsed();
-                let mut want = self.skeleton.clone();
-                for (id, svc) in &snapshot.services {
-                    let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
-                    compile::merge(&mut want, objs);
-                }
+                let want = self.want(snapshot, &mut compiled, None);
                 let plan = plan::plan(&have, want);
-                let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
-                self.state = match have.sets.get(STATE_SET) {
-                    Some(s) if !rebuilt => s.elements.clone(),
-                    _ => Vec::new(),
-                };
+                self.take_state(&have, &plan);
+                let names: Vec<String> = have.tables().map(str::to_string).collect();
+                tracing::info!(tables = ?names, "read back");
                 // Recorded even when nothing else changes, so that the next restart is quick.
-                (SyncKind::Full, plan, read_back, true)
+                (SyncKind::Full, plan, read_back, names, true)
             }
         };
-        let new_state = compile::state_element(generation.wrapping_add(1), digest);
+        let new_state = compile::state_elements(generation.wrapping_add(1), &wanted);
         if record_state {
             let old = std::mem::take(&mut self.state);
-            if !old.is_empty() {
-                plan.ops.push(Op::DelElements { set: STATE_SET.into(), kind: SetKind::State, elements: old });
+            let gone: Vec<Element> = old.iter().filter(|e| !new_state.contains(e)).cloned().collect();
+            let added: Vec<Element> = new_state.iter().filter(|e| !old.contains(e)).cloned().collect();
+            if !gone.is_empty() {
+                plan.ops.push(Op::DelElements { set: STATE_SET.into(), kind: SetKind::State, elements: gone });
             }
-            plan.ops.push(Op::AddElements {
-                set: STATE_SET.into(),
-                kind: SetKind::State,
-                elements: vec![new_state.clone()],
-            });
+            if !added.is_empty() {
+                plan.ops.push(Op::AddElements { set: STATE_SET.into(), kind: SetKind::State, elements: added });
+            }
         }
         let stats = self.kernel.apply(&plan)?;
         if record_state {
-            self.state = vec![new_state];
+            self.state = new_state;
         }
         // A full sync's plan sets every table's flags, so after it we own them.
         self.owns_tables = self.opts.own_tables && (self.owns_tables || kind == SyncKind::Full);
@@ -346,9 +495,13 @@ impl Engine {
             Some(generation)
         } else {
             match self.kernel.generation() {
-                // Another commit slipped in between ours and the check: trust nothing (unless
-                // the tables are ours alone).
-                Ok(after) => (after == generation.wrapping_add(1) || self.owns_tables).then_some(after),
+                Ok(after) if after == generation.wrapping_add(1) || self.owns_tables => Some(after),
+                // Another commit slipped in between ours and the check: the events tell which
+                // tables it touched (ours went unseen); without them, trust nothing.
+                Ok(after) => self.account(generation, after, 1).map(|touched| {
+                    self.dirty.extend(touched);
+                    after
+                }),
                 // The commit stands (the rules, conntrack and bookkeeping below follow it); only
                 // the shortcut is lost: the next sync reads everything back.
                 Err(e) => {
@@ -384,23 +537,53 @@ impl Engine {
                 conntrack.push(ConntrackReconcile { family, deleted, time: ct_start.elapsed() });
             }
         }
+        let mut digests = digests;
         for id in &changed {
-            let replaced = match (snapshot.services.get(id), digests.get(id)) {
-                (Some(svc), Some(&d)) => {
-                    self.services_digest ^= d;
-                    self.services.insert(id.clone(), (svc.clone(), d))
+            match (snapshot.services.get(id), digests.remove(id)) {
+                (Some(svc), Some(d)) => {
+                    self.services.insert(id.clone(), (svc.clone(), d));
                 }
-                _ => self.services.remove(id),
-            };
-            if let Some((_, d)) = replaced {
-                self.services_digest ^= d;
+                _ => {
+                    self.services.remove(id);
+                }
             }
         }
+        self.service_digests = services_now;
         let mut outcome = self.outcome(kind, plan, stats, changed.len(), endpoints_changed, read_back, start);
+        outcome.tables_read = tables_read;
         outcome.conntrack_deleted = conntrack.iter().map(|c| c.deleted).sum();
         outcome.conntrack_time = conntrack.iter().map(|c| c.time).sum();
         outcome.conntrack = conntrack;
         Ok(outcome)
+    }
+
+    /// The change for the `changed` Services from what we last committed for them, leaving out
+    /// the tables `skip` (planned from a read-back instead).
+    fn partial_plan(
+        &self,
+        changed: &[ServiceId],
+        compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
+        skip: &BTreeSet<u32>,
+    ) -> Plan {
+        let old =
+            changed.iter().filter_map(|id| self.services.get(id)).map(|(s, _)| compile::compile_service(s, &self.opts));
+        let new: Vec<ServiceObjects> = if skip.is_empty() {
+            std::mem::take(compiled).into_values().collect()
+        } else {
+            compiled.values().cloned().collect()
+        };
+        let mut plan = plan::plan_services(old, new, &self.skeleton);
+        plan.ops.retain(|op| !shard_of_table(op.table()).is_some_and(|k| skip.contains(&k)));
+        plan
+    }
+
+    /// The state elements a read-back of the main table found, unless the plan rebuilds it.
+    fn take_state(&mut self, have: &crate::plan::KernelState, plan: &Plan) {
+        let rebuilt = plan.ops.contains(&Op::DelTable(crate::ruleset::TABLE.to_string()));
+        self.state = match have.sets.get(STATE_SET) {
+            Some(s) if !rebuilt => s.elements.clone(),
+            _ => Vec::new(),
+        };
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -421,6 +604,7 @@ impl Engine {
             services_changed,
             endpoints_changed,
             read_back,
+            tables_read: Vec::new(),
             conntrack_deleted: 0,
             conntrack_time: Duration::ZERO,
             conntrack: Vec::new(),

@@ -198,3 +198,92 @@ fn udp_flow(endpoint: &str) -> FlowKey {
         reply_sport: 5353,
     }
 }
+
+fn tables_read(k: &FakeKernel) -> Vec<usize> {
+    k.with(|s| s.tables_read.clone())
+}
+
+/// The table web lives in with `shards` tables.
+fn web_table(shards: u32) -> String {
+    nftproxy::ruleset::shard_table(opts(shards).shard_of(&ServiceId::new("default", "web")))
+}
+
+#[test]
+fn commits_by_others_to_their_own_tables_cost_no_read_back() {
+    let k = FakeKernel::with_monitor();
+    let mut e = Engine::new(k.clone(), opts(3));
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    let reads = tables_read(&k);
+    // A neighbour commits to its table, three times; then web's slice changes.
+    for _ in 0..3 {
+        k.foreign(|_| {});
+    }
+    assert_eq!(e.sync(&cluster(WEB, DNS)).unwrap().kind, SyncKind::Unchanged);
+    k.foreign(|_| {});
+    let changed: BTreeSet<ServiceId> = [ServiceId::new("default", "web")].into();
+    let o = e.sync_changed(&cluster(&["10.244.1.2", "10.244.1.4"], DNS), Some(&changed)).unwrap();
+    assert_eq!((o.kind, o.tables_read.len()), (SyncKind::Partial, 0));
+    assert_eq!(tables_read(&k), reads, "nothing was read back");
+    assert_flows(&k, &["10.244.1.2", "10.244.1.4"], DNS);
+}
+
+#[test]
+fn a_commit_by_another_program_to_one_of_our_tables_reads_back_that_table_only() {
+    let k = FakeKernel::with_monitor();
+    let mut e = Engine::new(k.clone(), opts(3));
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    // `nft delete rule`: web's first endpoint chain loses its dnat.
+    let table = web_table(3);
+    let ep = nftproxy::ruleset::qualify(
+        opts(3).shard_of(&ServiceId::new("default", "web")),
+        "ep4/default/web/tcp/80/10.244.1.2/8080",
+    );
+    k.foreign(|s| s.ruleset.chains.get_mut(&ep).unwrap().rules = Vec::new().into());
+    // A neighbour's commit and a change to dns come along in the same sync.
+    k.foreign(|_| {});
+    let changed: BTreeSet<ServiceId> = [ServiceId::new("default", "dns")].into();
+    let o = e.sync_changed(&cluster(WEB, &["10.244.3.1"]), Some(&changed)).unwrap();
+    assert_eq!(o.kind, SyncKind::Full);
+    assert_eq!(o.tables_read, [table], "{}", o.plan);
+    assert_eq!(tables_read(&k).last(), Some(&1));
+    assert!(o.plan.touched_chains().contains(ep.as_str()), "{}", o.plan);
+    assert_flows(&k, WEB, &["10.244.3.1"]);
+    // Trusted again afterwards.
+    assert_eq!(e.sync(&cluster(WEB, &["10.244.3.1"])).unwrap().kind, SyncKind::Unchanged);
+}
+
+#[test]
+fn lost_events_or_no_monitor_mean_a_read_back_of_every_table() {
+    for monitor in [true, false] {
+        let k = FakeKernel::default();
+        k.with(|s| s.monitor = monitor);
+        let mut e = Engine::new(k.clone(), opts(3));
+        e.sync(&cluster(WEB, DNS)).unwrap();
+        k.foreign(|s| s.events_lost = true);
+        let o = e.sync(&cluster(WEB, DNS)).unwrap();
+        assert_eq!((o.kind, o.tables_read.len()), (SyncKind::Full, 3), "monitor {monitor}");
+        assert!(o.plan.touched_chains().is_empty(), "{}", o.plan);
+    }
+}
+
+#[test]
+fn a_restart_after_one_service_changed_reads_back_only_the_tables_it_changes() {
+    let k = FakeKernel::with_monitor();
+    Engine::new(k.clone(), opts(3)).sync(&cluster(WEB, DNS)).unwrap();
+    // A new process (the next --sync-once) with web's endpoints changed: web's table and the
+    // main one (its hairpin elements) differ from the record; the third is verified.
+    let moved = cluster(&["10.244.1.2", "10.244.1.4"], DNS);
+    let o = Engine::new(k.clone(), opts(3)).sync(&moved).unwrap();
+    let want: BTreeSet<String> = ["nftproxy".to_string(), web_table(3)].into();
+    assert_eq!(o.tables_read.iter().cloned().collect::<BTreeSet<_>>(), want, "{}", o.plan);
+    assert!(o.plan.touched_chains().iter().all(|c| c.contains("/default/web/")), "{}", o.plan);
+    assert_flows(&k, &["10.244.1.2", "10.244.1.4"], DNS);
+    // The record now matches: the next process reads nothing.
+    let o = Engine::new(k.clone(), opts(3)).sync(&moved).unwrap();
+    assert!(o.tables_read.is_empty() && o.plan.is_empty(), "{}", o.plan);
+    // Someone edits our table between two runs: the generation moved, everything is read back.
+    k.foreign(|s| s.policies.insert("filter-forward".into(), 0).map(|_| ()).unwrap_or(()));
+    let o = Engine::new(k.clone(), opts(3)).sync(&moved).unwrap();
+    assert_eq!(o.tables_read.len(), 3);
+    assert!(k.with(|s| s.policies.is_empty()), "repaired");
+}

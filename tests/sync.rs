@@ -404,7 +404,7 @@ fn rules_left_in_another_rule_format_are_rewritten_once_and_the_log_says_so() {
         let mut nl = Netlink::open().unwrap();
         let generation = nl.generation().unwrap();
         let state = nl.read_elements(STATE_SET).unwrap().unwrap();
-        let record = parse_state_element(&state[0]).unwrap();
+        let record = state.iter().find_map(parse_state_element).unwrap();
         let mut forged = state_element(generation.wrapping_add(1), record.digest);
         forged.key[4..8].copy_from_slice(&0u32.to_be_bytes());
         let old = Rule::new(
@@ -430,4 +430,51 @@ fn rules_left_in_another_rule_format_are_rewritten_once_and_the_log_says_so() {
     assert!(chain_blocks(&listing)[chain].contains("comment \"default/web\""), "{listing}");
     let dry = c.exec_ok("node", &[NFTPROXY, "--sync-once", "--dry-run", "--manifests", m.to_str().unwrap()]);
     assert_eq!(dry.trim(), "no change");
+}
+
+#[test]
+fn a_second_sync_once_after_one_slice_changed_reads_back_only_its_tables_and_foreign_edits_are_still_repaired() {
+    let Some(c) = cluster() else { return };
+    let m = c.write("m.yaml", &many_services(60, None));
+    let shards = ["--table-shards", "4"];
+    c.sync(&m, &shards);
+    let svc17 = nftproxy::model::ServiceId::new("default", "svc-17");
+    let opts = nftproxy::compile::Options { table_shards: 4, ..Default::default() };
+    let own = nftproxy::ruleset::shard_table(opts.shard_of(&svc17));
+    let listings =
+        || tables(&c).into_iter().map(|t| (t.clone(), c.nft_list(&format!("inet {t}")))).collect::<BTreeMap<_, _>>();
+    let before = listings();
+    assert_eq!(before.len(), 4);
+    // svc-17's slice changes: a new process reads back svc-17's table and the main one (its
+    // hairpin elements), sends only svc-17's change, and leaves the other tables as they were.
+    c.write("m.yaml", &many_services(60, Some(17)));
+    let out = c.nftproxy(&["--sync-once", "--manifests", m.to_str().unwrap(), "--table-shards", "4"]);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    let read: Vec<&str> = log.lines().filter(|l| l.contains("read back")).collect();
+    let mut want = vec![format!("\"{}\"", nftproxy::ruleset::TABLE), format!("\"{own}\"")];
+    want.dedup();
+    assert!(read.len() == 1 && want.iter().all(|t| read[0].contains(t.as_str())), "{log}");
+    let after = listings();
+    for (t, listing) in &before {
+        if *t != own && t != nftproxy::ruleset::TABLE {
+            assert_eq!(&after[t], listing, "table {t} must not change");
+        }
+    }
+    let changed: Vec<String> = chain_blocks(&after[&own])
+        .into_iter()
+        .filter(|(n, b)| chain_blocks(&before[&own]).get(n) != Some(b))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!changed.is_empty() && changed.iter().all(|n| n.contains("/default/svc-17/")), "{changed:?}");
+    // Someone flushes another Service's chain between two runs: the generation moved, so the
+    // next run reads every table back and repairs it.
+    let victim = nftproxy::model::ServiceId::new("default", "svc-3");
+    let vt = nftproxy::ruleset::shard_table(opts.shard_of(&victim));
+    c.nft(&format!("flush chain inet {vt} svc4/default/svc-3/tcp/80"));
+    let out = c.nftproxy(&["--sync-once", "--manifests", m.to_str().unwrap(), "--table-shards", "4"]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.lines().any(|l| l.contains("read back") && l.matches("\"nftproxy").count() == 4), "{log}");
+    let repaired = chain_blocks(&c.nft_list(&format!("inet {vt}")));
+    assert!(repaired["svc4/default/svc-3/tcp/80"].contains("goto"), "{repaired:?}");
 }

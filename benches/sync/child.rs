@@ -171,6 +171,7 @@ pub(crate) fn child(args: &[String]) {
             nl.send_encoded(&enc, &plan).unwrap();
             write!(out, "commit_ms={:.1} messages={}", ms(start.elapsed()), enc.messages).unwrap();
         }
+        "neighbour" => out = neighbour_child(n, e, args[3].parse().unwrap()),
         "dataplane" => {
             // The Service placed last (svc-(n-1)) leads to the real pod web-a.
             let mut snap = snapshot(n, e, None);

@@ -20,6 +20,7 @@ mod anchors;
 mod child;
 mod first_packet;
 mod report;
+mod scale;
 mod shapes;
 
 use k8s_openapi::api::core::v1::Service as K8sService;
@@ -45,6 +46,7 @@ use std::time::{Duration, Instant};
 use anchors::*;
 use child::*;
 use report::*;
+use scale::*;
 use shapes::*;
 
 struct Ns(String);
@@ -352,6 +354,23 @@ fn harness(args: &[String]) {
     };
     if args.iter().any(|a| a == "--only-first-packet") {
         first_packet(&mut r);
+        let _ = std::fs::remove_dir_all(&work);
+        write_outputs(&r, &out_dir);
+        return;
+    }
+    // Issue 13's shapes (44,000 x 1 and 5,000 x 50, several minutes): with --scale or
+    // NFTPROXY_BENCH_SCALE=1; --only-scale runs nothing else.
+    let only_scale = args.iter().any(|a| a == "--only-scale");
+    if only_scale
+        || args.iter().any(|a| a == "--scale")
+        || std::env::var("NFTPROXY_BENCH_SCALE").is_ok_and(|v| v == "1")
+    {
+        bench_neighbour(&mut r, 10_000, 5, get("--neighbour-changes", "20").parse().unwrap());
+        for (n, e) in [(44_000, 1), (5_000, 50)].into_iter().filter(|_| !args.iter().any(|a| a == "--no-process")) {
+            bench_process(&mut r, &work, n, e);
+        }
+    }
+    if only_scale {
         let _ = std::fs::remove_dir_all(&work);
         write_outputs(&r, &out_dir);
         return;

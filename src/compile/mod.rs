@@ -167,17 +167,63 @@ pub struct ServiceObjects {
     pub elements: Vec<(String, Element)>,
 }
 
+/// A digest per table, by shard number (0: the main table), in shard order. A Service's objects
+/// live in its shard's table and, for its hairpin elements, in the main table.
+pub type TableDigests = Vec<(u32, u64)>;
+
+/// The shard number of the table an object name lives in.
+fn shard_of_name(name: &str) -> u32 {
+    shard_of_table(split_name(name).0).unwrap_or(0)
+}
+
+/// The digest of each table's part of these objects.
+fn table_digests<'a>(
+    chains: &'a BTreeMap<String, Chain>,
+    sets: &'a BTreeMap<String, Set>,
+    elements: impl Iterator<Item = (&'a String, &'a Element)> + Clone,
+) -> TableDigests {
+    let mut shards: Vec<u32> =
+        chains.keys().chain(sets.keys()).chain(elements.clone().map(|(s, _)| s)).map(|n| shard_of_name(n)).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+        .into_iter()
+        .map(|k| {
+            let here = |n: &String| shard_of_name(n) == k;
+            let d = digest(
+                chains.iter().filter(|(n, _)| here(n)),
+                sets.iter().filter(|(n, _)| here(n)),
+                elements.clone().filter(|(s, _)| here(s)),
+            );
+            (k, d)
+        })
+        .collect()
+}
+
 impl ServiceObjects {
+    /// The digest of its objects in each table they live in.
+    pub fn table_digests(&self) -> TableDigests {
+        table_digests(&self.chains, &self.sets, self.elements.iter().map(|(s, e)| (s, e)))
+    }
+
+    /// The digest of all its objects: the XOR of its tables' digests.
     pub fn digest(&self) -> u64 {
-        digest(&self.chains, &self.sets, self.elements.iter().map(|(s, e)| (s, e)))
+        self.table_digests().iter().fold(0, |acc, (_, d)| acc ^ d)
     }
 }
 
-/// The digest of a skeleton: its chains, sets, table flags and the elements it holds itself
-/// (the node-port addresses), so that a restart with other node addresses is not "verified".
-pub fn skeleton_digest(rs: &Ruleset) -> u64 {
+/// The digest of each table of a skeleton: its chains, sets, table flags and the elements it
+/// holds itself (the node-port addresses), so that a restart with other node addresses is not
+/// "verified".
+pub fn skeleton_digests(rs: &Ruleset) -> BTreeMap<u32, u64> {
     let elements = rs.sets.iter().flat_map(|(name, set)| set.elements.iter().map(move |e| (name, e)));
-    digest(&rs.chains, &rs.sets, elements) ^ u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    let flags = u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    table_digests(&rs.chains, &rs.sets, elements).into_iter().map(|(k, d)| (k, d ^ flags)).collect()
+}
+
+/// The digest of a whole skeleton (the XOR of its tables').
+pub fn skeleton_digest(rs: &Ruleset) -> u64 {
+    skeleton_digests(rs).values().fold(0, |acc, d| acc ^ d)
 }
 
 /// What the state set records about the commit that wrote it.
@@ -193,17 +239,61 @@ pub struct StateRecord {
 
 /// The element recording a [`StateRecord`] in the state set (16 bytes, big-endian fields).
 pub fn state_element(generation: u32, digest: u64) -> Element {
-    let mut key = generation.to_be_bytes().to_vec();
-    key.extend(RULE_FORMAT.to_be_bytes());
+    state_key(generation, RULE_FORMAT, digest)
+}
+
+fn state_key(first: u32, format: u32, digest: u64) -> Element {
+    let mut key = first.to_be_bytes().to_vec();
+    key.extend(format.to_be_bytes());
     key.extend(digest.to_be_bytes());
     Element { key, goto: None }
 }
 
-/// The record in a state element (format 0: written before formats were recorded).
-pub fn parse_state_element(e: &Element) -> Option<StateRecord> {
+/// Marks a state element that records one table's digest (in the format field's top bit, so
+/// that an agent of format 2 or older, which expects one element, reads the kernel back).
+const TABLE_RECORD: u32 = 0x8000_0000;
+
+/// The element recording one table's digest, written with the [`StateRecord`] (rule format 3):
+/// `shard . (format | TABLE_RECORD) . digest`. A new process compares these with the tables it
+/// wants and reads back only those that differ.
+pub fn table_state_element(shard: u32, digest: u64) -> Element {
+    state_key(shard, RULE_FORMAT | TABLE_RECORD, digest)
+}
+
+/// Every element of the state set after a commit producing `generation` that leaves tables
+/// with these digests: the record (with the XOR of them all) and one element per table.
+pub fn state_elements(generation: u32, tables: &BTreeMap<u32, u64>) -> Vec<Element> {
+    let digest = tables.values().fold(0, |acc, d| acc ^ d);
+    std::iter::once(state_element(generation, digest))
+        .chain(tables.iter().map(|(k, d)| table_state_element(*k, *d)))
+        .collect()
+}
+
+/// The fields of a 16-byte state element.
+fn state_fields(e: &Element) -> Option<(u32, u32, u64)> {
     let k: &[u8; 16] = e.key.as_slice().try_into().ok()?;
     let u32_at = |i: usize| u32::from_be_bytes([k[i], k[i + 1], k[i + 2], k[i + 3]]);
-    Some(StateRecord { generation: u32_at(0), format: u32_at(4), digest: u64::from_be_bytes(k[8..].try_into().ok()?) })
+    Some((u32_at(0), u32_at(4), u64::from_be_bytes(k[8..].try_into().ok()?)))
+}
+
+/// The record in a state element (format 0: written before formats were recorded).
+pub fn parse_state_element(e: &Element) -> Option<StateRecord> {
+    let (generation, format, digest) = state_fields(e)?;
+    (format & TABLE_RECORD == 0).then_some(StateRecord { generation, format, digest })
+}
+
+/// The record and the per-table digests in a state set: exactly one record element, and the
+/// table elements of the record's format (none before format 3).
+pub fn parse_state(elements: &[Element]) -> Option<(StateRecord, BTreeMap<u32, u64>)> {
+    let mut records = elements.iter().filter_map(parse_state_element);
+    let (record, None) = (records.next()?, records.next()) else { return None };
+    let tables = elements
+        .iter()
+        .filter_map(state_fields)
+        .filter(|(_, format, _)| *format == record.format | TABLE_RECORD)
+        .map(|(shard, _, digest)| (shard, digest))
+        .collect();
+    Some((record, tables))
 }
 
 /// Adds one Service's objects to a ruleset that has the skeleton's sets.

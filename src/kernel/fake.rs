@@ -4,17 +4,17 @@
 //! fail a generation query, or to be changed by "someone else". It holds the real rules, so the
 //! packet tracer (`crate::trace`) can check flows against what the fake kernel holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::Kernel;
+use super::{Commit, Commits, Kernel};
 use crate::conntrack::stale::{FlowKey, UdpTargets};
 use crate::nft::consts::{NF_ACCEPT, NFT_TABLE_F_PERSIST};
 use crate::nft::encode::{Owner, describe};
 use crate::nft::{ApplyStats, NftError, Result};
 use crate::plan::{KernelState, Op, Plan, as_kernel_state};
-use crate::ruleset::{Element, Ruleset, SetKind, Stmt, TABLE, split_name};
+use crate::ruleset::{Element, Ruleset, SetKind, Stmt, TABLE, shard_of_table, split_name};
 
 /// What the fake kernel holds, and the knobs a test turns. Fields are public: a test changes
 /// them through [`FakeKernel::foreign`] (a commit by someone else) or [`FakeKernel::with`].
@@ -39,6 +39,14 @@ pub struct FakeState {
     pub fail_generation_after_commit: bool,
     /// Every committed plan, in order.
     pub committed: Vec<Plan>,
+    /// Whether an nf_tables event monitor runs (off: `Kernel::commits` answers `None`).
+    pub monitor: bool,
+    /// The commits announced and not yet taken by `Kernel::commits`.
+    pub events: Vec<Commit>,
+    /// Events were dropped since they were last taken.
+    pub events_lost: bool,
+    /// How many tables each read-back read (a whole read-back counts all of ours).
+    pub tables_read: Vec<usize>,
 }
 
 /// A handle on one fake kernel; clones share it (an engine restarted over the same kernel).
@@ -55,11 +63,26 @@ impl FakeKernel {
         f(&mut self.lock())
     }
 
-    /// Someone else commits: `f` changes the state, the generation moves.
+    /// A fake kernel whose nf_tables event monitor runs.
+    pub fn with_monitor() -> Self {
+        let k = FakeKernel::default();
+        k.with(|s| s.monitor = true);
+        k
+    }
+
+    /// Someone else commits: `f` changes the state, the generation moves, and (with a monitor)
+    /// the commit is announced with the tables of ours it changed.
     pub fn foreign(&self, f: impl FnOnce(&mut FakeState)) {
         let mut s = self.lock();
+        let before = s.clone();
         f(&mut s);
         s.generation = s.generation.wrapping_add(1);
+        if s.monitor {
+            let tables =
+                (0..crate::ruleset::MAX_SHARDS).filter(|k| before.table_view(*k) != s.table_view(*k)).collect();
+            let commit = Commit { generation: s.generation, own: false, tables, by: "nft[1]".into() };
+            s.events.push(commit);
+        }
     }
 
     /// The rules the fake kernel holds (for the tracer).
@@ -90,7 +113,25 @@ fn references(stmts: &[Stmt]) -> (Vec<&str>, Vec<&str>) {
     (chains, sets)
 }
 
+/// What one table holds, for comparing before and after a commit.
+type TableView<'a> = (
+    Option<u32>,
+    Vec<(&'a String, &'a crate::ruleset::Chain)>,
+    Vec<(&'a String, &'a crate::ruleset::Set)>,
+    Vec<(&'a String, &'a u32)>,
+);
+
 impl FakeState {
+    fn table_view(&self, shard: u32) -> TableView<'_> {
+        let here = |n: &String| shard_of_table(table_of(n)) == Some(shard);
+        (
+            self.tables.get(&crate::ruleset::shard_table(shard)).copied(),
+            self.ruleset.chains.iter().filter(|(n, _)| here(n)).collect(),
+            self.ruleset.sets.iter().filter(|(n, _)| here(n)).collect(),
+            self.policies.iter().filter(|(n, _)| here(n)).collect(),
+        )
+    }
+
     fn need_table(&self, name: &str) -> std::result::Result<(), i32> {
         if self.tables.contains_key(table_of(name)) { Ok(()) } else { Err(libc::ENOENT) }
     }
@@ -236,7 +277,31 @@ impl Kernel for FakeKernel {
     }
 
     fn read_table(&mut self) -> Result<KernelState> {
-        Ok(self.lock().read())
+        let mut s = self.lock();
+        let n = s.tables.len();
+        s.tables_read.push(n);
+        Ok(s.read())
+    }
+
+    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> Result<KernelState> {
+        let mut s = self.lock();
+        let mut ks = s.read();
+        let ours = |name: &str| shard_of_table(table_of(name)).is_some_and(|k| shards.contains(&k));
+        let our_table = |t: &str| shard_of_table(t).is_some_and(|k| shards.contains(&k));
+        ks.table_exists &= shards.contains(&0);
+        ks.shard_tables.retain(|t| our_table(t));
+        ks.table_flags.retain(|t, _| our_table(t));
+        ks.chains.retain(|n, _| ours(n));
+        ks.sets.retain(|n, _| ours(n));
+        ks.objects.retain(|n, _| ours(n));
+        let n = s.tables.keys().filter(|t| our_table(t)).count();
+        s.tables_read.push(n);
+        Ok(ks)
+    }
+
+    fn commits(&mut self, _upto: Option<u32>) -> Option<Commits> {
+        let mut s = self.lock();
+        s.monitor.then(|| Commits { lost: std::mem::take(&mut s.events_lost), commits: std::mem::take(&mut s.events) })
     }
 
     fn read_elements(&mut self, set: &str) -> Result<Option<Vec<Element>>> {
@@ -262,6 +327,12 @@ impl Kernel for FakeKernel {
         }
         next.generation = next.generation.wrapping_add(1);
         next.committed.push(plan.clone());
+        // Our own commit is announced too (the live kernel's monitor leaves the group meanwhile,
+        // so the engine must not need it; tests see that it copes with both).
+        if next.monitor {
+            let commit = Commit { generation: next.generation, own: true, tables: BTreeSet::new(), by: String::new() };
+            next.events.push(commit);
+        }
         let lost = std::mem::take(&mut next.lose_next_ack);
         if std::mem::take(&mut next.fail_generation_after_commit) {
             next.failing_generation_reads += 1;

@@ -5,8 +5,11 @@
 
 pub mod fake;
 
+use std::collections::BTreeSet;
+
 use crate::conntrack::Conntrack;
 use crate::conntrack::stale::UdpTargets;
+use crate::nft::monitor::Monitor;
 use crate::nft::{self, ApplyStats, Netlink};
 use crate::plan::{KernelState, Plan};
 use crate::ruleset::Element;
@@ -17,6 +20,14 @@ pub trait Kernel {
     fn generation(&mut self) -> nft::Result<u32>;
     /// Everything in our tables.
     fn read_table(&mut self) -> nft::Result<KernelState>;
+    /// Everything in those of our tables (by shard number, 0: `nftproxy`) that exist; the
+    /// others are left out as if they did not exist.
+    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> nft::Result<KernelState>;
+    /// The commits the nf_tables event monitor saw since the last call. With `upto`, waits
+    /// briefly for the end of commit `upto` when it was not seen yet (the generation moves
+    /// before a commit's events are sent). `None`: there is no monitor, so only the generation
+    /// tells that someone committed.
+    fn commits(&mut self, upto: Option<u32>) -> Option<Commits>;
     /// The elements of one set of our main table; `None` when it does not exist.
     fn read_elements(&mut self, set: &str) -> nft::Result<Option<Vec<Element>>>;
     /// One atomic transaction; on error nothing of it was committed (as far as we can tell).
@@ -26,9 +37,37 @@ pub trait Kernel {
     fn clean_udp(&mut self, targets: &UdpTargets) -> usize;
 }
 
+/// One commit as the nf_tables events announced it (NFT_MSG_NEWGEN and the object events
+/// before it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// The ruleset generation it produced.
+    pub generation: u32,
+    /// Sent by this process's own nf_tables socket.
+    pub own: bool,
+    /// Our tables (by shard number) any of its events named.
+    pub tables: BTreeSet<u32>,
+    /// Who committed, as the kernel names it (`nft[1234]`), for logs.
+    pub by: String,
+}
+
+/// What the event monitor saw since it was last asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Commits {
+    /// Events were dropped (the socket's buffer overflowed): anything may have changed.
+    pub lost: bool,
+    pub commits: Vec<Commit>,
+}
+
+/// Commits of more messages than this are not watched by our own event monitor (see `apply`).
+const PAUSE_ABOVE_MESSAGES: usize = 1000;
+
 /// The real kernel: nf_tables and conntrack over netlink.
 pub struct LiveKernel {
     nl: Netlink,
+    /// The nf_tables event monitor; `None` when it could not be opened (every commit by someone
+    /// else then means a read-back of all our tables, as the generation is all we know).
+    monitor: Option<Monitor>,
     /// Opened on first use; `Err` after it failed to open (cleanup is then skipped).
     conntrack: Option<Result<Conntrack, ()>>,
 }
@@ -41,7 +80,10 @@ impl LiveKernel {
 
 impl From<Netlink> for LiveKernel {
     fn from(nl: Netlink) -> Self {
-        LiveKernel { nl, conntrack: None }
+        let monitor = Monitor::open(nl.portid())
+            .map_err(|e| tracing::warn!(error = %e, "cannot follow nf_tables events; any commit by another program will mean a read-back"))
+            .ok();
+        LiveKernel { nl, monitor, conntrack: None }
     }
 }
 
@@ -54,12 +96,33 @@ impl Kernel for LiveKernel {
         self.nl.read_table()
     }
 
+    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> nft::Result<KernelState> {
+        self.nl.read_tables(Some(shards))
+    }
+
+    fn commits(&mut self, upto: Option<u32>) -> Option<Commits> {
+        self.monitor.as_mut().map(|m| m.take(upto))
+    }
+
     fn read_elements(&mut self, set: &str) -> nft::Result<Option<Vec<Element>>> {
         self.nl.read_elements(set)
     }
 
     fn apply(&mut self, plan: &Plan) -> nft::Result<ApplyStats> {
-        self.nl.apply(plan)
+        // A big commit's own events (a full sync: a hundred thousand) would overflow the
+        // monitor's buffer: it leaves the group meanwhile. A commit by someone else in that
+        // window shows as a generation no event accounts for, which the engine treats as lost
+        // events. A small commit's events are read and recognised as ours (our port id), so
+        // others' commits beside it stay accounted for.
+        let pause = plan.message_count() > PAUSE_ABOVE_MESSAGES;
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
+            m.pause();
+        }
+        let result = self.nl.apply(plan);
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
+            m.resume();
+        }
+        result
     }
 
     fn clean_udp(&mut self, targets: &UdpTargets) -> usize {

@@ -16,6 +16,7 @@ pub const NFT_MSG_DELSET: u16 = 11;
 pub const NFT_MSG_NEWSETELEM: u16 = 12;
 pub const NFT_MSG_GETSETELEM: u16 = 13;
 pub const NFT_MSG_DELSETELEM: u16 = 14;
+pub const NFT_MSG_NEWGEN: u16 = 15;
 pub const NFT_MSG_GETGEN: u16 = 16;
 
 // Message attributes (linux/netfilter/nf_tables.h) the read-back and raw messages use.
@@ -128,3 +129,10 @@ pub const NETLINK_CAP_ACK: i32 = 10;
 
 /// Rule user data TLV type for a comment (libnftnl's NFTNL_UDATA_RULE_COMMENT).
 pub const UDATA_RULE_COMMENT: u8 = 0;
+
+/// The nfnetlink multicast group of nf_tables events (one message per object a commit changes,
+/// then NFT_MSG_NEWGEN).
+pub const NFNLGRP_NFTABLES: u32 = 7;
+/// NEWGEN attributes: the committing process's pid and name.
+pub const NFTA_GEN_PROC_PID: u16 = 2;
+pub const NFTA_GEN_PROC_NAME: u16 = 3;

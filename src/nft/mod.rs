@@ -10,8 +10,10 @@
 pub mod consts;
 pub mod encode;
 pub mod expr;
+pub mod monitor;
 mod sys;
 
+use std::collections::BTreeSet;
 use std::io;
 
 use consts::*;
@@ -189,6 +191,11 @@ impl Netlink {
         sys::socket_fd(&self.sock)
     }
 
+    /// The netlink port id of this socket: the kernel's events name it as the committer.
+    pub fn portid(&self) -> u32 {
+        self.sock.portid()
+    }
+
     /// Sends a plan as one atomic transaction. On error the kernel has rolled it back entirely.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats> {
         if plan.is_empty() {
@@ -307,7 +314,15 @@ impl Netlink {
     /// Reads everything in our tables; none gives `KernelState::default()`. Objects of shard
     /// tables come back qualified (`nftproxy-3@svc4/...`), as the compiler names them.
     pub fn read_table(&mut self) -> Result<KernelState> {
-        let with_flags = self.tables_with_flags()?;
+        self.read_tables(None)
+    }
+
+    /// Like [`Netlink::read_table`], for only those of our tables (by shard number) in `shards`.
+    pub fn read_tables(&mut self, shards: Option<&BTreeSet<u32>>) -> Result<KernelState> {
+        let mut with_flags = self.tables_with_flags()?;
+        if let Some(wanted) = shards {
+            with_flags.retain(|(t, _)| shard_of_table(t).is_some_and(|k| wanted.contains(&k)));
+        }
         let tables: Vec<String> = with_flags.iter().map(|(t, _)| t.clone()).collect();
         let mut state = KernelState {
             table_exists: tables.iter().any(|t| t == TABLE),

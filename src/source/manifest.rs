@@ -1,10 +1,20 @@
 //! Kubernetes YAML manifests: files or directories of `*.yaml`/`*.yml`, multi-document, with
 //! `kind: List` unpacked. Unknown kinds are skipped with a warning.
+//!
+//! Parsed with `serde-saphyr` (maintained, panic-free, no `unsafe`; `serde_yaml` is deprecated)
+//! into a generic tree (`serde_json::Value`), then each object into its Kubernetes type with
+//! `serde_path_to_error`, so errors name the file, document, object and field. Documents are
+//! cut apart at their `---` lines (which YAML forbids inside content) and parsed on all cores.
+//! [`ManifestCache`] keeps each file's objects until the file changes (size, modification time
+//! or inode), so `--watch` and the agent's periodic passes re-parse only the files that changed.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use super::{InputError, InputErrors, Objects, Origin};
 
@@ -31,47 +41,202 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, InputError> {
 
 /// Reads every manifest under `paths`.
 pub fn load(paths: &[PathBuf]) -> Result<Objects, InputErrors> {
-    let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for path in paths {
-        match manifest_files(path) {
-            Ok(files) => {
-                for file in files {
-                    match std::fs::read_to_string(&file) {
-                        Ok(text) => parse_into(&file.display().to_string(), &text, &mut objects, &mut errors),
-                        Err(e) => errors.push(InputError {
-                            origin: file.display().to_string(),
-                            object: "manifests".into(),
-                            field: "file".into(),
-                            message: e.to_string(),
-                        }),
-                    }
-                }
+    ManifestCache::default().load_owned(paths)
+}
+
+/// What one file held: its objects and the problems found in it.
+#[derive(Debug, Default)]
+struct Parsed {
+    objects: Objects,
+    errors: Vec<InputError>,
+}
+
+/// When a file was last read: size, modification time, inode.
+type Stamp = (u64, Option<std::time::SystemTime>, u64);
+
+fn stamp(file: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.len(), m.modified().ok(), m.ino()))
+}
+
+/// Each manifest file's objects, kept until the file changes.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    files: BTreeMap<PathBuf, (Stamp, Arc<Parsed>)>,
+}
+
+impl ManifestCache {
+    /// Every manifest under `paths`, re-reading only the files that changed since the last call.
+    pub fn load(&mut self, paths: &[PathBuf]) -> Result<Objects, InputErrors> {
+        let parsed = self.refresh(paths)?;
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        for p in &parsed {
+            objects.extend_from(&p.objects);
+            errors.extend(p.errors.iter().cloned());
+        }
+        if errors.is_empty() { Ok(objects) } else { Err(InputErrors(errors)) }
+    }
+
+    /// Like [`ManifestCache::load`] on an empty cache, without keeping (or copying) anything.
+    fn load_owned(mut self, paths: &[PathBuf]) -> Result<Objects, InputErrors> {
+        let parsed = self.refresh(paths)?;
+        self.files.clear();
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        for p in parsed {
+            let p =
+                Arc::try_unwrap(p).unwrap_or_else(|p| Parsed { objects: p.objects.clone(), errors: p.errors.clone() });
+            objects.append(p.objects);
+            errors.extend(p.errors);
+        }
+        if errors.is_empty() { Ok(objects) } else { Err(InputErrors(errors)) }
+    }
+
+    /// Each file's parse, in order: from the cache when unchanged, parsed (in parallel) otherwise.
+    fn refresh(&mut self, paths: &[PathBuf]) -> Result<Vec<Arc<Parsed>>, InputErrors> {
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
+        for path in paths {
+            match manifest_files(path) {
+                Ok(f) => files.extend(f),
+                Err(e) => errors.push(e),
             }
-            Err(e) => errors.push(e),
+        }
+        if !errors.is_empty() {
+            return Err(InputErrors(errors));
+        }
+        let stamps: Vec<Option<Stamp>> = files.iter().map(|f| stamp(f)).collect();
+        let stale: Vec<usize> = (0..files.len())
+            .filter(|&i| stamps[i].is_none() || self.files.get(&files[i]).map(|(s, _)| Some(*s)) != Some(stamps[i]))
+            .collect();
+        let texts: Vec<(usize, Result<String, InputError>)> = stale
+            .iter()
+            .map(|&i| {
+                let text = std::fs::read_to_string(&files[i]).map_err(|e| InputError {
+                    origin: files[i].display().to_string(),
+                    object: "manifests".into(),
+                    field: "file".into(),
+                    message: e.to_string(),
+                });
+                (i, text)
+            })
+            .collect();
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let fresh = parse_files(texts.iter().map(|(i, t)| (names[*i].as_str(), t.as_ref())).collect());
+        for ((i, _), parsed) in texts.iter().zip(fresh) {
+            // A file whose metadata cannot be read is read again every time.
+            let s = stamps[*i].unwrap_or((u64::MAX, None, u64::MAX));
+            self.files.insert(files[*i].clone(), (s, Arc::new(parsed)));
+        }
+        let wanted: std::collections::BTreeSet<&PathBuf> = files.iter().collect();
+        self.files.retain(|f, _| wanted.contains(f));
+        Ok(files.iter().filter_map(|f| self.files.get(f).map(|(_, p)| p.clone())).collect())
+    }
+}
+
+/// One document of a file: its number (from 1) and text.
+struct Doc<'a> {
+    file: usize,
+    number: usize,
+    text: &'a str,
+}
+
+/// The documents of a multi-document YAML text, cut at its `---` lines (YAML forbids a line
+/// starting with `---` inside a document's content). Numbered as YAML parsers count them: text
+/// before the first `---` is a document only if it holds more than comments.
+fn documents(file: usize, text: &str) -> Vec<Doc<'_>> {
+    let mut starts = vec![0];
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let is_marker =
+            line.strip_prefix("---").is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if is_marker && at > 0 {
+            starts.push(at);
+        }
+        at += line.len();
+    }
+    let mut docs = Vec::new();
+    for (k, &start) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(text.len());
+        let doc = &text[start..end];
+        let marker = doc.starts_with("---");
+        let content = doc.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+        if k == 0 && !marker && !content {
+            continue;
+        }
+        docs.push(Doc { file, number: docs.len() + 1, text: doc });
+    }
+    docs
+}
+
+/// Parses files (name, text or the error reading it) on all cores; one [`Parsed`] per file.
+fn parse_files(files: Vec<(&str, Result<&String, &InputError>)>) -> Vec<Parsed> {
+    let mut out: Vec<Parsed> = files.iter().map(|_| Parsed::default()).collect();
+    let mut docs = Vec::new();
+    for (i, (_, text)) in files.iter().enumerate() {
+        match text {
+            Ok(t) => docs.extend(documents(i, t)),
+            Err(e) => out[i].errors.push((*e).clone()),
         }
     }
-    if errors.is_empty() { Ok(objects) } else { Err(InputErrors(errors)) }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let batch = docs.len().div_ceil(threads * 4).max(1);
+    let results: Vec<Vec<(usize, Parsed)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = docs
+            .chunks(batch)
+            .map(|chunk| {
+                scope.spawn(|| {
+                    chunk
+                        .iter()
+                        .map(|d| {
+                            let mut p = Parsed::default();
+                            parse_document(files[d.file].0, d.number, d.text, &mut p.objects, &mut p.errors);
+                            (d.file, p)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    for (file, p) in results.into_iter().flatten() {
+        out[file].objects.append(p.objects);
+        out[file].errors.extend(p.errors);
+    }
+    out
 }
 
 /// Parses one file's text (multi-document YAML) into `objects`.
 pub fn parse_into(file: &str, text: &str, objects: &mut Objects, errors: &mut Vec<InputError>) {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let origin = format!("{file} (document {})", i + 1);
-        let value = match <Value as serde::Deserialize>::deserialize(doc) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(InputError {
-                    origin,
-                    object: "YAML".into(),
-                    field: "document".into(),
-                    message: format!("malformed YAML: {e}"),
-                });
-                // The YAML parser cannot resynchronise after a syntax error.
-                return;
-            }
-        };
-        add_value(&Origin(origin), value, objects, errors);
+    for d in documents(0, text) {
+        parse_document(file, d.number, d.text, objects, errors);
+    }
+}
+
+/// One YAML document as a JSON value (`None` when empty). YAML 1.2 scalars, as serde_yaml read
+/// them (and as the API server's YAML reader keeps a string field): `y`, `on`, `0755` and
+/// `1_000` stay strings.
+pub fn yaml_value(text: &str) -> Result<Option<Value>, serde_saphyr::Error> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    serde_saphyr::from_str_with_options::<Option<Value>>(text, options)
+}
+
+/// Parses one document into `objects`.
+fn parse_document(file: &str, number: usize, text: &str, objects: &mut Objects, errors: &mut Vec<InputError>) {
+    let origin = format!("{file} (document {number})");
+    match yaml_value(text) {
+        Ok(Some(value)) => add_value(&Origin(origin), value, objects, errors),
+        Ok(None) => {}
+        Err(e) => errors.push(InputError {
+            origin,
+            object: "YAML".into(),
+            field: "document".into(),
+            message: format!("malformed YAML: {}", e.to_string().lines().next().unwrap_or_default()),
+        }),
     }
 }
 
@@ -90,7 +255,7 @@ fn add_value(origin: &Origin, value: Value, objects: &mut Objects, errors: &mut 
     let object = format!("{kind} {ns}/{name}");
     match (api.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            if let Some(Value::Sequence(items)) = value.get("items").cloned() {
+            if let Some(Value::Array(items)) = value.get("items").cloned() {
                 for (i, item) in items.into_iter().enumerate() {
                     add_value(&Origin(format!("{origin} items[{i}]")), item, objects, errors);
                 }
@@ -196,6 +361,55 @@ mod tests {
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].object, "Service default/web");
         assert_eq!(e[0].field, "spec.ports[0].port");
+    }
+
+    #[test]
+    fn documents_are_numbered_as_yaml_parsers_count_them() {
+        let svc = |n: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\n");
+        let text = format!(
+            "# header\n---\n{}---\n---\n{}--- {{apiVersion: v1, kind: Pod, metadata: {{name: p}}}}\n",
+            svc("a"),
+            svc("b")
+        );
+        let (o, e) = parse(&text);
+        assert!(e.is_empty(), "{e:?}");
+        let origins: Vec<&str> = o.services.iter().map(|(o, _)| o.0.as_str()).collect();
+        assert_eq!(origins, ["t.yaml (document 1)", "t.yaml (document 3)"]);
+        assert_eq!(o.pods[0].0.0, "t.yaml (document 4)", "content on the marker line");
+        // A YAML 1.1 boolean spelling stays a string.
+        let (o, e) = parse(&format!("{}spec: {{ports: [{{name: y, port: 80}}]}}\n", svc("c")));
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(o.services[0].1.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].name.as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn a_malformed_document_is_reported_and_the_others_still_read() {
+        let (o, e) = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\nkind: [Service\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].to_string().starts_with("t.yaml (document 2): YAML: document: malformed YAML"), "{}", e[0]);
+        assert_eq!(o.services.len(), 2);
+    }
+
+    #[test]
+    fn the_cache_rereads_only_files_that_changed() {
+        let dir = std::env::temp_dir().join(format!("nftproxy-manifest-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |n: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {n}}}\n");
+        std::fs::write(dir.join("a.yaml"), svc("a")).unwrap();
+        std::fs::write(dir.join("b.yaml"), svc("b")).unwrap();
+        let mut cache = ManifestCache::default();
+        let names = |o: &Objects| o.services.iter().map(|(_, s)| s.metadata.name.clone().unwrap()).collect::<Vec<_>>();
+        assert_eq!(names(&cache.load(std::slice::from_ref(&dir)).unwrap()), ["a", "b"]);
+        let a = cache.files[&dir.join("a.yaml")].1.clone();
+        std::fs::write(dir.join("b.yaml"), svc("b2")).unwrap();
+        assert_eq!(names(&cache.load(std::slice::from_ref(&dir)).unwrap()), ["a", "b2"]);
+        assert!(Arc::ptr_eq(&a, &cache.files[&dir.join("a.yaml")].1), "a.yaml was not parsed again");
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert_eq!(names(&cache.load(std::slice::from_ref(&dir)).unwrap()), ["b2"]);
+        assert_eq!(cache.files.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

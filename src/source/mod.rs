@@ -40,6 +40,26 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// Appends `other`'s objects (moved).
+    pub fn append(&mut self, mut other: Objects) {
+        self.services.append(&mut other.services);
+        self.slices.append(&mut other.slices);
+        self.endpoints.append(&mut other.endpoints);
+        self.pods.append(&mut other.pods);
+        self.namespaces.append(&mut other.namespaces);
+        self.nodes.append(&mut other.nodes);
+    }
+
+    /// Appends copies of `other`'s objects.
+    pub fn extend_from(&mut self, other: &Objects) {
+        self.services.extend_from_slice(&other.services);
+        self.slices.extend_from_slice(&other.slices);
+        self.endpoints.extend_from_slice(&other.endpoints);
+        self.pods.extend_from_slice(&other.pods);
+        self.namespaces.extend_from_slice(&other.namespaces);
+        self.nodes.extend_from_slice(&other.nodes);
+    }
+
     /// The `InternalIP` addresses of Node `name`, when the objects hold that Node.
     pub fn node_internal_ips(&self, name: &str) -> Option<Vec<std::net::IpAddr>> {
         let (_, node) = self.nodes.iter().find(|(_, n)| n.metadata.name.as_deref() == Some(name))?;
@@ -152,12 +172,26 @@ pub trait Source: Send + Sync {
     fn served(&self, _snapshot: &crate::model::Snapshot) {}
 }
 
-/// Manifest files, read afresh on every sync.
-pub struct Manifests(pub Vec<std::path::PathBuf>);
+/// Manifest files. The agent keeps each file's objects and re-reads only the files that
+/// changed; a one-shot run reads each file once and keeps nothing.
+pub struct Manifests {
+    paths: Vec<std::path::PathBuf>,
+    cache: Option<std::sync::Mutex<manifest::ManifestCache>>,
+}
+
+impl Manifests {
+    /// `keep`: cache each file's objects between reads (the agent).
+    pub fn new(paths: Vec<std::path::PathBuf>, keep: bool) -> Self {
+        Manifests { paths, cache: keep.then(Default::default) }
+    }
+}
 
 impl Source for Manifests {
     fn objects(&self) -> Result<Objects, InputErrors> {
-        manifest::load(&self.0)
+        match &self.cache {
+            Some(cache) => cache.lock().unwrap_or_else(|e| e.into_inner()).load(&self.paths),
+            None => manifest::load(&self.paths),
+        }
     }
 }
 
