@@ -8,6 +8,7 @@ pub mod agent;
 pub mod compile;
 pub mod conntrack;
 pub mod healthcheck;
+pub mod inspect;
 pub mod kernel;
 pub mod metrics;
 pub mod model;
