@@ -131,6 +131,8 @@ enum Command {
     },
     /// The conntrack entries to our Service addresses (of one Service: NAMESPACE/NAME).
     Flows { service: Option<String> },
+    /// Our tables in the kernel (`nftproxy` and its shards), fast at any size.
+    Tables,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -162,6 +164,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
         Some(Command::Flows { service }) => {
             nftproxy::inspect::flows::command(service.as_deref(), &mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        Some(Command::Tables) => {
+            out(&nftproxy::inspect::tables()?);
             return Ok(());
         }
         None => {}

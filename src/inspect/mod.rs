@@ -25,6 +25,15 @@ pub enum InspectError {
     Conntrack(#[source] std::io::Error),
 }
 
+/// `nftproxy tables`: our tables in the kernel (`inet nftproxy` and its shards), one per line,
+/// from one table dump: unlike `nft list tables`, which reads every rule first (minutes at
+/// 10,000 Services), this takes milliseconds at any size.
+pub fn tables() -> Result<String, InspectError> {
+    let mut tables = crate::nft::Netlink::open()?.our_tables()?;
+    tables.sort_by_key(|t| crate::ruleset::shard_of_table(t));
+    Ok(tables.iter().map(|t| format!("table inet {t}\n")).collect())
+}
+
 /// `tcp`, `UDP`, `Sctp`: a protocol argument, any case.
 pub fn parse_protocol(s: &str) -> Result<Protocol, InspectError> {
     match s.to_ascii_lowercase().as_str() {

@@ -441,31 +441,32 @@ impl Netlink {
         let tables = self.our_tables()?;
         let mut out = ReadRuleset::default();
         let with_rules = rules;
-        let mut rules: std::collections::BTreeMap<String, Vec<Rule>> = Default::default();
+        // Per chain: the rules that decode, and how many rules the chain has in all.
+        let mut rules: std::collections::BTreeMap<String, (Vec<Rule>, usize)> = Default::default();
         for (shard, c) in self.our_chains(&tables)? {
             let base = c
                 .hook
                 .and_then(|(hooknum, priority, _)| Some(BaseChain { hook: Hook::from_number(hooknum)?, priority }));
             let name = qualify(shard, &c.name);
             out.ruleset.chains.insert(name.clone(), crate::ruleset::Chain { base, rules: Vec::new().into() });
-            rules.insert(name, Vec::new());
+            rules.insert(name, (Vec::new(), 0));
         }
         let unknown = &mut out.unknown;
         let read = if with_rules { &tables[..] } else { &[] };
         self.each_rule(read, |shard, r| {
             let chain = String::from_utf8_lossy(r.chain);
-            let Some(list) = rules.get_mut(&qualify(shard, &chain)) else { return };
+            let Some((list, seen)) = rules.get_mut(&qualify(shard, &chain)) else { return };
+            *seen += 1;
             let comment = decode::comment(r.userdata).unwrap_or_default();
             match decode::decode_expressions(r.expressions, &|n| qualify(shard, n)) {
                 Some(stmts) => list.push(Rule::new(&std::sync::Arc::from(comment), stmts)),
                 None => unknown.push(format!(
-                    "rule {} of chain {chain} in table {} (comment {comment:?}) is not one nftproxy writes; ignored",
-                    list.len() + 1,
+                    "rule {seen} of chain {chain} in table {} (comment {comment:?}) is not one nftproxy writes; ignored",
                     shard_table(shard)
                 )),
             }
         })?;
-        for (name, list) in rules {
+        for (name, (list, _)) in rules {
             if let Some(c) = out.ruleset.chains.get_mut(&name) {
                 c.rules = list.into();
             }
