@@ -158,6 +158,17 @@ pub(crate) fn child(args: &[String]) {
                 series = text.lines().filter(|l| l.starts_with("nftproxy_endpoint_connections_total{")).count();
             }
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            // The kernel read alone (one rule dump per table, counters picked out).
+            let mut nl = Netlink::open().unwrap();
+            let mut dumps: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let start = Instant::now();
+                    nl.endpoint_counters().unwrap();
+                    ms(start.elapsed())
+                })
+                .collect();
+            dumps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            write!(out, "dump_p50_ms={:.1} ", percentile(&dumps, 0.5)).unwrap();
             write!(
                 out,
                 "scrape_p50_ms={:.1} scrape_max_ms={:.1} series={series}",

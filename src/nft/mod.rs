@@ -489,8 +489,13 @@ impl Netlink {
     /// chain, packets), read from one streamed rule dump per table.
     pub fn endpoint_counters(&mut self) -> Result<Vec<(u32, String, u64)>> {
         let tables = self.our_tables()?;
+        self.endpoint_counters_in(&tables)
+    }
+
+    /// [`Netlink::endpoint_counters`] of some of our tables (a scrape reads halves in parallel).
+    pub fn endpoint_counters_in(&mut self, tables: &[String]) -> Result<Vec<(u32, String, u64)>> {
         let mut out = Vec::new();
-        self.each_rule(&tables, |shard, r| {
+        self.each_rule(tables, |shard, r| {
             if (r.chain.starts_with(b"ep4/") || r.chain.starts_with(b"ep6/"))
                 && let Some(packets) = decode::counter_packets(r.expressions)
             {
