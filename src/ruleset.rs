@@ -595,6 +595,15 @@ pub fn is_verdict_text(goto: &str) -> bool {
     goto.contains(' ') || matches!(goto, "drop" | "accept" | "return" | "continue") || goto.starts_with("verdict")
 }
 
+/// The address `ip_bytes` wrote: 4 or 16 bytes.
+pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
 pub fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(a) => a.octets().to_vec(),

@@ -76,6 +76,12 @@ fn agent(c: &Cluster, name: &str, manifests: &Path, metrics: &str) -> Agent {
     )
 }
 
+/// Waits until web's ClusterIP answers (exactly one connection succeeds here).
+fn wait_served(c: &Cluster, agent: &Agent) {
+    let served = || c.probe("client", "tcp", "10.96.0.80:80", 1).keys().any(|k| k.starts_with("web-"));
+    assert!(wait_until(20, served), "{}", agent.log_text());
+}
+
 /// `nftproxy_endpoint_connections_total` of Service `svc`: (protocol, endpoint) -> value.
 fn counters(c: &Cluster, metrics: &str, svc: &str) -> BTreeMap<(String, String), u64> {
     let (code, body) = c.http_get(metrics, "/metrics").expect("scrape /metrics");
@@ -137,11 +143,7 @@ fn endpoint_counters_count_each_connection_its_backend_answered() {
     let m = c.write("web.yaml", &web(&[A, B, C]));
     let metrics = "127.0.0.1:19101";
     let agent = agent(&c, "agent", &m, metrics);
-    assert!(
-        wait_until(20, || c.probe("client", "tcp", "10.96.0.80:80", 1).keys().any(|k| k.starts_with("web-"))),
-        "{}",
-        agent.log_text()
-    );
+    wait_served(&c, &agent);
     let before = fresh_counters(&c, metrics, "web");
     // TCP from a pod and from the node itself (host network, the output hook); UDP datagrams
     // from fresh sockets: each a new connection.
@@ -168,11 +170,7 @@ fn counters_survive_an_unrelated_partial_sync_and_a_restart_and_go_with_their_en
     let m = c.write("web.yaml", &(web(&[A, B, C]) + &other(80)));
     let metrics = "127.0.0.1:19102";
     let first = agent(&c, "first", &m, metrics);
-    assert!(
-        wait_until(20, || c.probe("client", "tcp", "10.96.0.80:80", 1).keys().any(|k| k.starts_with("web-"))),
-        "{}",
-        first.log_text()
-    );
+    wait_served(&c, &first);
     c.probe("client", "tcp", "10.96.0.80:80", 30);
     let before = fresh_counters(&c, metrics, "web");
     assert_eq!(before.values().sum::<u64>(), 31, "{before:?}");

@@ -398,14 +398,8 @@ fn bench_counters(r: &mut Report, n: usize, e: usize) {
         r.add("counters", n, e, &format!("{path}: full sync"), "ms", full.get("total_ms").copied());
         if on == "1" {
             let scrape = run(&["scrape", &ns_, &es, "10"]);
-            r.add(
-                "counters",
-                n,
-                e,
-                "/metrics scrape reading every counter, p50",
-                "ms",
-                scrape.get("scrape_p50_ms").copied(),
-            );
+            let p50 = scrape.get("scrape_p50_ms").copied();
+            r.add("counters", n, e, "/metrics scrape reading every counter, p50", "ms", p50);
             r.add("counters", n, e, "/metrics scrape, series", "count", scrape.get("series").copied());
         }
         let inc = run(&["incremental", &ns_, &es, "200"]);

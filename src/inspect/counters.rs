@@ -65,16 +65,19 @@ pub fn series_of(chain: &str, packets: u64) -> Option<Series<'_>> {
     Some(Series { namespace, service, protocol, port, endpoint, value: packets })
 }
 
+/// Each endpoint chain with its count.
+pub type Counted = Arc<Vec<(String, u64)>>;
+
 /// The collector registered with the metrics registry.
 #[derive(Debug, Default)]
 pub struct EndpointCounters {
-    /// The last read: when, and each endpoint chain with its count.
-    last: Mutex<Option<(Instant, Arc<Vec<(String, u64)>>)>>,
+    /// The last read, and when it was made.
+    last: Mutex<Option<(Instant, Counted)>>,
 }
 
 impl EndpointCounters {
     /// Each endpoint chain with its count now (or from a read less than a second old).
-    pub fn read(&self) -> Arc<Vec<(String, u64)>> {
+    pub fn read(&self) -> Counted {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, counted)) = last.as_ref()
             && at.elapsed() < FRESH

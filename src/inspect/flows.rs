@@ -11,7 +11,7 @@ use super::{InspectError, address, service_of_chain};
 use crate::conntrack::{Conntrack, Filter, Flow};
 use crate::model::{Family, Protocol, ServiceId};
 use crate::nft::Netlink;
-use crate::ruleset::{Ruleset, SetKind, local_name};
+use crate::ruleset::{Ruleset, SetKind, ip_from_bytes, local_name};
 
 /// A Service address: (address, protocol, port).
 pub type Target = (IpAddr, Protocol, u16);
@@ -21,14 +21,6 @@ fn proto_port(key: &[u8]) -> Option<(Protocol, u16)> {
     Some((proto, u16::from_be_bytes([*key.get(4)?, *key.get(5)?])))
 }
 
-fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        _ => None,
-    }
-}
-
 /// Every address, protocol and port our maps send to a Service, with that Service: ClusterIPs,
 /// external and load-balancer IPs (dispatch maps), node ports on the node's addresses.
 pub fn targets(rs: &Ruleset) -> Vec<(Target, ServiceId)> {
@@ -36,7 +28,7 @@ pub fn targets(rs: &Ruleset) -> Vec<(Target, ServiceId)> {
     let mut node_ips: Vec<IpAddr> = Vec::new();
     for (name, set) in &rs.sets {
         if matches!(set.kind, SetKind::Addresses(_)) && local_name(name).starts_with("node-ips-") {
-            node_ips.extend(set.elements.iter().filter_map(|e| ip_of(&e.key)));
+            node_ips.extend(set.elements.iter().filter_map(|e| ip_from_bytes(&e.key)));
         }
     }
     for set in rs.sets.values() {
@@ -45,7 +37,7 @@ pub fn targets(rs: &Ruleset) -> Vec<(Target, ServiceId)> {
             match set.kind {
                 SetKind::Dispatch(_) if e.key.len() >= 12 => {
                     let at = e.key.len() - 8;
-                    if let (Some(ip), Some((proto, port))) = (ip_of(&e.key[..at]), proto_port(&e.key[at..])) {
+                    if let (Some(ip), Some((proto, port))) = (ip_from_bytes(&e.key[..at]), proto_port(&e.key[at..])) {
                         out.push(((ip, proto, port), svc));
                     }
                 }

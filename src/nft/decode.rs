@@ -5,7 +5,6 @@
 //! byte is exactly what we would have sent for those statements (counter values aside), so a
 //! rule someone else wrote or changed never decodes into something it is not. Pure: no sockets.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -13,7 +12,7 @@ use ipnet::IpNet;
 use super::consts::*;
 use super::expr::{attributes, expressions};
 use crate::model::{Family, Protocol};
-use crate::ruleset::{Rule, Stmt};
+use crate::ruleset::{Rule, Stmt, ip_from_bytes};
 
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -92,14 +91,6 @@ fn family_of_len(len: usize) -> Option<Family> {
     }
 }
 
-fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        _ => None,
-    }
-}
-
 fn prefix_len(mask: &[u8]) -> u8 {
     mask.iter().map(|b| b.leading_ones()).sum::<u32>().min(128) as u8
 }
@@ -147,7 +138,7 @@ fn candidates(e: &[Expr<'_>], q: &dyn Fn(&str) -> String) -> Vec<Stmt> {
         if let Some(family) = family {
             if let (Some(mask), Some(net)) = (
                 at(1).filter(|x| x.is("bitwise")).and_then(|x| x.value(4)),
-                at(2).filter(|x| x.is("cmp")).and_then(|x| x.value(3)).and_then(ip_of),
+                at(2).filter(|x| x.is("cmp")).and_then(|x| x.value(3)).and_then(ip_from_bytes),
             ) && let Ok(n) = IpNet::new(net, prefix_len(mask))
             {
                 out.push(Stmt::SaddrIn(n));
@@ -193,7 +184,7 @@ fn candidates(e: &[Expr<'_>], q: &dyn Fn(&str) -> String) -> Vec<Stmt> {
         }
         let port = at(1).filter(|x| x.is("immediate")).and_then(|x| x.value(2));
         if let (Some(addr), Some(port)) =
-            (first.value(2).and_then(ip_of), port.and_then(|p| <[u8; 2]>::try_from(p).ok()))
+            (first.value(2).and_then(ip_from_bytes), port.and_then(|p| <[u8; 2]>::try_from(p).ok()))
         {
             out.push(Stmt::Dnat { addr, port: u16::from_be_bytes(port) });
         }
