@@ -46,6 +46,8 @@ pub struct Agent {
     pub timing: Timing,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// What the last committed sync programmed, for `GET /debug/services`.
+    pub programmed: Arc<crate::inspect::services::Programmed>,
 }
 
 /// Runs until `shutdown` completes; the rules stay in place afterwards.
@@ -61,6 +63,7 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
         timing,
         metrics,
         health,
+        programmed,
     } = agent;
     let mut health_checks = HealthChecks::new(node_ips.borrow().clone());
     let mut shutdown = std::pin::pin!(shutdown);
@@ -127,13 +130,14 @@ pub async fn run(agent: Agent, shutdown: impl std::future::Future<Output = ()>) 
             .and_then(|hint| {
                 let snapshot = desired.snapshot();
                 let n = snapshot.services.len();
-                tokio::task::block_in_place(|| engine.sync_changed(snapshot, hint.as_ref())).map(|o| (o, n))
+                tokio::task::block_in_place(|| engine.sync_changed(snapshot, hint.as_ref())).map(|o| (o, n, hint))
             });
         // After a failure the changes taken are lost: the next sync reads everything.
         resolve_all = result.is_err();
         match result {
-            Ok((outcome, services)) => {
+            Ok((outcome, services, hint)) => {
                 let here = &engine.options().locality;
+                programmed.update(desired.snapshot(), hint.as_ref(), here);
                 let no_addresses = engine.options().node_ips.is_empty();
                 health_checks.update(if no_addresses {
                     Default::default()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dns;
 pub mod healthcheck;
+pub mod inspect;
 pub mod kernel;
 pub mod metrics;
 pub mod model;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use nftproxy::agent::{self, Timing};
 use nftproxy::compile::Options;
@@ -34,6 +34,11 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Count each endpoint's new connections in the kernel (`nftproxy_endpoint_connections_total`).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    endpoint_counters: bool,
     /// Read Kubernetes YAML manifests instead of the API (file or directory; repeatable):
     /// Services, EndpointSlices, Endpoints, Pods, Namespaces.
     #[arg(long, value_name = "PATH")]
@@ -151,6 +156,25 @@ struct Args {
     cluster_domain: String,
 }
 
+/// Operator commands: they read the kernel only (no manifests, no API).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Where a new connection to VIP:PORT goes, from the rules in the kernel now.
+    Trace {
+        /// The client's address (default: any client outside the pod network).
+        #[arg(long, value_name = "SRC_IP")]
+        from: Option<std::net::IpAddr>,
+        /// tcp, udp or sctp.
+        proto: String,
+        /// IP:PORT, IPv6 as [IP]:PORT: a ClusterIP, node address, external or load-balancer IP.
+        vip: String,
+    },
+    /// The conntrack entries to our Service addresses (of one Service: NAMESPACE/NAME).
+    Flows { service: Option<String> },
+    /// Our tables in the kernel (`nftproxy` and its shards), fast at any size.
+    Tables,
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
@@ -191,6 +215,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
+    match &args.command {
+        Some(Command::Trace { from, proto, vip }) => {
+            out(&nftproxy::inspect::trace::command(*from, proto, vip)?);
+            return Ok(());
+        }
+        Some(Command::Flows { service }) => {
+            nftproxy::inspect::flows::command(service.as_deref(), &mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        Some(Command::Tables) => {
+            out(&nftproxy::inspect::tables()?);
+            return Ok(());
+        }
+        None => {}
+    }
     if args.cleanup {
         out(&format!("{}\n", oneshot::cleanup(&mut Netlink::open()?)?));
         return Ok(());
@@ -258,6 +297,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         ),
         own_tables: args.own_tables,
         node_ips: node_ips_rx.borrow().clone(),
+        endpoint_counters: args.endpoint_counters,
     };
 
     if args.sync_once {
@@ -283,12 +323,19 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Ok(());
     }
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Metrics::default();
+    let metrics = Arc::new(if args.endpoint_counters {
+        metrics.with_collector(Box::new(nftproxy::inspect::counters::EndpointCounters::default()))
+    } else {
+        metrics
+    });
+    let programmed = Arc::new(nftproxy::inspect::services::Programmed::default());
+    let debug = nftproxy::inspect::services::router(programmed.clone());
     let health = Arc::new(Health::new(args.sync_period));
     let (maddr, haddr) = (args.metrics_bind_address, args.healthz_bind_address);
     let m = metrics.clone();
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve_metrics(maddr, m).await {
+        if let Err(e) = metrics::serve_metrics_with(maddr, m, debug).await {
             tracing::error!(%maddr, error = %e, "metrics server failed");
         }
     });
@@ -316,6 +363,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         timing,
         metrics,
         health,
+        programmed,
     };
     agent::run(agent, shutdown_signal()).await;
     Ok(())

@@ -283,6 +283,12 @@ impl Metrics {
         self.failures_by_reason.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
     }
 
+    /// Adds a collector read at every scrape (the endpoint counters, issue 14).
+    pub fn with_collector(mut self, collector: Box<dyn prometheus_client::collector::Collector>) -> Self {
+        self.registry.register_collector(collector);
+        self
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
@@ -349,7 +355,17 @@ impl Health {
 
 /// Serves `/metrics` on `addr`.
 pub async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(move || async move { metrics.encode() }));
+    serve_metrics_with(addr, metrics, Router::new()).await
+}
+
+/// Serves `/metrics` and the routes of `extra` (`/debug/services`) on `addr`. A scrape may read
+/// the kernel (the endpoint counters): it runs on a blocking thread, not on the runtime's.
+pub async fn serve_metrics_with(addr: SocketAddr, metrics: Arc<Metrics>, extra: Router) -> std::io::Result<()> {
+    let scrape = move || {
+        let m = metrics.clone();
+        async move { tokio::task::spawn_blocking(move || m.encode()).await.unwrap_or_default() }
+    };
+    let app = Router::new().route("/metrics", get(scrape)).merge(extra);
     serve_bounded(tokio::net::TcpListener::bind(addr).await?, app).await
 }
 

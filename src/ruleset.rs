@@ -371,8 +371,9 @@ impl Fnv {
 /// How our rules are encoded for the kernel. Bump it whenever `nft::expr` or the labels change
 /// what a rule looks like in the kernel, or the state record's layout: it is part of every digest
 /// and of the state record, so an agent of a new release rewrites the rules an older one left,
-/// once, and says so. 3: the state set also records a digest per table.
-pub const RULE_FORMAT: u32 = 3;
+/// once, and says so. 3: the state set also records a digest per table. 4: endpoint chains may
+/// count (`counter` before the DNAT, issue 14).
+pub const RULE_FORMAT: u32 = 4;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -478,6 +479,21 @@ pub struct SetShape {
 }
 
 impl SetKind {
+    /// The kind of a set with this shape, if it is one we make.
+    pub fn of_shape(shape: SetShape) -> Option<SetKind> {
+        let mut kinds = vec![SetKind::State];
+        for f in [Family::V4, Family::V6] {
+            kinds.extend([
+                SetKind::Dispatch(f),
+                SetKind::Addresses(f),
+                SetKind::NodePorts(f),
+                SetKind::Affinity(f),
+                SetKind::Hairpin(f),
+            ]);
+        }
+        kinds.into_iter().find(|k| k.shape() == shape)
+    }
+
     pub fn shape(self) -> SetShape {
         use crate::nft::consts::*;
         let addr_type = match self.family() {
@@ -580,6 +596,15 @@ pub fn is_verdict_text(goto: &str) -> bool {
     goto.contains(' ') || matches!(goto, "drop" | "accept" | "return" | "continue") || goto.starts_with("verdict")
 }
 
+/// The address `ip_bytes` wrote: 4 or 16 bytes.
+pub fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
 pub fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(a) => a.octets().to_vec(),
@@ -660,7 +685,7 @@ mod tests {
         let mut other = chain.clone();
         other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
         assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
-        assert_eq!(d, 0x42da_a7f9_05f7_6700, "digest of a fixed chain changed: bump RULE_FORMAT");
+        assert_eq!(d, 0x81b3_e86f_9a52_0985, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

@@ -182,8 +182,15 @@ fn run_from(
                     return;
                 }
                 Stmt::Masquerade | Stmt::Counter | Stmt::UpdateSaddrSet { .. } => {}
-                // A new client has no affinity yet; hairpin is postrouting's (see Dnat).
-                Stmt::SaddrInSet { .. } | Stmt::HairpinInSet { .. } => continue 'rules,
+                // A client in an endpoint's affinity set (the kernel's sets, read back) sticks
+                // to it; a compiled rule set's are empty: a new client has no affinity yet.
+                Stmt::SaddrInSet { set, .. } => {
+                    if key_matches(rs, set, &ip_bytes(&pkt.src)).is_none() {
+                        continue 'rules;
+                    }
+                }
+                // Hairpin is postrouting's (see Dnat).
+                Stmt::HairpinInSet { .. } => continue 'rules,
                 // The first packet of a connection is never INVALID.
                 Stmt::CtStateInvalid => continue 'rules,
                 Stmt::Drop => {

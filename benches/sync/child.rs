@@ -142,6 +142,41 @@ pub(crate) fn child(args: &[String]) {
             )
             .unwrap();
         }
+        "scrape" => {
+            // A /metrics scrape with the endpoint counters (issue 14), against the tables a
+            // previous `full` child left: the registry's encode, which dumps our rules and reads
+            // every endpoint chain's counter. Each rep with a fresh collector (no cache).
+            let reps: usize = args[3].parse().unwrap();
+            let mut times = Vec::new();
+            let mut series = 0;
+            for _ in 0..reps {
+                let counters = nftproxy::inspect::counters::EndpointCounters::default();
+                let metrics = nftproxy::metrics::Metrics::default().with_collector(Box::new(counters));
+                let start = Instant::now();
+                let text = metrics.encode();
+                times.push(ms(start.elapsed()));
+                series = text.lines().filter(|l| l.starts_with("nftproxy_endpoint_connections_total{")).count();
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            // The kernel read alone (one rule dump per table, counters picked out).
+            let mut nl = Netlink::open().unwrap();
+            let mut dumps: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let start = Instant::now();
+                    nl.endpoint_counters().unwrap();
+                    ms(start.elapsed())
+                })
+                .collect();
+            dumps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            write!(out, "dump_p50_ms={:.1} ", percentile(&dumps, 0.5)).unwrap();
+            write!(
+                out,
+                "scrape_p50_ms={:.1} scrape_max_ms={:.1} series={series}",
+                percentile(&times, 0.5),
+                times[times.len() - 1]
+            )
+            .unwrap();
+        }
         "commit-tax" => {
             // The price of a commit against the number of chains in the namespace: `n` empty
             // chains (no rules, nothing to validate), then the same one-element commits as

@@ -388,6 +388,9 @@ fn harness(args: &[String]) {
         bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
         first_packet(&mut r);
     }
+    if !args.iter().any(|a| a == "--no-counters") {
+        bench_counters(&mut r, get("--counters-services", "10000").parse().unwrap(), e);
+    }
     if !args.iter().any(|a| a == "--no-external") {
         bench_external(&mut r, get("--external-services", "10000").parse().unwrap(), e);
     }
@@ -416,6 +419,30 @@ fn bench_external(r: &mut Report, n: usize, e: usize) {
         let inc = run(&["incremental", &ns_, &es, "200"]);
         r.add("external", n, e, &format!("{path}: one endpoint change p50"), "ms", inc.get("p50_ms").copied());
         r.add("external", n, e, &format!("{path}: one endpoint change p99"), "ms", inc.get("p99_ms").copied());
+    }
+}
+
+/// The endpoint counters (issue 14): full sync and one endpoint change without and with a
+/// `counter` in every endpoint chain (default table shards), and a /metrics scrape that reads
+/// them all, side by side in one run.
+fn bench_counters(r: &mut Report, n: usize, e: usize) {
+    eprintln!("== endpoint counters: {n} Services x {e} endpoints");
+    let (ns_, es) = (n.to_string(), e.to_string());
+    let shards = compile::auto_shards(n, 0);
+    for (on, path) in [("0", "without counters"), ("1", "with endpoint counters")] {
+        let ns = Ns::new("counters");
+        let run = |args: &[&str]| ns.child_env(args, shards, &[("NFTPROXY_BENCH_COUNTERS", on)]);
+        let full = run(&["full", &ns_, &es]);
+        r.add("counters", n, e, &format!("{path}: full sync"), "ms", full.get("total_ms").copied());
+        if on == "1" {
+            let scrape = run(&["scrape", &ns_, &es, "10"]);
+            let p50 = scrape.get("scrape_p50_ms").copied();
+            r.add("counters", n, e, "/metrics scrape reading every counter, p50", "ms", p50);
+            r.add("counters", n, e, "/metrics scrape, series", "count", scrape.get("series").copied());
+        }
+        let inc = run(&["incremental", &ns_, &es, "200"]);
+        r.add("counters", n, e, &format!("{path}: one endpoint change p50"), "ms", inc.get("p50_ms").copied());
+        r.add("counters", n, e, &format!("{path}: one endpoint change p99"), "ms", inc.get("p99_ms").copied());
     }
 }
 

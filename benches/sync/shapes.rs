@@ -68,10 +68,17 @@ pub(crate) fn snapshot(n: usize, e: usize, shift: Option<(usize, usize)>) -> Sna
     snap
 }
 
-/// The child's options; `NFTPROXY_BENCH_SHARDS` sets `--table-shards`.
+/// The child's options; `NFTPROXY_BENCH_SHARDS` sets `--table-shards`, `NFTPROXY_BENCH_COUNTERS=1`
+/// `--endpoint-counters` (off elsewhere, so the other rows stay comparable with earlier runs).
 pub(crate) fn options() -> Options {
     let table_shards = std::env::var("NFTPROXY_BENCH_SHARDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let mut opts = Options { cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()], table_shards, ..Default::default() };
+    let endpoint_counters = std::env::var("NFTPROXY_BENCH_COUNTERS").is_ok_and(|v| v == "1");
+    let mut opts = Options {
+        cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()],
+        table_shards,
+        endpoint_counters,
+        ..Default::default()
+    };
     if !external_shape().is_empty() {
         opts.node_ips = vec!["192.0.2.1".parse().unwrap()];
         opts.locality.node = Some(NODE.into());

@@ -49,6 +49,9 @@ pub struct Options {
     pub own_tables: bool,
     /// This node's addresses that serve node ports (`--nodeport-addresses`; followed live).
     pub node_ips: Vec<IpAddr>,
+    /// `--endpoint-counters`: a `counter` before each endpoint's DNAT, so the kernel counts the
+    /// new connections each endpoint gets (read back for `nftproxy_endpoint_connections_total`).
+    pub endpoint_counters: bool,
 }
 
 /// Services per table that `--table-shards auto` aims for: a partial sync re-validates one table,

@@ -62,6 +62,8 @@ struct PortCompiler<'a> {
     label: Arc<str>,
     /// `svc4/ns/name/proto/port`, unqualified.
     local_chain: String,
+    /// Count each endpoint's new connections (`Options::endpoint_counters`).
+    counters: bool,
 }
 
 impl PortCompiler<'_> {
@@ -88,7 +90,10 @@ impl PortCompiler<'_> {
                 }]));
                 self.objs.sets.insert(set, Set { kind: SetKind::Affinity(self.family), elements: vec![] });
             }
-            ep_rules.push(self.rule(vec![Stmt::Dnat { addr: ep.ip, port: ep.port }]));
+            let dnat = Stmt::Dnat { addr: ep.ip, port: ep.port };
+            // The counter counts what reaches this chain: new connections only (nat chains see
+            // a connection's first packet), from every path (ClusterIP, node port, external IP).
+            ep_rules.push(self.rule(if self.counters { vec![Stmt::Counter, dnat] } else { vec![dnat] }));
             self.objs.chains.insert(ep_chain.clone(), Chain { base: None, rules: ep_rules.into() });
         }
         ep_chain
@@ -156,6 +161,7 @@ pub(super) fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAd
             // Every rule of a Service says which Service it serves (the chain names say the rest).
             label: svc.id.to_string().into(),
             local_chain: service_chain(svc, port, family),
+            counters: opts.endpoint_counters,
         };
         let chain = pc.q(&pc.local_chain);
         let all = port.usable_endpoints(family, false, &Locality::default());

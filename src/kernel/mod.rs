@@ -131,7 +131,8 @@ impl Kernel for LiveKernel {
                 .map_err(|e| tracing::warn!(error = %e, "conntrack unavailable; stale UDP flows will not be cleared"))
         });
         let Ok(ct) = ct else { return 0 };
-        let flows = match ct.udp_flows() {
+        // Streamed: only the stale entries are kept, however many UDP entries there are.
+        let flows = match ct.udp_flows_where(|k| targets.is_stale(k)) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e, "dumping conntrack failed");
@@ -139,7 +140,7 @@ impl Kernel for LiveKernel {
             }
         };
         let mut deleted = 0;
-        for f in flows.iter().filter(|f| targets.is_stale(&f.key)) {
+        for f in &flows {
             match ct.delete(f) {
                 Ok(true) => deleted += 1,
                 Ok(false) => {}

@@ -8,6 +8,7 @@
 //! to the object (and so the Service) it was about.
 
 pub mod consts;
+pub mod decode;
 pub mod encode;
 pub mod expr;
 pub mod monitor;
@@ -19,7 +20,9 @@ use std::io;
 use consts::*;
 
 use crate::plan::{KernelChain, KernelSet, KernelState, Plan, SetExtras};
-use crate::ruleset::{BaseChain, Element, Hook, SetShape, TABLE, qualify, shard_of_table};
+use crate::ruleset::{
+    BaseChain, Element, Hook, Rule, Ruleset, SetKind, SetShape, TABLE, qualify, shard_of_table, shard_table,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -45,6 +48,14 @@ pub enum NftError {
 }
 
 pub type Result<T, E = NftError> = std::result::Result<T, E>;
+
+/// What [`Netlink::read_ruleset`] found.
+#[derive(Debug, Default)]
+pub struct ReadRuleset {
+    pub ruleset: Ruleset,
+    /// What in our tables is not ours, in words.
+    pub unknown: Vec<String>,
+}
 
 /// One received netlink message.
 struct NlMsg<'a> {
@@ -256,11 +267,23 @@ impl Netlink {
 
     /// Sends one request and collects the answers up to DONE (dumps) or the ACK/error.
     fn request(&mut self, what: &'static str, build: impl FnOnce(&mut sys::MsgBuf) -> u32) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        self.request_each(what, build, |m| out.push(m.to_vec()))?;
+        Ok(out)
+    }
+
+    /// Sends one request and hands each answer to `each` as it arrives, up to DONE (dumps) or
+    /// the ACK/error: a dump of any size needs one receive buffer, not a copy of the dump.
+    fn request_each(
+        &mut self,
+        what: &'static str,
+        build: impl FnOnce(&mut sys::MsgBuf) -> u32,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<()> {
         let mut buf = sys::MsgBuf::new(self.seq);
         let seq = build(&mut buf);
         self.seq = self.seq.wrapping_add(1);
         self.sock.send(buf.bytes()).map_err(|e| NftError::ReadBack { what, source: e })?;
-        let mut out = Vec::new();
         loop {
             let n = self
                 .sock
@@ -271,15 +294,15 @@ impl Netlink {
                     continue;
                 }
                 match m.kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let (errno, _) = error_of(&m).unwrap_or((libc::EIO, seq));
                         if errno == 0 {
-                            return Ok(out);
+                            return Ok(());
                         }
                         return Err(NftError::ReadBack { what, source: io::Error::from_raw_os_error(errno) });
                     }
-                    _ => out.push(m.bytes.to_vec()),
+                    _ => each(m.bytes),
                 }
             }
         }
@@ -311,6 +334,60 @@ impl Netlink {
         Ok(self.tables_with_flags()?.into_iter().map(|(t, _)| t).collect())
     }
 
+    /// Our chains in `tables` (anonymous chains bound to a rule left out), with their shard.
+    fn our_chains(&mut self, tables: &[String]) -> Result<Vec<(u32, sys::ParsedChain)>> {
+        let mut out = Vec::new();
+        // The kernel does not narrow a chain dump to the table named (it does for sets, below):
+        // this lists every inet chain, and ours are picked by table name.
+        for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
+            let Some(c) = sys::parse_chain(&msg) else {
+                continue;
+            };
+            let Some(shard) = shard_of_table(&c.table).filter(|_| tables.contains(&c.table)) else {
+                continue;
+            };
+            // An anonymous chain (`jump { ... }`) lives and dies with the rule that binds it: the
+            // rule's fingerprint is what differs, and rewriting that chain removes it.
+            if c.flags & NFT_CHAIN_BINDING == 0 {
+                out.push((shard, c));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every rule of `tables`, streamed: `each(shard, rule)` as the dump arrives.
+    fn each_rule(&mut self, tables: &[String], mut each: impl FnMut(u32, &RuleSummary<'_>)) -> Result<()> {
+        for table in tables {
+            let shard = shard_of_table(table).unwrap_or(0);
+            self.request_each(
+                "rules",
+                |b| b.rules_dump(table),
+                |msg| {
+                    if let Some(r) = rule_summary(msg).filter(|r| r.table == table.as_bytes()) {
+                        each(shard, &r);
+                    }
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The sets of `tables` with what they carry beyond their type.
+    fn our_sets(&mut self, tables: &[String]) -> Result<Vec<(sys::ParsedSet, SetExtras)>> {
+        // A set dump naming a table lists only that table's sets: ask each of ours.
+        let mut sets = Vec::new();
+        for table in tables {
+            let msgs =
+                self.request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(table, "", None)))?;
+            sets.extend(
+                msgs.iter()
+                    .filter_map(|m| Some((sys::parse_set(m)?, set_extras(m))))
+                    .filter(|(s, _)| &s.table == table),
+            );
+        }
+        Ok(sets)
+    }
+
     /// Reads everything in our tables; none gives `KernelState::default()`. Objects of shard
     /// tables come back qualified (`nftproxy-3@svc4/...`), as the compiler names them.
     pub fn read_table(&mut self) -> Result<KernelState> {
@@ -333,21 +410,7 @@ impl Netlink {
         if tables.is_empty() {
             return Ok(state);
         }
-        let shard_of = shard_of_table;
-        // The kernel does not narrow a chain dump to the table named (it does for sets, below):
-        // this lists every inet chain, and ours are picked by table name.
-        for msg in self.request("chains", |b| b.chain(NFT_MSG_GETCHAIN, NLM_F_DUMP, TABLE, "", None))? {
-            let Some(c) = sys::parse_chain(&msg) else {
-                continue;
-            };
-            let Some(shard) = shard_of(&c.table).filter(|_| tables.contains(&c.table)) else {
-                continue;
-            };
-            // An anonymous chain (`jump { ... }`) lives and dies with the rule that binds it: the
-            // rule's fingerprint is what differs, and rewriting that chain removes it.
-            if c.flags & NFT_CHAIN_BINDING != 0 {
-                continue;
-            }
+        for (shard, c) in self.our_chains(&tables)? {
             let base = c.hook.map(|(hooknum, priority, kind)| {
                 // A base chain we would never make (other hook or type) compares unequal.
                 match Hook::from_number(hooknum) {
@@ -357,32 +420,15 @@ impl Netlink {
             });
             state.chains.insert(qualify(shard, &c.name), KernelChain { base, policy: c.policy, rules: Vec::new() });
         }
-        for table in &tables {
-            let shard = shard_of(table).unwrap_or(0);
-            for msg in self.request("rules", |b| b.rules_dump(table))? {
-                let Some(r) = rule_summary(&msg) else { continue };
-                if r.table != table.as_bytes() {
-                    continue;
-                }
-                let chain = std::str::from_utf8(r.chain).map(|c| qualify(shard, c));
-                if let Some(chain) = chain.ok().and_then(|c| state.chains.get_mut(&c)) {
-                    chain.rules.push(expr::fingerprint(r.expressions, r.userdata));
-                }
+        let chains = &mut state.chains;
+        self.each_rule(&tables, |shard, r| {
+            let chain = std::str::from_utf8(r.chain).map(|c| qualify(shard, c));
+            if let Some(chain) = chain.ok().and_then(|c| chains.get_mut(&c)) {
+                chain.rules.push(expr::fingerprint(r.expressions, r.userdata));
             }
-        }
-        // A set dump naming a table lists only that table's sets: ask each of ours.
-        let mut sets: Vec<(sys::ParsedSet, SetExtras)> = Vec::new();
-        for table in &tables {
-            let msgs =
-                self.request("sets", |b| b.set(NFT_MSG_GETSET, NLM_F_DUMP, &sys::SetObj::new(table, "", None)))?;
-            sets.extend(
-                msgs.iter()
-                    .filter_map(|m| Some((sys::parse_set(m)?, set_extras(m))))
-                    .filter(|(s, _)| &s.table == table),
-            );
-        }
-        for (s, extras) in sets {
-            let shard = shard_of(&s.table).unwrap_or(0);
+        })?;
+        for (s, extras) in self.our_sets(&tables)? {
+            let shard = shard_of_table(&s.table).unwrap_or(0);
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
             let elements =
                 if s.flags & NFT_SET_TIMEOUT != 0 { Vec::new() } else { self.set_elements(&s.table, &s.name)? };
@@ -390,7 +436,7 @@ impl Netlink {
             state.sets.insert(qualify(shard, &s.name), KernelSet { shape, extras, elements });
         }
         for table in &tables {
-            let shard = shard_of(table).unwrap_or(0);
+            let shard = shard_of_table(table).unwrap_or(0);
             let dump = |b: &mut sys::MsgBuf| b.raw(NFT_MSG_GETOBJ, NLM_F_DUMP, |m| expr::Attrs(m).str(1, table));
             for msg in self.request("objects", dump)? {
                 if let Some((name, kind)) = object_summary(&msg, table) {
@@ -399,6 +445,79 @@ impl Netlink {
             }
         }
         Ok(state)
+    }
+
+    /// Our tables as a [`Ruleset`] of our own statements, decoded from the kernel's bytes (see
+    /// `decode`), with the affinity sets' clients: what `nftproxy trace` walks. What does not
+    /// decode (a rule or set someone else wrote) is left out and named in `unknown`.
+    /// Without `rules`, only the chains and sets (what `nftproxy flows` needs: one quick dump
+    /// per set instead of every rule).
+    pub fn read_ruleset(&mut self, rules: bool) -> Result<ReadRuleset> {
+        let tables = self.our_tables()?;
+        let mut out = ReadRuleset::default();
+        let with_rules = rules;
+        // Per chain: the rules that decode, and how many rules the chain has in all.
+        let mut rules: std::collections::BTreeMap<String, (Vec<Rule>, usize)> = Default::default();
+        for (shard, c) in self.our_chains(&tables)? {
+            let base = c
+                .hook
+                .and_then(|(hooknum, priority, _)| Some(BaseChain { hook: Hook::from_number(hooknum)?, priority }));
+            let name = qualify(shard, &c.name);
+            out.ruleset.chains.insert(name.clone(), crate::ruleset::Chain { base, rules: Vec::new().into() });
+            rules.insert(name, (Vec::new(), 0));
+        }
+        let unknown = &mut out.unknown;
+        let read = if with_rules { &tables[..] } else { &[] };
+        self.each_rule(read, |shard, r| {
+            let chain = String::from_utf8_lossy(r.chain);
+            let Some((list, seen)) = rules.get_mut(&qualify(shard, &chain)) else { return };
+            *seen += 1;
+            let comment = decode::comment(r.userdata).unwrap_or_default();
+            match decode::decode_expressions(r.expressions, &|n| qualify(shard, n)) {
+                Some(stmts) => list.push(Rule::new(&std::sync::Arc::from(comment), stmts)),
+                None => unknown.push(format!(
+                    "rule {seen} of chain {chain} in table {} (comment {comment:?}) is not one nftproxy writes; ignored",
+                    shard_table(shard)
+                )),
+            }
+        })?;
+        for (name, (list, _)) in rules {
+            if let Some(c) = out.ruleset.chains.get_mut(&name) {
+                c.rules = list.into();
+            }
+        }
+        for (s, _) in self.our_sets(&tables)? {
+            let shard = shard_of_table(&s.table).unwrap_or(0);
+            let shape = SetShape { key_type: s.key_type, key_len: s.key_len, flags: s.flags, data_type: s.data_type };
+            let Some(kind) = SetKind::of_shape(shape) else {
+                out.unknown
+                    .push(format!("set {} in table {} has a type nftproxy never makes; ignored", s.name, s.table));
+                continue;
+            };
+            let elements = self.set_elements(&s.table, &s.name)?;
+            out.ruleset.sets.insert(qualify(shard, &s.name), crate::ruleset::Set { kind, elements });
+        }
+        Ok(out)
+    }
+
+    /// The new connections each endpoint chain (`ep4/...`, `ep6/...`) has counted: (table,
+    /// chain, packets), read from one streamed rule dump per table.
+    pub fn endpoint_counters(&mut self) -> Result<Vec<(u32, String, u64)>> {
+        let tables = self.our_tables()?;
+        self.endpoint_counters_in(&tables)
+    }
+
+    /// [`Netlink::endpoint_counters`] of some of our tables (a scrape reads halves in parallel).
+    pub fn endpoint_counters_in(&mut self, tables: &[String]) -> Result<Vec<(u32, String, u64)>> {
+        let mut out = Vec::new();
+        self.each_rule(tables, |shard, r| {
+            if (r.chain.starts_with(b"ep4/") || r.chain.starts_with(b"ep6/"))
+                && let Some(packets) = decode::counter_packets(r.expressions)
+            {
+                out.push((shard, String::from_utf8_lossy(r.chain).into_owned(), packets));
+            }
+        })?;
+        Ok(out)
     }
 
     /// The nf_tables ruleset generation: it moves with every commit by anyone, so an unchanged
