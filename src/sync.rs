@@ -511,20 +511,21 @@ impl Engine {
             }
         };
         // Stale UDP flows go after the commit, so that new packets already meet the new rules.
+        // Conntrack is read only for changes that can strand a flow (a UDP endpoint gone, a UDP
+        // port from none to some, a UDP Service deleted), and on a process's first sync, which
+        // cannot know what went away while no agent ran.
         let mut targets = UdpTargets::default();
         for id in &changed {
-            if let Some((old, _)) = self.services.get(id)
-                && !snapshot.services.contains_key(id)
-            {
-                targets.add(old, true, &self.opts.node_ips);
+            let old = self.services.get(id).map(|(s, _)| s);
+            let new = snapshot.services.get(id);
+            if !(self.restarting || crate::conntrack::stale::may_leave_stale(old, new)) {
+                continue;
             }
-        }
-        let reconcile: Box<dyn Iterator<Item = &Service>> = match kind {
-            SyncKind::Full => Box::new(snapshot.services.values()),
-            _ => Box::new(changed.iter().filter_map(|id| snapshot.services.get(id))),
-        };
-        for svc in reconcile {
-            targets.add(svc, false, &self.opts.node_ips);
+            match (new, old) {
+                (Some(svc), _) => targets.add(svc, false, &self.opts.node_ips),
+                (None, Some(old)) => targets.add(old, true, &self.opts.node_ips),
+                (None, None) => {}
+            }
         }
         // One reconcile per IP family, as kube-proxy's metrics count them (`ip_family`).
         let mut conntrack = Vec::new();

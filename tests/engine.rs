@@ -287,3 +287,27 @@ fn a_restart_after_one_service_changed_reads_back_only_the_tables_it_changes() {
     assert_eq!(o.tables_read.len(), 3);
     assert!(k.with(|s| s.policies.is_empty()), "repaired");
 }
+
+#[test]
+fn conntrack_is_read_only_when_a_change_can_strand_a_udp_flow() {
+    let k = FakeKernel::default();
+    let mut e = Engine::new(k.clone(), opts(1));
+    let reads = || k.with(|s| s.conntrack_reads);
+    // The first sync of a process cannot know what went away while no agent ran: it reads.
+    e.sync(&cluster(WEB, &["10.244.3.1"])).unwrap();
+    let first = reads();
+    assert!(first >= 1);
+    // A UDP endpoint added, TCP endpoints changed, a drift repair: nothing can be stale.
+    e.sync(&cluster(WEB, DNS)).unwrap();
+    e.sync(&cluster(&["10.244.1.7"], DNS)).unwrap();
+    k.foreign(|s| s.ruleset.chains.clear());
+    assert_eq!(e.sync(&cluster(&["10.244.1.7"], DNS)).unwrap().kind, SyncKind::Full);
+    assert_eq!(reads(), first, "no conntrack read without a UDP endpoint gone");
+    assert_flows(&k, &["10.244.1.7"], DNS);
+    // A UDP endpoint goes: one read, its flow deleted.
+    k.with(|s| s.flows = vec![udp_flow("10.244.3.1"), udp_flow("10.244.3.2")]);
+    let o = e.sync(&cluster(&["10.244.1.7"], &["10.244.3.2"])).unwrap();
+    assert_eq!(reads(), first + 1);
+    assert_eq!(o.conntrack_deleted, 1);
+    assert_eq!(k.with(|s| s.flows.clone()), [udp_flow("10.244.3.2")]);
+}

@@ -64,10 +64,58 @@ impl UdpTargets {
     }
 }
 
+/// Whether a change from `old` to `new` (either absent: created or deleted) can leave stale UDP
+/// entries, so that conntrack must be read at all: a UDP endpoint that may carry traffic went
+/// away, a UDP Service port went from no such endpoint to some, or a UDP Service went. Any other
+/// change (an endpoint added to a port that had some, a TCP change) leaves every entry valid.
+pub fn may_leave_stale(old: Option<&Service>, new: Option<&Service>) -> bool {
+    // (port, family) -> the endpoints that may carry traffic.
+    let live = |svc: Option<&Service>| -> BTreeMap<(u16, Family), BTreeSet<(IpAddr, u16)>> {
+        let mut out: BTreeMap<(u16, Family), BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+        let ports = svc.into_iter().flat_map(|s| s.ports.iter()).filter(|p| p.protocol == Protocol::Udp);
+        for p in ports {
+            for family in [Family::V4, Family::V6] {
+                let eps = p.endpoints.iter().filter(|e| Family::of(&e.ip) == family && (e.ready || e.serving));
+                out.entry((p.port, family)).or_default().extend(eps.map(|e| (e.ip, e.port)));
+            }
+        }
+        out
+    };
+    let (before, after) = (live(old), live(new));
+    if new.is_none() {
+        return !before.is_empty();
+    }
+    let empty = BTreeSet::new();
+    let went = before.iter().any(|(k, eps)| !eps.is_subset(after.get(k).unwrap_or(&empty)));
+    let came = after.iter().any(|(k, eps)| !eps.is_empty() && before.get(k).is_none_or(BTreeSet::is_empty));
+    went || came
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Endpoint, ServiceId, ServicePort};
+
+    #[test]
+    fn only_changes_that_can_strand_a_udp_flow_need_conntrack() {
+        let a = Endpoint::ready("10.244.1.2".parse().unwrap(), 5353);
+        let b = Endpoint::ready("10.244.1.3".parse().unwrap(), 5353);
+        let two = svc(vec![a.clone(), b.clone()]);
+        let one = svc(vec![a.clone()]);
+        let none = svc(vec![]);
+        assert!(!may_leave_stale(Some(&one), Some(&two)), "an endpoint added to a port that had one");
+        assert!(!may_leave_stale(Some(&two), Some(&two)), "nothing changed");
+        assert!(may_leave_stale(Some(&two), Some(&one)), "an endpoint went away");
+        assert!(may_leave_stale(Some(&none), Some(&one)), "0 -> 1: un-NATed entries may exist");
+        assert!(may_leave_stale(None, Some(&one)), "a new Service with endpoints");
+        assert!(!may_leave_stale(None, Some(&none)), "a new Service without endpoints");
+        assert!(may_leave_stale(Some(&one), None), "deleted");
+        let terminating = Endpoint { ready: false, serving: true, terminating: true, ..b.clone() };
+        assert!(!may_leave_stale(Some(&two), Some(&svc(vec![a.clone(), terminating]))), "still serving");
+        let mut tcp = two.clone();
+        tcp.ports[0].protocol = Protocol::Tcp;
+        assert!(!may_leave_stale(Some(&tcp), None), "TCP is never touched");
+    }
 
     fn svc(endpoints: Vec<Endpoint>) -> Service {
         Service::new(

@@ -29,6 +29,8 @@ pub struct FakeState {
     pub policies: BTreeMap<String, u32>,
     /// UDP conntrack entries.
     pub flows: Vec<FlowKey>,
+    /// How many times conntrack was read (one per stale-flow cleanup).
+    pub conntrack_reads: usize,
     /// The next transaction is rejected with this errno.
     pub reject_next: Option<i32>,
     /// The next transaction commits, but its answer is lost (an error is returned).
@@ -346,6 +348,7 @@ impl Kernel for FakeKernel {
 
     fn clean_udp(&mut self, targets: &UdpTargets) -> usize {
         let mut s = self.lock();
+        s.conntrack_reads += 1;
         let before = s.flows.len();
         s.flows.retain(|f| !targets.is_stale(f));
         before - s.flows.len()
