@@ -372,8 +372,9 @@ impl Fnv {
 /// what a rule looks like in the kernel, or the state record's layout: it is part of every digest
 /// and of the state record, so an agent of a new release rewrites the rules an older one left,
 /// once, and says so. 3: the state set also records a digest per table. 4: endpoint chains may
-/// count (`counter` before the DNAT, issue 14).
-pub const RULE_FORMAT: u32 = 4;
+/// count (`counter` before the DNAT, issue 14). 5: ClusterIP work in `cluster-ip-v4/6` chains
+/// (issue 18).
+pub const RULE_FORMAT: u32 = 5;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -685,7 +686,7 @@ mod tests {
         let mut other = chain.clone();
         other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
         assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
-        assert_eq!(d, 0x81b3_e86f_9a52_0985, "digest of a fixed chain changed: bump RULE_FORMAT");
+        assert_eq!(d, 0xd175_fe91_b9c0_f552, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

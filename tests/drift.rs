@@ -455,7 +455,7 @@ fn a_dispatch_map_recreated_with_a_quota_is_rebuilt_and_web_is_served_again() {
     // Same name, type and (after a sync re-adds them) elements: only the set-level quota, which
     // every element inherits, differs. One byte later no element matches any more.
     d.mutate(
-        "flush chain inet nftproxy services; delete map inet nftproxy service-ips-v4; \
+        "flush chain inet nftproxy services; flush chain inet nftproxy cluster-ip-v4; delete map inet nftproxy service-ips-v4; \
          add map inet nftproxy service-ips-v4 { type ipv4_addr . inet_proto . inet_service : verdict; quota 1 bytes; }",
     );
     assert!(listing(&d.c).contains("quota 1 bytes"), "{}", listing(&d.c));

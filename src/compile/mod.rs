@@ -119,6 +119,11 @@ pub fn hairpin_set(family: Family) -> String {
     format!("hairpin-{}", suffix(family))
 }
 
+/// Where a ClusterIP's first packet goes from `services`: `cluster-ip-v4`.
+fn cluster_ip_chain(family: Family) -> String {
+    format!("cluster-ip-{}", suffix(family))
+}
+
 fn masq_check_chain(family: Family) -> String {
     format!("masq-check-{}", suffix(family))
 }
@@ -387,20 +392,22 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
     let to_services = || vec![fixed("Service traffic", vec![Stmt::Jump(q(CHAIN_SERVICES))])];
     rs.chains.insert(q(CHAIN_PREROUTING), base(Hook::Prerouting, DSTNAT, to_services()));
     rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, to_services()));
+    // A first packet that is not Service traffic (pod to pod, node to internet) passes every
+    // table's `services` chain: one set lookup per kind of address we serve (ClusterIPs,
+    // external and load-balancer IPs, node addresses), nothing more. The ClusterIP work
+    // (masquerade check, dispatch, reject on an unserved port) runs only for ClusterIPs.
     let mut services = Vec::new();
     for family in FAMILIES {
-        if masq_check_rules(family, opts).is_some() {
-            services.push(fixed(
-                "masquerade unless from the pod network",
-                vec![
-                    Stmt::NfProto(family),
-                    Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
-                    Stmt::Jump(q(&masq_check_chain(family))),
-                ],
-            ));
-        }
         services.push(fixed(
-            "dispatch by address, protocol and port",
+            "ClusterIPs",
+            vec![
+                Stmt::NfProto(family),
+                Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
+                Stmt::Goto(q(&cluster_ip_chain(family))),
+            ],
+        ));
+        services.push(fixed(
+            "external and load-balancer IPs, by address, protocol and port",
             vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
         ));
         services.push(fixed(
@@ -411,15 +418,18 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
                 Stmt::NodePortVmap { map: q(&node_ports_map(family)) },
             ],
         ));
-    }
-    for family in FAMILIES {
-        let to_vip = || vec![Stmt::NfProto(family), Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) }];
-        let mut tcp = to_vip();
-        tcp.extend([Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]);
-        services.push(fixed(NO_SUCH_PORT, tcp));
-        let mut other = to_vip();
-        other.push(Stmt::RejectPortUnreachable);
-        services.push(fixed(NO_SUCH_PORT, other));
+        let mut cluster_ip = Vec::new();
+        if masq_check_rules(family, opts).is_some() {
+            cluster_ip
+                .push(fixed("masquerade unless from the pod network", vec![Stmt::Jump(q(&masq_check_chain(family)))]));
+        }
+        cluster_ip.push(fixed(
+            "dispatch by address, protocol and port",
+            vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
+        ));
+        cluster_ip.push(fixed(NO_SUCH_PORT, vec![Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]));
+        cluster_ip.push(fixed(NO_SUCH_PORT, vec![Stmt::RejectPortUnreachable]));
+        rs.chains.insert(q(&cluster_ip_chain(family)), Chain { base: None, rules: cluster_ip.into() });
     }
     rs.chains.insert(q(CHAIN_SERVICES), Chain { base: None, rules: services.into() });
     for family in FAMILIES {
