@@ -3,7 +3,9 @@
 //! with several rule sets loaded side by side, each in its own namespace cluster so that no
 //! reload happens between rounds:
 //!
-//! - `bare`: no rules at all (the floor);
+//! - `bare`: no rules at all (no conntrack either);
+//! - `floor`: conntrack and NAT on and a DNAT present, but no rule evaluated: what any NAT-based
+//!   Service proxy costs before its first rule; `floors`: the same with K empty base chains;
 //! - `reference`: the least a Service proxy can do, one table, one nat base chain, one rule:
 //!   `dnat to ip daddr . th dport map @services` with N entries;
 //! - `nftproxy, 1 table` and `nftproxy, K tables` (the default shards at N Services).
@@ -49,11 +51,23 @@ impl Lab {
     }
 }
 
+/// Conntrack and NAT on, a DNAT present but never reached: what running any NAT-based Service
+/// proxy costs before its first rule (`k` such tables, one nat base chain each).
+fn floor_ruleset(k: usize) -> String {
+    let mut s = String::new();
+    for i in 0..k {
+        writeln!(s, "table inet floor{i} {{\n chain unused {{\n  meta l4proto tcp dnat ip to 10.244.1.2:8080\n }}")
+            .unwrap();
+        s.push_str(" chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n }\n}\n");
+    }
+    s
+}
+
 /// The reference: one table, one base chain, one DNAT through a map of `n` Services, the last
 /// of which leads to web-a.
 fn reference_ruleset(n: usize) -> String {
     let mut s = String::from(
-        "table ip reference {\n map services {\n  type ipv4_addr . inet_service : ipv4_addr . inet_service\n  elements = {\n",
+        "table inet reference {\n map services {\n  type ipv4_addr . inet_service : ipv4_addr . inet_service\n  elements = {\n",
     );
     for i in 0..n {
         let to = if i == n - 1 { "10.244.1.2 . 8080".to_string() } else { format!("{} . 8080", endpoint_ip(i, 0, 5)) };
@@ -67,11 +81,18 @@ fn reference_ruleset(n: usize) -> String {
 pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: usize, per_round: usize) {
     let shards = compile::auto_shards(n, 0);
     eprintln!("== first packet: {n} Services, {rounds} rounds of {per_round} connections per path");
+    let load = |lab: &Lab, name: &str, script: String| {
+        let file = dir.join(name);
+        std::fs::write(&file, script).unwrap();
+        lab.node.time("nft", &["-f", "-"], &file).unwrap_or_else(|| panic!("{name} loads"));
+    };
     let bare = Lab::new("bare");
+    let floor = Lab::new("floor");
+    load(&floor, "floor.nft", floor_ruleset(1));
+    let floors = Lab::new("floors");
+    load(&floors, "floors.nft", floor_ruleset(shards as usize));
     let reference = Lab::new("reference");
-    let file = dir.join("reference.nft");
-    std::fs::write(&file, reference_ruleset(n)).unwrap();
-    reference.node.time("nft", &["-f", "-"], &file).expect("the reference loads");
+    load(&reference, "reference.nft", reference_ruleset(n));
     let one = Lab::new("nftproxy, 1 table");
     one.node.child(&["dataplane", &n.to_string(), "5"]);
     let sharded = Lab::new("nftproxy, default tables");
@@ -80,7 +101,9 @@ pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: u
     let vip = format!("{}:80", vip(n - 1));
     let direct = "10.244.1.2:8080";
     let paths: Vec<(&Lab, &str, String)> = vec![
-        (&bare, direct, "direct, no rules".into()),
+        (&bare, direct, "direct, no netfilter rules at all".into()),
+        (&floor, direct, "direct, NAT on, no rule evaluated (floor)".into()),
+        (&floors, direct, format!("direct, {shards} empty NAT base chains")),
         (&reference, vip.as_str(), "ClusterIP, reference (map -> dnat)".into()),
         (&one, vip.as_str(), "ClusterIP, nftproxy 1 table".into()),
         (&sharded, vip.as_str(), format!("ClusterIP, nftproxy {shards} tables")),
