@@ -154,6 +154,7 @@ struct Args {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
+    nftproxy::nft::limit_heap_arenas();
     let (argv, foreign_flags) = nftproxy::config::strip_foreign_flags(std::env::args_os().collect());
     let matches = Args::command().get_matches_from(argv);
     let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -267,6 +268,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         };
         let snapshot = resolve::resolve(&objects, &resolve_opts)?;
         drop(objects);
+        // The parsed objects were allocated on the parsing threads' heaps: give those pages back
+        // before the sync allocates its own.
+        nftproxy::nft::release_free_heap();
         if args.dry_run {
             let mut kernel = LiveKernel::open();
             let text = match kernel.as_mut() {
@@ -283,6 +287,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Ok(());
     }
 
+    // The agent reads the manifests again through its cache; the first read is done with.
+    drop(first_read);
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new(args.sync_period));
     let (maddr, haddr) = (args.metrics_bind_address, args.healthz_bind_address);

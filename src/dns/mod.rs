@@ -214,8 +214,8 @@ impl Source for WithClusterDns {
         let endpoints = listen_addresses(&self.addrs.borrow(), &families);
         self.log_endpoints(&endpoints);
         let (service, endpoints) = synthetic(&self.dns.ips, &endpoints);
-        objects.services.push((Origin(ORIGIN.into()), service));
-        objects.endpoints.push((Origin(ORIGIN.into()), endpoints));
+        objects.services.push((Origin(ORIGIN.into()), service.into()));
+        objects.endpoints.push((Origin(ORIGIN.into()), endpoints.into()));
         Ok(objects)
     }
 

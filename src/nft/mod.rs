@@ -13,6 +13,8 @@ pub mod expr;
 pub mod monitor;
 mod sys;
 
+pub use sys::{limit_heap_arenas, release_free_heap};
+
 use std::collections::BTreeSet;
 use std::io;
 

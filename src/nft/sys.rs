@@ -550,6 +550,19 @@ pub fn as_bytes_mut(buf: &mut [u64]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) }
 }
 
+/// Caps glibc's heaps ("arenas") at two, unless `MALLOC_ARENA_MAX` says otherwise. glibc gives
+/// threads heaps of their own (up to 8 per core); the manifest parsers' threads each filled one
+/// that the sync's allocations, made on another thread afterwards, could not reuse: 100 MiB more
+/// peak RSS at 44,000 Services for a few percent of parse time.
+pub fn limit_heap_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a glibc tunable; it takes no pointers from us.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 /// Gives the heap's free pages back to the kernel. A full sync frees tens of MiB of compiled
 /// objects just before it allocates the batch buffer; without this the freed pages stay
 /// resident (glibc keeps them) and count twice in the peak.

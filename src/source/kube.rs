@@ -255,8 +255,8 @@ impl Source for KubeSource {
     fn objects(&self) -> Result<Objects, InputErrors> {
         let origin = Origin(API_ORIGIN.into());
         Ok(Objects {
-            services: self.services.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
-            slices: self.slices.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
+            services: self.services.state().into_iter().map(|s| (origin.clone(), s)).collect(),
+            slices: self.slices.state().into_iter().map(|s| (origin.clone(), s)).collect(),
             ..Default::default()
         })
     }
@@ -308,8 +308,8 @@ impl Source for KubeSource {
             &changes,
             ids,
             &origin,
-            |id| self.services.get(&ObjectRef::new(&id.name).within(&id.namespace)).map(|s| (*s).clone()),
-            |ns, name| self.slices.get(&ObjectRef::new(name).within(ns)).map(|s| (*s).clone()),
+            |id| self.services.get(&ObjectRef::new(&id.name).within(&id.namespace)),
+            |ns, name| self.slices.get(&ObjectRef::new(name).within(ns)),
         ))
     }
 }
