@@ -254,7 +254,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         conntrack_tcp_be_liberal: args.conntrack.tcp_be_liberal == Some(true),
         locality: locality.clone(),
         table_shards: args.table_shards.tables(
-            first_read.as_ref().map_or_else(|| source.service_count(), |o| o.as_ref().map_or(0, |o| o.services.len())),
+            first_read
+                .as_ref()
+                .map_or_else(|| source.chain_estimate(), |o| o.as_ref().map_or(0, |o| o.chain_estimate())),
             existing_tables(),
         ),
         own_tables: args.own_tables,

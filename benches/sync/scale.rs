@@ -93,7 +93,7 @@ pub(crate) fn bench_neighbour(r: &mut Report, n: usize, e: usize, changes: usize
     let ns = Ns::new("neighbour");
     let out = ns.child_sharded(
         &["neighbour", &n.to_string(), &e.to_string(), &changes.to_string()],
-        compile::auto_shards(n, 0),
+        compile::auto_shards(compile::chain_estimate(n, n * e), 0),
     );
     for case in ["quiet", "neighbour"] {
         let path = if case == "quiet" { "quiet node" } else { "neighbour commits every 200 ms" };

@@ -157,6 +157,18 @@ impl MsgBuf {
         })
     }
 
+    /// GETRULE dump of one chain's rules: NFTA_RULE_TABLE and NFTA_RULE_CHAIN. The kernel
+    /// looks the chain up by name and walks only its rules, so each answer costs the chain's
+    /// size, where a whole table's dump walks every rule before where it stopped for each
+    /// ~32 KiB message (a cost growing with the square of the table).
+    pub fn rules_dump_chain(&mut self, table: &str, chain: &str) -> u32 {
+        self.raw(NFT_MSG_GETRULE, NLM_F_DUMP, |m| {
+            let mut a = super::expr::Attrs(m);
+            a.str(NFTA_RULE_TABLE, table);
+            a.str(NFTA_RULE_CHAIN, chain);
+        })
+    }
+
     pub fn set(&mut self, kind: u16, flags: u16, set: &SetObj) -> u32 {
         // SAFETY: set is a valid set object; nlh is the header just written.
         self.put_obj(kind, flags, |nlh| unsafe { sys::nftnl_set_nlmsg_build_payload(nlh, set.0.as_ptr()) })

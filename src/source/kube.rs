@@ -265,6 +265,11 @@ impl Source for KubeSource {
         self.services.state().len()
     }
 
+    fn chain_estimate(&self) -> usize {
+        let endpoints = self.slices.state().iter().map(|s| s.endpoints.len()).sum();
+        crate::compile::chain_estimate(self.services.state().len(), endpoints)
+    }
+
     fn skips_bad_objects(&self) -> bool {
         true
     }

@@ -73,6 +73,13 @@ impl Objects {
         self.nodes.extend_from_slice(&other.nodes);
     }
 
+    /// About how many chains these objects' Services make: one per Service and one per
+    /// endpoint of their EndpointSlices (`--table-shards auto` sizes tables by it).
+    pub fn chain_estimate(&self) -> usize {
+        let endpoints = self.slices.iter().map(|(_, s)| s.endpoints.len()).sum();
+        crate::compile::chain_estimate(self.services.len(), endpoints)
+    }
+
     /// The `InternalIP` addresses of Node `name`, when the objects hold that Node.
     pub fn node_internal_ips(&self, name: &str) -> Option<Vec<std::net::IpAddr>> {
         let (_, node) = self.nodes.iter().find(|(_, n)| n.metadata.name.as_deref() == Some(name))?;
@@ -131,9 +138,15 @@ pub const MAX_TRIGGERS: usize = 4096;
 pub trait Source: Send + Sync {
     fn objects(&self) -> Result<Objects, InputErrors>;
 
-    /// How many Services there are (for `--table-shards auto`); 0 when the input is unreadable.
+    /// How many Services there are; 0 when the input is unreadable.
     fn service_count(&self) -> usize {
         self.objects().map_or(0, |o| o.services.len())
+    }
+
+    /// About how many chains the Services make (for `--table-shards auto`, see
+    /// [`Objects::chain_estimate`]); 0 when the input is unreadable.
+    fn chain_estimate(&self) -> usize {
+        self.objects().map_or(0, |o| o.chain_estimate())
     }
 
     /// The Services changed since the last call; `All` when this source cannot tell.
