@@ -219,6 +219,9 @@ struct Accepted<'a> {
     health_check_to_allocate: bool,
 }
 
+/// An EndpointSlice as [`Objects`] holds it.
+type SliceEntry = (Origin, Arc<EndpointSlice>);
+
 /// Whether kube-proxy would program this Service at all.
 fn is_proxied(svc: &K8sService) -> bool {
     let labels = svc.metadata.labels.as_ref();
@@ -845,7 +848,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     assign_node_ports(&mut accepted, &opts.node_port_range, &mut errors);
 
     // Keyed by borrowed names: at 44,000 Services, owned keys cost 5 MiB at resolve's peak.
-    let mut slices_by_service: HashMap<(&str, &str), Vec<&(Origin, Arc<EndpointSlice>)>> = HashMap::new();
+    let mut slices_by_service: HashMap<(&str, &str), Vec<&SliceEntry>> = HashMap::new();
     for entry in &objects.slices {
         let (origin, slice) = entry;
         let ns = ns_of(&slice.metadata);
@@ -898,7 +901,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
 fn endpoints_of(
     objects: &Objects,
     id: &ServiceId,
-    slices: Option<&[&(Origin, Arc<EndpointSlice>)]>,
+    slices: Option<&[&SliceEntry]>,
     selector: &BTreeMap<String, String>,
     port: Option<(&ServicePort, &Option<IntOrString>)>,
     errors: &mut Vec<InputError>,
@@ -961,7 +964,7 @@ pub fn headless(objects: &Objects) -> Result<Vec<Headless>, InputErrors> {
                 ports.push(ServicePort { name, port, protocol, node_port: None, endpoints: Vec::new() });
             }
         }
-        let slices: Vec<&(Origin, Arc<EndpointSlice>)> = objects
+        let slices: Vec<&SliceEntry> = objects
             .slices
             .iter()
             .filter(|(_, s)| {
