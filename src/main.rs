@@ -178,6 +178,7 @@ enum Command {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
+    nftproxy::nft::limit_heap_arenas();
     let (argv, foreign_flags) = nftproxy::config::strip_foreign_flags(std::env::args_os().collect());
     let matches = Args::command().get_matches_from(argv);
     let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -292,7 +293,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         conntrack_tcp_be_liberal: args.conntrack.tcp_be_liberal == Some(true),
         locality: locality.clone(),
         table_shards: args.table_shards.tables(
-            first_read.as_ref().map_or_else(|| source.service_count(), |o| o.as_ref().map_or(0, |o| o.services.len())),
+            first_read
+                .as_ref()
+                .map_or_else(|| source.chain_estimate(), |o| o.as_ref().map_or(0, |o| o.chain_estimate())),
             existing_tables(),
         ),
         own_tables: args.own_tables,
@@ -307,6 +310,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         };
         let snapshot = resolve::resolve(&objects, &resolve_opts)?;
         drop(objects);
+        // The parsed objects were allocated on the parsing threads' heaps: give those pages back
+        // before the sync allocates its own.
+        nftproxy::nft::release_free_heap();
         if args.dry_run {
             let mut kernel = LiveKernel::open();
             let text = match kernel.as_mut() {
@@ -323,6 +329,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Ok(());
     }
 
+    // The agent reads the manifests again through its cache; the first read is done with.
+    drop(first_read);
     let metrics = Metrics::default();
     let metrics = Arc::new(if args.endpoint_counters {
         metrics.with_collector(Box::new(nftproxy::inspect::counters::EndpointCounters::default()))

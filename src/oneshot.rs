@@ -35,15 +35,15 @@ impl FromStr for Shards {
 }
 
 impl Shards {
-    /// The number of tables: given, or for `auto` from the Services there are now and our tables
-    /// already in the kernel.
-    pub fn tables(self, services: usize, existing_tables: usize) -> u32 {
+    /// The number of tables: given, or for `auto` from the chains the Services there are now
+    /// make (see `compile::chain_estimate`) and our tables already in the kernel.
+    pub fn tables(self, chains: usize, existing_tables: usize) -> u32 {
         match self {
             Shards::Fixed(k) => k,
             Shards::Auto => {
-                let tables = compile::auto_shards(services, existing_tables);
+                let tables = compile::auto_shards(chains, existing_tables);
                 if tables > 1 {
-                    tracing::info!(services, existing_tables, tables, "--table-shards auto");
+                    tracing::info!(chains, existing_tables, tables, "--table-shards auto");
                 }
                 tables
             }
@@ -116,9 +116,9 @@ mod tests {
         for bad in ["0", "65", "x", ""] {
             assert!(bad.parse::<Shards>().unwrap_err().contains("from 1 to 64"), "{bad}");
         }
-        assert_eq!(Shards::Fixed(3).tables(10_000, 20), 3);
-        assert_eq!(Shards::Auto.tables(10_000, 0), 20);
-        assert_eq!(Shards::Auto.tables(10_000, 12), 12, "keeps the tables there are while close enough");
+        assert_eq!(Shards::Fixed(3).tables(60_000, 20), 3);
+        assert_eq!(Shards::Auto.tables(60_000, 0), 20);
+        assert_eq!(Shards::Auto.tables(60_000, 12), 12, "keeps the tables there are while close enough");
     }
 
     #[test]

@@ -636,3 +636,33 @@ fn the_agent_repairs_drift_behind_a_forged_state_record() {
     assert_eq!(now & ((1u128 << 96) - 1), forged & ((1u128 << 96) - 1), "format or digest moved");
     d.assert_nothing_left_to_send();
 }
+
+/// Reading a table's rules back one chain at a time (what a table of more than
+/// `nft::PER_CHAIN_DUMP_ABOVE` chains gets, forced here for every table) sees exactly what one
+/// dump of the table sees, and the repair it drives puts back a deleted rule.
+#[test]
+fn a_read_back_by_chain_equals_one_by_table_and_repairs_a_deleted_rule() {
+    use nftproxy::nft::{Netlink, PER_CHAIN_DUMP_ENV};
+    let Some(d) = setup() else { return };
+    let (by_table, by_chain) = in_netns(&d.c.node(), || {
+        let mut nl = Netlink::open().unwrap();
+        nl.per_chain_dump_above = usize::MAX;
+        let by_table = nl.read_table().unwrap();
+        nl.per_chain_dump_above = 0;
+        (by_table, nl.read_table().unwrap())
+    });
+    assert_eq!(by_chain, by_table);
+    assert_eq!(by_chain.chains[WEB_A_EP].rules.len(), 1, "{by_chain:?}");
+    let r = only_rule(&d.c, WEB_A_EP);
+    d.mutate(&format!("delete rule inet nftproxy {WEB_A_EP} handle {}", r.handle));
+    let m = d.m.to_str().unwrap();
+    let env = format!("{PER_CHAIN_DUMP_ENV}=0");
+    let out = d.c.exec("node", &[&["env", &env, NFTPROXY, "--sync-once", "--manifests", m][..], FLAGS].concat());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let after = comparable(&listing(&d.c));
+    assert!(after == d.reference, "the deleted rule was not put back:\n{}", line_diff(&d.reference, &after));
+    assert_eq!(only_rule(&d.c, WEB_A_EP).comment, r.comment);
+    d.assert_nothing_left_to_send();
+    assert_served_right(&d.c);
+}

@@ -364,14 +364,15 @@ fn a_sync_told_which_services_changed_applies_them_and_stops_trusting_that_after
 }
 
 #[test]
-fn auto_shards_pick_a_table_per_500_services_and_keep_them_across_a_restart() {
+fn auto_shards_pick_a_table_per_3000_chains_and_keep_them_across_a_restart() {
     let Some(c) = cluster() else { return };
-    let big = c.write("big.yaml", &many_services(1200, None));
+    // 3,000 Services of two endpoints: 9,000 chains.
+    let big = c.write("big.yaml", &many_services(3000, None));
     c.sync(&big, &[]);
     assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2"]);
     // Run again (a restart) with a few Services more: same tables, nothing moved.
     let before = c.nft_list("inet nftproxy-1");
-    let bigger = c.write("bigger.yaml", &many_services(1210, None));
+    let bigger = c.write("bigger.yaml", &many_services(3010, None));
     c.sync(&bigger, &[]);
     assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2"]);
     let after = c.nft_list("inet nftproxy-1");

@@ -75,8 +75,8 @@ pub(crate) fn child(args: &[String]) {
             let (services, mut slices) = k8s_objects(n, e);
             let origin = Origin("bench".into());
             let everything = |slices: &HashMap<(String, String), EndpointSlice>| Objects {
-                services: services.values().map(|s| (origin.clone(), s.clone())).collect(),
-                slices: slices.values().map(|s| (origin.clone(), s.clone())).collect(),
+                services: services.values().map(|s| (origin.clone(), s.clone().into())).collect(),
+                slices: slices.values().map(|s| (origin.clone(), s.clone().into())).collect(),
                 ..Default::default()
             };
             let opts = ResolveOptions::default();
@@ -105,8 +105,8 @@ pub(crate) fn child(args: &[String]) {
                         &tracker,
                         &ids,
                         &origin,
-                        |id| services.get(id).cloned(),
-                        |ns, name| slices.get(&(ns.to_string(), name.to_string())).cloned(),
+                        |id| services.get(id).cloned().map(Into::into),
+                        |ns, name| slices.get(&(ns.to_string(), name.to_string())).cloned().map(Into::into),
                     );
                     desired.apply_partial(&ids, resolve(&objects, &opts).unwrap()).unwrap();
                     engine.sync_changed(desired.snapshot(), Some(&ids)).unwrap()

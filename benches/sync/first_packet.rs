@@ -79,7 +79,7 @@ fn reference_ruleset(n: usize) -> String {
 }
 
 pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: usize, per_round: usize) {
-    let shards = compile::auto_shards(n, 0);
+    let shards = compile::auto_shards(compile::chain_estimate(n, n * 5), 0);
     eprintln!("== first packet: {n} Services, {rounds} rounds of {per_round} connections per path");
     let load = |lab: &Lab, name: &str, script: String| {
         let file = dir.join(name);

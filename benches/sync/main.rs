@@ -140,8 +140,8 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         incremental_rows(r, n, e, "nftproxy", &inc);
     }
     if n >= 10_000 {
-        // What `--table-shards auto` (the default) picks: one table per 500 Services, at most 32.
-        let k = compile::auto_shards(n, 0);
+        // What `--table-shards auto` (the default) picks: one table per 3,000 chains, at most 32.
+        let k = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
         let path = format!("nftproxy, {k} tables");
         let ns = Ns::new("shards");
         let full = ns.child_sharded(&["full", &ns_, &es], k);
@@ -247,7 +247,7 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
     let (via, direct) = paired(&vip);
     record(r, "nftproxy ClusterIP", via);
     record(r, "direct pod-to-pod (paired with nftproxy)", direct);
-    let k = compile::auto_shards(n, 0);
+    let k = compile::auto_shards(compile::chain_estimate(n, n * 5), 0);
     node.child_sharded(&["dataplane", &n.to_string(), "5"], k);
     let (via, direct) = paired(&vip);
     record(r, &format!("nftproxy ClusterIP, {k} tables"), via);
@@ -403,7 +403,7 @@ fn harness(args: &[String]) {
 fn bench_external(r: &mut Report, n: usize, e: usize) {
     eprintln!("== external traffic: {n} Services x {e} endpoints");
     let (ns_, es) = (n.to_string(), e.to_string());
-    let shards = (n.div_ceil(compile::SERVICES_PER_SHARD).clamp(1, compile::MAX_AUTO_SHARDS as usize)) as u32;
+    let shards = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
     for shape in ["", "nodeport", "lb-local"] {
         let path = match shape {
             "" => "ClusterIP only",

@@ -39,15 +39,28 @@ pub(crate) fn write_manifests(dir: &Path, n: usize, e: usize, files: usize, shif
     }
 }
 
-/// Runs `nftproxy --sync-once` in the namespace: (wall ms, peak RSS MiB, the engine's
-/// `total_ms`, the read-back line's table count).
-fn sync_once(ns: &Ns, dir: &Path) -> (f64, Option<f64>, Option<f64>, usize) {
+/// What one `nftproxy --sync-once` run reports.
+struct Run {
+    wall: f64,
+    /// Peak RSS, MiB.
+    rss: Option<f64>,
+    /// The engine's `total_ms` and `read_back_ms`.
+    engine: Option<f64>,
+    read_back: Option<f64>,
+    /// How many tables the read-back line names.
+    tables: usize,
+}
+
+/// Runs `nftproxy --sync-once` in the namespace, with `extra` flags and `env`.
+fn sync_once(ns: &Ns, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let nftproxy = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/nftproxy");
     let start = Instant::now();
     let out = ns
         .cmd("/usr/bin/time")
         .args(["-f", "maxrss_kib=%M", nftproxy.to_str().unwrap(), "--sync-once", "--manifests", dir.to_str().unwrap()])
         .args(["--cluster-cidr", CLUSTER_CIDR])
+        .args(extra)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let wall = ms(start.elapsed());
@@ -57,7 +70,27 @@ fn sync_once(ns: &Ns, dir: &Path) -> (f64, Option<f64>, Option<f64>, usize) {
         log.split_whitespace().rev().filter_map(|kv| kv.strip_prefix(key)).find_map(|v| v.parse().ok())
     };
     let tables = log.lines().filter(|l| l.contains("read back")).map(|l| l.matches("\"nftproxy").count()).sum();
-    (wall, field("maxrss_kib=").map(|k| k / 1024.0), field("total_ms="), tables)
+    Run {
+        wall,
+        rss: field("maxrss_kib=").map(|k| k / 1024.0),
+        engine: field("total_ms="),
+        read_back: field("read_back_ms="),
+        tables,
+    }
+}
+
+/// A cold `--sync-once` into a fresh namespace, a chain added to our main table with `nft` (a
+/// foreign commit the state record cannot vouch for), then `--sync-once` again, which reads
+/// every table back and removes the chain: that run.
+fn read_back_after_foreign_commit(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    let ns = Ns::new("read-back");
+    sync_once(&ns, dir, extra, env);
+    let ok = ns.cmd("nft").args(["add chain inet nftproxy foreign-chain"]).status().unwrap().success();
+    assert!(ok, "nft add chain");
+    let run = sync_once(&ns, dir, extra, env);
+    let gone = !ns.cmd("nft").args(["list chain inet nftproxy foreign-chain"]).output().unwrap().status.success();
+    assert!(gone, "the read-back must find and remove the foreign chain");
+    run
 }
 
 /// `--sync-once` cold into an empty namespace, then again after one EndpointSlice changed.
@@ -66,16 +99,30 @@ pub(crate) fn bench_process(r: &mut Report, work: &Path, n: usize, e: usize) {
     let dir = work.join(format!("manifests-{n}x{e}"));
     write_manifests(&dir, n, e, 16, None);
     let ns = Ns::new("process");
-    let (wall, rss, engine, _) = sync_once(&ns, &dir);
-    r.add("whole process", n, e, "--sync-once cold", "ms", Some(wall));
-    r.add("whole process", n, e, "--sync-once cold: the engine's part", "ms", engine);
-    r.add("whole process", n, e, "--sync-once cold", "peak RSS MiB", rss);
+    let cold = sync_once(&ns, &dir, &[], &[]);
+    r.add("whole process", n, e, "--sync-once cold", "ms", Some(cold.wall));
+    r.add("whole process", n, e, "--sync-once cold: the engine's part", "ms", cold.engine);
+    r.add("whole process", n, e, "--sync-once cold", "peak RSS MiB", cold.rss);
     write_manifests(&dir, n, e, 16, Some(n / 2));
-    let (wall, rss, engine, tables) = sync_once(&ns, &dir);
-    r.add("whole process", n, e, "--sync-once again, one slice changed", "ms", Some(wall));
-    r.add("whole process", n, e, "--sync-once again: the engine's part", "ms", engine);
-    r.add("whole process", n, e, "--sync-once again", "peak RSS MiB", rss);
-    r.add("whole process", n, e, "--sync-once again: tables read back", "tables", Some(tables as f64));
+    let again = sync_once(&ns, &dir, &[], &[]);
+    r.add("whole process", n, e, "--sync-once again, one slice changed", "ms", Some(again.wall));
+    r.add("whole process", n, e, "--sync-once again: the engine's part", "ms", again.engine);
+    r.add("whole process", n, e, "--sync-once again", "peak RSS MiB", again.rss);
+    r.add("whole process", n, e, "--sync-once again: tables read back", "tables", Some(again.tables as f64));
+    drop(ns);
+    // Read-back of every table after a foreign commit: tables sized by chains (the default
+    // now), and as before issue 13 item 2 in the same run: one table per 500 Services, each
+    // table's rules in one dump (quadratic in its size).
+    let tables = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
+    let now = read_back_after_foreign_commit(&dir, &[], &[]);
+    let path = format!("read-back after a foreign commit, {tables} tables by chains");
+    r.add("whole process", n, e, &path, "ms", now.read_back);
+    r.add("whole process", n, e, &format!("{path}: tables read back"), "tables", Some(now.tables as f64));
+    let old = n.div_ceil(500).clamp(1, compile::MAX_AUTO_SHARDS as usize).to_string();
+    let table_dumps = [(nftproxy::nft::PER_CHAIN_DUMP_ENV, "18446744073709551615")];
+    let before = read_back_after_foreign_commit(&dir, &["--table-shards", &old], &table_dumps);
+    let path = format!("read-back after a foreign commit, {old} tables by Services, one dump per table (before)");
+    r.add("whole process", n, e, &path, "ms", before.read_back);
     let _ = std::fs::remove_dir_all(&dir);
     // kube-proxy's iptables path on the same Services, for the ratio.
     let ipt = Ns::new("process-ipt");
@@ -93,7 +140,7 @@ pub(crate) fn bench_neighbour(r: &mut Report, n: usize, e: usize, changes: usize
     let ns = Ns::new("neighbour");
     let out = ns.child_sharded(
         &["neighbour", &n.to_string(), &e.to_string(), &changes.to_string()],
-        compile::auto_shards(n, 0),
+        compile::auto_shards(compile::chain_estimate(n, n * e), 0),
     );
     for case in ["quiet", "neighbour"] {
         let path = if case == "quiet" { "quiet node" } else { "neighbour commits every 200 ms" };

@@ -54,17 +54,26 @@ pub struct Options {
     pub endpoint_counters: bool,
 }
 
-/// Services per table that `--table-shards auto` aims for: a partial sync re-validates one table,
-/// and at about 500 Services a table that stays well under the kernel's per-commit floor.
-pub const SERVICES_PER_SHARD: usize = 500;
+/// Chains per table that `--table-shards auto` aims for (500 Services of 5 endpoints): a partial
+/// sync re-validates one table, and reading a table back costs the square of its chains (the
+/// kernel restarts its dump walk for every ~32 KiB message), so tables are sized by chains,
+/// not Services: 5,000 Services of 50 endpoints are 255,000 chains.
+pub const CHAINS_PER_SHARD: usize = 3_000;
 /// Most tables `auto` picks: each table adds its base chains to every new connection's path.
 pub const MAX_AUTO_SHARDS: u32 = 32;
 
-/// `--table-shards auto`: one table per 500 Services (1 to 32), chosen once at start. Tables we
-/// already have are kept while their count is within a factor of two of that, so that a restart
-/// after the cluster grew or shrank a little does not move every Service to another table.
-pub fn auto_shards(services: usize, existing: usize) -> u32 {
-    let want = services.div_ceil(SERVICES_PER_SHARD).clamp(1, MAX_AUTO_SHARDS as usize);
+/// The chains `services` Services with `endpoints` endpoints in all make (about: one per Service
+/// port and one per endpoint), what [`auto_shards`] counts.
+pub fn chain_estimate(services: usize, endpoints: usize) -> usize {
+    services + endpoints
+}
+
+/// `--table-shards auto`: one table per 3,000 chains (see [`chain_estimate`]; 1 to 32 tables),
+/// chosen once at start. Tables we already have are kept while their count is within a factor
+/// of two of that, so that a restart after the cluster grew or shrank a little does not move
+/// every Service to another table.
+pub fn auto_shards(chains: usize, existing: usize) -> u32 {
+    let want = chains.div_ceil(CHAINS_PER_SHARD).clamp(1, MAX_AUTO_SHARDS as usize);
     let keep = existing >= 1 && existing <= MAX_AUTO_SHARDS as usize && existing * 2 >= want && existing <= want * 2;
     (if keep { existing } else { want }) as u32
 }
@@ -497,17 +506,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_shards_follow_the_service_count_and_keep_what_is_close_enough() {
+    fn auto_shards_follow_the_chain_count_and_keep_what_is_close_enough() {
+        let chains = |services, endpoints_each| chain_estimate(services, services * endpoints_each);
         assert_eq!(auto_shards(0, 0), 1);
-        assert_eq!(auto_shards(400, 0), 1);
-        assert_eq!(auto_shards(10_000, 0), 20);
-        assert_eq!(auto_shards(100_000, 0), MAX_AUTO_SHARDS);
+        assert_eq!(auto_shards(chains(400, 5), 0), 1);
+        assert_eq!(auto_shards(chains(10_000, 5), 0), 20);
+        assert_eq!(auto_shards(chains(44_000, 1), 0), 30);
+        // The same Services with ten times the endpoints: more, smaller tables.
+        assert_eq!(auto_shards(chains(1_000, 50), 0), 17);
+        assert_eq!(auto_shards(chains(5_000, 50), 0), MAX_AUTO_SHARDS);
         // A restart keeps the tables there are while within a factor of two...
-        assert_eq!(auto_shards(10_000, 12), 12);
-        assert_eq!(auto_shards(12_000, 20), 20);
-        assert_eq!(auto_shards(400, 2), 2);
+        assert_eq!(auto_shards(chains(10_000, 5), 12), 12);
+        assert_eq!(auto_shards(chains(12_000, 5), 20), 20);
+        assert_eq!(auto_shards(chains(400, 5), 2), 2);
         // ...and reshards beyond it.
-        assert_eq!(auto_shards(10_000, 1), 20);
-        assert_eq!(auto_shards(1_000, 20), 2);
+        assert_eq!(auto_shards(chains(10_000, 5), 1), 20);
+        assert_eq!(auto_shards(chains(1_000, 5), 20), 2);
     }
 }

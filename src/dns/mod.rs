@@ -214,8 +214,8 @@ impl Source for WithClusterDns {
         let endpoints = listen_addresses(&self.addrs.borrow(), &families);
         self.log_endpoints(&endpoints);
         let (service, endpoints) = synthetic(&self.dns.ips, &endpoints);
-        objects.services.push((Origin(ORIGIN.into()), service));
-        objects.endpoints.push((Origin(ORIGIN.into()), endpoints));
+        objects.services.push((Origin(ORIGIN.into()), service.into()));
+        objects.endpoints.push((Origin(ORIGIN.into()), endpoints.into()));
         Ok(objects)
     }
 
@@ -401,8 +401,8 @@ mod tests {
         // for one gets the other or an error, never the DNS address.
         let mut o = objects("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n");
         let (service, endpoints) = synthetic(&ips(&["10.96.0.1"]), &ips(&["192.0.2.1"]));
-        o.services.push((Origin(ORIGIN.into()), service));
-        o.endpoints.push((Origin(ORIGIN.into()), endpoints));
+        o.services.push((Origin(ORIGIN.into()), service.into()));
+        o.endpoints.push((Origin(ORIGIN.into()), endpoints.into()));
         let opts = ResolveOptions { service_cidrs: vec!["10.96.0.0/30".parse().unwrap()], ..Default::default() };
         let snapshot = resolve(&o, &opts).unwrap();
         let a = &snapshot.services[&ServiceId::new("default", "a")];

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::model::{Protocol, Service, ServiceId, Snapshot};
 
@@ -108,8 +109,8 @@ pub fn objects_of(
     tracker: &Tracker,
     ids: &BTreeSet<ServiceId>,
     origin: &Origin,
-    service: impl Fn(&ServiceId) -> Option<K8sService>,
-    slice: impl Fn(&str, &str) -> Option<EndpointSlice>,
+    service: impl Fn(&ServiceId) -> Option<Arc<K8sService>>,
+    slice: impl Fn(&str, &str) -> Option<Arc<EndpointSlice>>,
 ) -> Objects {
     let mut objects = Objects::default();
     for id in ids {

@@ -255,14 +255,19 @@ impl Source for KubeSource {
     fn objects(&self) -> Result<Objects, InputErrors> {
         let origin = Origin(API_ORIGIN.into());
         Ok(Objects {
-            services: self.services.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
-            slices: self.slices.state().iter().map(|s| (origin.clone(), (**s).clone())).collect(),
+            services: self.services.state().into_iter().map(|s| (origin.clone(), s)).collect(),
+            slices: self.slices.state().into_iter().map(|s| (origin.clone(), s)).collect(),
             ..Default::default()
         })
     }
 
     fn service_count(&self) -> usize {
         self.services.state().len()
+    }
+
+    fn chain_estimate(&self) -> usize {
+        let endpoints = self.slices.state().iter().map(|s| s.endpoints.len()).sum();
+        crate::compile::chain_estimate(self.services.state().len(), endpoints)
     }
 
     fn skips_bad_objects(&self) -> bool {
@@ -308,8 +313,8 @@ impl Source for KubeSource {
             &changes,
             ids,
             &origin,
-            |id| self.services.get(&ObjectRef::new(&id.name).within(&id.namespace)).map(|s| (*s).clone()),
-            |ns, name| self.slices.get(&ObjectRef::new(name).within(ns)).map(|s| (*s).clone()),
+            |id| self.services.get(&ObjectRef::new(&id.name).within(&id.namespace)),
+            |ns, name| self.slices.get(&ObjectRef::new(name).within(ns)),
         ))
     }
 }

@@ -8,6 +8,7 @@ pub mod resolve;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -27,16 +28,18 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The Kubernetes objects nftproxy reads, each with its origin.
+/// The Kubernetes objects nftproxy reads, each with its origin. Shared, not copied: the
+/// manifest cache and the API's reflector stores hand out the objects they hold, and gathering
+/// files or stores into one `Objects` moves pointers, not the (large) Kubernetes structs.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
-    pub services: Vec<(Origin, Service)>,
-    pub slices: Vec<(Origin, EndpointSlice)>,
-    pub endpoints: Vec<(Origin, Endpoints)>,
-    pub pods: Vec<(Origin, Pod)>,
-    pub namespaces: Vec<(Origin, Namespace)>,
+    pub services: Vec<(Origin, Arc<Service>)>,
+    pub slices: Vec<(Origin, Arc<EndpointSlice>)>,
+    pub endpoints: Vec<(Origin, Arc<Endpoints>)>,
+    pub pods: Vec<(Origin, Arc<Pod>)>,
+    pub namespaces: Vec<(Origin, Arc<Namespace>)>,
     /// `v1 Node` objects (manifest mode): this node's gives the `primary` node-port addresses.
-    pub nodes: Vec<(Origin, Node)>,
+    pub nodes: Vec<(Origin, Arc<Node>)>,
 }
 
 impl Objects {
@@ -50,7 +53,17 @@ impl Objects {
         self.nodes.append(&mut other.nodes);
     }
 
-    /// Appends copies of `other`'s objects.
+    /// Makes room for `other`'s objects (so that appending file after file allocates once).
+    pub fn reserve_for(&mut self, other: &Objects) {
+        self.services.reserve(other.services.len());
+        self.slices.reserve(other.slices.len());
+        self.endpoints.reserve(other.endpoints.len());
+        self.pods.reserve(other.pods.len());
+        self.namespaces.reserve(other.namespaces.len());
+        self.nodes.reserve(other.nodes.len());
+    }
+
+    /// Appends `other`'s objects (shared with it).
     pub fn extend_from(&mut self, other: &Objects) {
         self.services.extend_from_slice(&other.services);
         self.slices.extend_from_slice(&other.slices);
@@ -58,6 +71,13 @@ impl Objects {
         self.pods.extend_from_slice(&other.pods);
         self.namespaces.extend_from_slice(&other.namespaces);
         self.nodes.extend_from_slice(&other.nodes);
+    }
+
+    /// About how many chains these objects' Services make: one per Service and one per
+    /// endpoint of their EndpointSlices (`--table-shards auto` sizes tables by it).
+    pub fn chain_estimate(&self) -> usize {
+        let endpoints = self.slices.iter().map(|(_, s)| s.endpoints.len()).sum();
+        crate::compile::chain_estimate(self.services.len(), endpoints)
     }
 
     /// The `InternalIP` addresses of Node `name`, when the objects hold that Node.
@@ -118,9 +138,15 @@ pub const MAX_TRIGGERS: usize = 4096;
 pub trait Source: Send + Sync {
     fn objects(&self) -> Result<Objects, InputErrors>;
 
-    /// How many Services there are (for `--table-shards auto`); 0 when the input is unreadable.
+    /// How many Services there are; 0 when the input is unreadable.
     fn service_count(&self) -> usize {
         self.objects().map_or(0, |o| o.services.len())
+    }
+
+    /// About how many chains the Services make (for `--table-shards auto`, see
+    /// [`Objects::chain_estimate`]); 0 when the input is unreadable.
+    fn chain_estimate(&self) -> usize {
+        self.objects().map_or(0, |o| o.chain_estimate())
     }
 
     /// The Services changed since the last call; `All` when this source cannot tell.
