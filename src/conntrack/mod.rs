@@ -177,6 +177,7 @@ pub struct Outcome {
 struct Batched {
     link: Link,
     batch: Batch,
+    first: u32,
     /// At most this many requests per batch: their error answers fit the receive buffer.
     max_messages: usize,
     outcome: Outcome,
@@ -188,38 +189,29 @@ impl Batched {
         let link = Link::open()?;
         // An error answer costs about 1 KiB of receive buffer (its socket buffer's true size).
         let max_messages = (link.sock.get_rx_buf_sz().unwrap_or(212_992) / 1024).clamp(16, 4096);
-        Ok(Batched { link, batch: Batch::default(), max_messages, outcome: Outcome::default(), error: None })
-    }
-
-    fn full(&self, batch: &Batch) -> bool {
-        batch.buf.len() >= BATCH_BYTES || batch.messages >= self.max_messages
+        Ok(Batched { link, batch: Batch::default(), first: 0, max_messages, outcome: Outcome::default(), error: None })
     }
 
     fn push(&mut self, add: impl FnOnce(&mut Batch, u32)) -> io::Result<()> {
         let seq = self.link.next_seq();
+        if self.batch.messages == 0 {
+            self.first = seq;
+        }
         add(&mut self.batch, seq);
-        if self.full(&self.batch) {
+        if self.batch.buf.len() >= BATCH_BYTES || self.batch.messages >= self.max_messages {
             self.flush()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let mut batch = std::mem::take(&mut self.batch);
-        let sent = self.send(&mut batch);
-        batch.clear();
-        self.batch = batch;
-        sent
-    }
-
-    /// Sends `batch` (numbered from `link.seq` on) and reads its answers.
-    fn send(&mut self, batch: &mut Batch) -> io::Result<()> {
-        if batch.messages == 0 {
+        if self.batch.messages == 0 {
             return Ok(());
         }
-        batch.ack_last();
-        self.link.send(&batch.buf)?;
-        let (first, last, sent) = (batch.first_seq, batch.last_seq, batch.messages);
+        self.batch.ack_last();
+        self.link.send(&self.batch.buf)?;
+        let (first, last, sent) = (self.first, self.link.seq, self.batch.messages);
+        self.batch.clear();
         let (mut moot, mut failed, mut acked) = (0, 0, false);
         while !acked {
             let n = match self.link.sock.recv(&mut &mut self.link.buf[..], libc::MSG_DONTWAIT) {
@@ -313,63 +305,25 @@ impl Conntrack {
         self.requests()?;
         let Conntrack { dumps, requests } = self;
         let requests = requests.as_mut().expect("opened above");
-        let mut seq = requests.link.seq;
-        // The dump is read here and the deletes are sent by a second thread, each batch as soon
-        // as it is full: the kernel formats the dump on one core while it deletes on the other.
-        // At most two batches wait between them.
-        let (to_deleter, batches) = std::sync::mpsc::sync_channel::<Batch>(2);
-        let max_messages = requests.max_messages;
-        let full = |b: &Batch| b.buf.len() >= BATCH_BYTES || b.messages >= max_messages;
-        let dumped = std::thread::scope(|scope| {
-            let deleter = scope.spawn(|| -> io::Result<()> {
-                for mut batch in batches {
-                    requests.send(&mut batch)?;
-                }
-                Ok(())
-            });
-            let mut dump = || -> io::Result<()> {
-                let mut batch = Batch::default();
-                for fam in [crate::model::Family::V4, crate::model::Family::V6] {
-                    let dsts = targets.0.keys().filter(|(ip, _)| crate::model::Family::of(ip) == fam);
-                    let filters: Vec<Filter> = match dsts.clone().count() {
-                        0 => continue,
-                        n if n <= FILTERED_DUMPS_MAX => {
-                            dsts.map(|dst| Filter { protocol: UDP, dst: Some(*dst) }).collect()
-                        }
-                        _ => vec![Filter { protocol: UDP, dst: None }],
-                    };
-                    for filter in filters {
-                        let mut deleter_gone = false;
-                        dumps.each_entry(family_number(fam), filter, |e| {
-                            examined += 1;
-                            if deleter_gone || !targets.is_stale(&e.key) {
-                                return;
-                            }
-                            seq = seq.wrapping_add(1);
-                            batch.delete(seq, e.family, e.orig, e.zone);
-                            if full(&batch) {
-                                deleter_gone = to_deleter.send(std::mem::take(&mut batch)).is_err();
-                            }
-                        })?;
-                        if deleter_gone {
-                            // It stopped on an error, which its join reports.
-                            return Ok(());
-                        }
-                    }
-                }
-                if batch.messages > 0 {
-                    let _ = to_deleter.send(batch);
-                }
-                Ok(())
+        for fam in [crate::model::Family::V4, crate::model::Family::V6] {
+            let dsts = targets.0.keys().filter(|(ip, _)| crate::model::Family::of(ip) == fam);
+            let filters: Vec<Filter> = match dsts.clone().count() {
+                0 => continue,
+                n if n <= FILTERED_DUMPS_MAX => dsts.map(|dst| Filter { protocol: UDP, dst: Some(*dst) }).collect(),
+                _ => vec![Filter { protocol: UDP, dst: None }],
             };
-            let dumped = dump();
-            drop(to_deleter);
-            let deleted =
-                deleter.join().unwrap_or_else(|_| Err(io::Error::other("the conntrack delete thread panicked")));
-            dumped.and(deleted)
-        });
-        requests.link.seq = seq;
-        dumped?;
+            for filter in filters {
+                let mut pushed = Ok(());
+                dumps.each_entry(family_number(fam), filter, |e| {
+                    examined += 1;
+                    if pushed.is_ok() && targets.is_stale(&e.key) {
+                        pushed = requests.push(|b, seq| b.delete(seq, e.family, e.orig, e.zone));
+                    }
+                })?;
+                pushed?;
+            }
+        }
+        requests.flush()?;
         let o = std::mem::take(&mut requests.outcome);
         Ok(Cleanup {
             examined,

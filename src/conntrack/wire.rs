@@ -61,9 +61,6 @@ pub fn nfproto(ip: &IpAddr) -> u8 {
 pub struct Batch {
     pub buf: Vec<u8>,
     pub messages: usize,
-    /// The sequence numbers of the first and last messages.
-    pub first_seq: u32,
-    pub last_seq: u32,
     /// Offsets of the open message, and of the last one.
     open: Vec<usize>,
     last: usize,
@@ -74,10 +71,6 @@ impl Batch {
     fn begin(&mut self, kind: u16, flags: u16, seq: u32, family: u8) {
         self.open.push(self.buf.len());
         self.last = self.buf.len();
-        if self.messages == 0 {
-            self.first_seq = seq;
-        }
-        self.last_seq = seq;
         self.buf.extend_from_slice(&0u32.to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
         self.buf.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
