@@ -3,11 +3,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use common::*;
+use nftproxy::conntrack::wire::{NewEntry, STATUS_SEEN_REPLY};
+use nftproxy::conntrack::{Conntrack, Filter};
 
 const VIP: &str = "10.96.0.53:53";
 
@@ -189,6 +192,80 @@ fn a_terminating_endpoint_keeps_its_flows_while_new_ones_go_elsewhere() {
     assert!(wait_until(10, || c.probe("client", "udp", VIP, 5).get("web-b") == Some(&5)), "{}", agent.log_text());
     let lines = client.join().unwrap();
     assert!(lines.iter().all(|l| l == "web-a"), "the terminating endpoint's flow was cut: {lines:?}");
+}
+
+/// Entries in the node's table: (original destination, reply source) -> how many.
+fn table(c: &Cluster) -> BTreeMap<(String, String), usize> {
+    in_netns(&c.node(), || {
+        let mut by = BTreeMap::new();
+        let mut ct = Conntrack::open().unwrap();
+        ct.each_flow(None, Filter { protocol: 17, dst: None }, |f| {
+            let k = f.key;
+            *by.entry((format!("{}:{}", k.orig_dst, k.orig_dport), k.reply_src.to_string())).or_default() += 1;
+        })
+        .unwrap();
+        by
+    })
+}
+
+#[test]
+fn twenty_thousand_entries_exactly_the_stale_ones_go_and_adding_an_endpoint_reads_nothing() {
+    if !can_run_netns_tests() {
+        return;
+    }
+    let c = Cluster::new(&[]);
+    let m = c.write("dns.yaml", &dns(&ready(&[A, B])));
+    let agent = watch_agent(&c, &m);
+    let metrics = || c.http_get("127.0.0.1:10249", "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let v4 = |name: &str| metric(&metrics(), &format!("{name}{{ip_family=\"IPv4\"}}"));
+    let reads = || v4("kubeproxy_conntrack_reconciler_sync_duration_seconds_count");
+    // The first sync of a process reads conntrack once (it cannot know what went meanwhile).
+    assert!(wait_until(20, || reads() == Some(1.0)), "{}\n{}", metrics(), agent.log_text());
+    // 20,000 flows nobody sent, as DNAT leaves them: 9,000 answered by A, 9,000 by B, and B's
+    // through an address and a port that are not this Service's (1,000 each).
+    let entry = |k: usize, dst: &str, dport: u16, reply: &str| NewEntry {
+        protocol: 17,
+        client: (format!("10.1.{}.{}", k / 250, k % 250 + 1).parse().unwrap(), 20_000 + (k % 7) as u16),
+        dst: (dst.parse().unwrap(), dport),
+        reply: (reply.parse().unwrap(), 5353),
+        status: STATUS_SEEN_REPLY,
+        timeout_secs: 600,
+    };
+    let entries: Vec<NewEntry> = (0..20_000)
+        .map(|k| match k {
+            0..18_000 => entry(k, "10.96.0.53", 53, if k % 2 == 0 { A } else { B }),
+            18_000..19_000 => entry(k, "10.96.0.99", 53, B),
+            _ => entry(k, "10.96.0.53", 54, B),
+        })
+        .collect();
+    let created = in_netns(&c.node(), move || Conntrack::open().unwrap().create(entries).unwrap());
+    assert_eq!(created.done, 20_000, "{created:?}");
+    let key = |dst: &str, reply: &str| (dst.to_string(), reply.to_string());
+    let want: BTreeMap<_, _> = [
+        (key("10.96.0.53:53", A), 9_000),
+        (key("10.96.0.53:53", B), 9_000),
+        (key("10.96.0.99:53", B), 1_000),
+        (key("10.96.0.53:54", B), 1_000),
+    ]
+    .into();
+    assert_eq!(table(&c), want);
+
+    // An endpoint added: nothing can be stale, conntrack is not even read.
+    let synced = || metric(&metrics(), "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+    let before = synced();
+    c.write("dns.yaml", &dns(&ready(&[A, B, C])));
+    assert!(wait_until(20, || synced() != before), "{}", agent.log_text());
+    assert!(c.nft_list("inet nftproxy").contains(C), "the sync did not add the endpoint");
+    assert_eq!(reads(), Some(1.0), "adding an endpoint read conntrack\n{}", agent.log_text());
+    assert_eq!(table(&c), want, "adding an endpoint deleted entries");
+
+    // B removed: exactly its 9,000 entries through this Service go.
+    c.write("dns.yaml", &dns(&ready(&[A, C])));
+    assert!(wait_until(20, || reads() == Some(2.0)), "{}", agent.log_text());
+    let mut left = want.clone();
+    left.remove(&key("10.96.0.53:53", B));
+    assert_eq!(table(&c), left, "{}", agent.log_text());
+    assert_eq!(v4("kubeproxy_conntrack_reconciler_deleted_entries_total"), Some(9_000.0));
 }
 
 fn out_rsts(c: &Cluster, pod: &str) -> u64 {

@@ -207,6 +207,7 @@ pub(crate) fn child(args: &[String]) {
             write!(out, "commit_ms={:.1} messages={}", ms(start.elapsed()), enc.messages).unwrap();
         }
         "neighbour" => out = neighbour_child(n, e, args[3].parse().unwrap()),
+        "ct-scale" => out = conntrack_scale::conntrack_scale_child(n),
         "dataplane" => {
             // The Service placed last (svc-(n-1)) leads to the real pod web-a.
             let mut snap = snapshot(n, e, None);

@@ -18,6 +18,7 @@ mod common;
 
 mod anchors;
 mod child;
+mod conntrack_scale;
 mod first_packet;
 mod report;
 mod scale;
@@ -352,6 +353,17 @@ fn harness(args: &[String]) {
             get("--first-packet-connections", "1000").parse().unwrap(),
         );
     };
+    // Conntrack at a million entries (issue 13; about a minute): in the default run unless
+    // --no-conntrack-scale; --only-conntrack-scale runs nothing else.
+    let conntrack_scale = |r: &mut Report| {
+        conntrack_scale::bench_conntrack_scale(r, get("--conntrack-entries", "1000000").parse().unwrap());
+    };
+    if args.iter().any(|a| a == "--only-conntrack-scale") {
+        conntrack_scale(&mut r);
+        let _ = std::fs::remove_dir_all(&work);
+        write_outputs(&r, &out_dir);
+        return;
+    }
     if args.iter().any(|a| a == "--only-first-packet") {
         first_packet(&mut r);
         let _ = std::fs::remove_dir_all(&work);
@@ -387,6 +399,9 @@ fn harness(args: &[String]) {
     if !args.iter().any(|a| a == "--no-dataplane") {
         bench_dataplane(&mut r, &work, get("--dataplane-services", "10000").parse().unwrap());
         first_packet(&mut r);
+    }
+    if !args.iter().any(|a| a == "--no-conntrack-scale") {
+        conntrack_scale(&mut r);
     }
     if !args.iter().any(|a| a == "--no-counters") {
         bench_counters(&mut r, get("--counters-services", "10000").parse().unwrap(), e);

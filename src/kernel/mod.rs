@@ -131,24 +131,24 @@ impl Kernel for LiveKernel {
                 .map_err(|e| tracing::warn!(error = %e, "conntrack unavailable; stale UDP flows will not be cleared"))
         });
         let Ok(ct) = ct else { return 0 };
-        // Streamed: only the stale entries are kept, however many UDP entries there are.
-        let flows = match ct.udp_flows_where(|k| targets.is_stale(k)) {
-            Ok(f) => f,
+        // Streamed: the kernel sends the entries to the targets, the stale ones are deleted in
+        // batches as they arrive; nothing is collected.
+        let done = match ct.clean_udp(targets) {
+            Ok(done) => done,
             Err(e) => {
-                tracing::warn!(error = %e, "dumping conntrack failed");
+                tracing::warn!(error = %e, "cleaning stale UDP conntrack entries failed");
                 return 0;
             }
         };
-        let mut deleted = 0;
-        for f in &flows {
-            match ct.delete(f) {
-                Ok(true) => deleted += 1,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, flow = ?f.key, "deleting a stale conntrack entry failed"),
-            }
+        if let Some(e) = &done.error {
+            tracing::warn!(error = %e, failed = done.failed, "deleting stale conntrack entries failed");
         }
+        if done.answers_lost {
+            tracing::warn!("some conntrack delete answers were lost; the deleted count may be slightly high");
+        }
+        let deleted = done.deleted;
         if deleted > 0 {
-            tracing::info!(deleted, "deleted stale UDP conntrack entries");
+            tracing::info!(deleted, examined = done.examined, "deleted stale UDP conntrack entries");
         }
         deleted
     }
