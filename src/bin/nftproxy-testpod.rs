@@ -78,6 +78,10 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// UDP: send datagram i from source port SPORT_BASE + i, so that every datagram is a new
+        /// conntrack entry (an ephemeral port may repeat one whose entry is still alive).
+        #[arg(long)]
+        sport_base: Option<u16>,
         /// Tally whole answers (`NAME PEER-IP`), not just pod names.
         #[arg(long)]
         full: bool,
@@ -125,10 +129,10 @@ fn main() -> ExitCode {
         Cmd::Hold { addr, seconds, interval_ms } => {
             hold(addr, Duration::from_secs(seconds), Duration::from_millis(interval_ms))
         }
-        Cmd::Probe { proto, addr, dns, count, timeout_ms, full } => {
+        Cmd::Probe { proto, addr, dns, count, timeout_ms, sport_base, full } => {
             let timeout = Duration::from_millis(timeout_ms);
             match target(&addr, dns.as_deref(), timeout) {
-                Ok(addr) => probe(&proto, addr, count, timeout, full),
+                Ok(addr) => probe(&proto, addr, count, timeout, sport_base, full),
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::FAILURE
@@ -293,8 +297,9 @@ fn ask_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     Ok(line)
 }
 
-fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+fn ask_udp(addr: SocketAddr, sport: u16, timeout: Duration) -> Result<String, String> {
+    let any: std::net::IpAddr = if addr.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
+    let bind = SocketAddr::new(any, sport);
     let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     s.connect(addr).map_err(|e| e.kind().to_string())?;
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
@@ -304,12 +309,20 @@ fn ask_udp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn probe(proto: &str, addr: SocketAddr, count: usize, timeout: Duration, full: bool) -> ExitCode {
+fn probe(
+    proto: &str,
+    addr: SocketAddr,
+    count: usize,
+    timeout: Duration,
+    sport_base: Option<u16>,
+    full: bool,
+) -> ExitCode {
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..count {
+    for i in 0..count {
+        let sport = sport_base.map_or(0, |b| b.wrapping_add(i as u16));
         let answer = match proto {
             "tcp" => ask_tcp(addr, timeout),
-            "udp" => ask_udp(addr, timeout),
+            "udp" => ask_udp(addr, sport, timeout),
             other => {
                 eprintln!("unknown protocol {other}");
                 return ExitCode::FAILURE;

@@ -146,6 +146,18 @@ impl Cluster {
     }
 
     /// Like `probe`, tallying whole answers `NAME PEER-IP`.
+    /// Like `probe`, datagram i from source port `base + i`: each a new conntrack entry.
+    pub fn probe_sports(
+        &self,
+        from: &str,
+        proto: &str,
+        addr: &str,
+        count: usize,
+        base: u16,
+    ) -> BTreeMap<String, usize> {
+        self.probe_with(from, proto, addr, count, &["--sport-base", &base.to_string()])
+    }
+
     pub fn probe_full(&self, from: &str, proto: &str, addr: &str, count: usize) -> BTreeMap<String, usize> {
         self.probe_with(from, proto, addr, count, &["--full"])
     }
