@@ -100,9 +100,9 @@ fn counters(c: &Cluster, metrics: &str, svc: &str) -> BTreeMap<(String, String),
     out
 }
 
-/// Scrapes after the collector's one-second cache has surely expired.
+/// The counters once the agent's 2 s background read has certainly run after what came before.
 fn fresh_counters(c: &Cluster, metrics: &str, svc: &str) -> BTreeMap<(String, String), u64> {
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(2600));
     counters(c, metrics, svc)
 }
 

@@ -3,10 +3,10 @@
 //! that reach it, and only a connection's first packet traverses nat chains: one count per new
 //! connection, whichever path (ClusterIP, node port, external IP, the node itself) led there.
 //!
-//! Read from the kernel when `/metrics` is scraped (at most once a second; concurrent scrapes
-//! share the read): one streamed rule dump per table of ours, so the values are the kernel's,
-//! survive syncs that keep the endpoint and restarts of the agent, and a series goes with its
-//! endpoint chain.
+//! Read from the kernel every 2 s while `/metrics` is being scraped (a scrape then encodes the
+//! last read and waits for none; the first scrape after two idle minutes reads at once): one
+//! streamed rule dump per table of ours, so the values are the kernel's, survive syncs that
+//! keep the endpoint and restarts of the agent, and a series goes with its endpoint chain.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +19,11 @@ use crate::nft::Netlink;
 
 pub const NAME: &str = "nftproxy_endpoint_connections";
 const HELP: &str = "New connections sent to each endpoint, counted by the kernel (--endpoint-counters)";
-/// Scrapes closer together than this share one read.
-const FRESH: Duration = Duration::from_secs(1);
+/// How often the counters are read while scrapes keep coming; a value lags by at most this
+/// (plus one read).
+const REFRESH: Duration = Duration::from_secs(2);
+/// Reads stop when nobody scraped for this long (no kernel work for an unwatched agent).
+const IDLE: Duration = Duration::from_secs(120);
 
 /// One series, borrowing from the endpoint chain's name: no allocation but the endpoint's text
 /// (50,000 series are encoded in a few milliseconds).
@@ -69,31 +72,65 @@ pub fn series_of(chain: &str, packets: u64) -> Option<Series<'_>> {
 pub type Counted = Arc<Vec<(String, u64)>>;
 
 /// The collector registered with the metrics registry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointCounters {
+    shared: Arc<Shared>,
+    refresher: std::sync::Once,
+}
+
+impl Default for EndpointCounters {
+    fn default() -> Self {
+        EndpointCounters { shared: Arc::default(), refresher: std::sync::Once::new() }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
     /// The last read, and when it was made.
     last: Mutex<Option<(Instant, Counted)>>,
+    /// When a scrape last asked.
+    asked: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn refresh(&self) -> Counted {
+        let counted = Arc::new(read_parallel().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the endpoint counters failed");
+            Vec::new()
+        }));
+        *lock(&self.last) = Some((Instant::now(), counted.clone()));
+        counted
+    }
 }
 
 impl EndpointCounters {
-    /// Each endpoint chain with its count now (or from a read less than a second old).
+    /// Each endpoint chain with its count: the background read's (at most `REFRESH` old), or
+    /// read now when there is none that recent (the first scrape, or after an idle spell).
     pub fn read(&self) -> Counted {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, counted)) = last.as_ref()
-            && at.elapsed() < FRESH
-        {
-            return counted.clone();
-        }
-        let counted = match read_parallel() {
-            Ok(counted) => counted,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the endpoint counters failed");
-                Vec::new()
+        *lock(&self.shared.asked) = Some(Instant::now());
+        let shared = self.shared.clone();
+        self.refresher.call_once(move || {
+            let spawned = std::thread::Builder::new().name("endpoint-counters".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(REFRESH);
+                    if lock(&shared.asked).is_some_and(|t| t.elapsed() < IDLE) {
+                        shared.refresh();
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no background reader for the endpoint counters; reading at each scrape");
             }
-        };
-        let counted = Arc::new(counted);
-        *last = Some((Instant::now(), counted.clone()));
-        counted
+        });
+        let recent = lock(&self.shared.last).as_ref().filter(|(at, _)| at.elapsed() < REFRESH * 3 / 2).cloned();
+        match recent {
+            Some((_, counted)) => counted,
+            None => self.shared.refresh(),
+        }
     }
 }
 
