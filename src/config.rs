@@ -59,6 +59,8 @@ pub struct Conntrack {
     pub udp_stream_timeout: Option<Duration>,
 }
 
+/// The schema. Fields named `_...` are known and mean nothing here: read only so that they are
+/// not reported as unknown.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct RawConfig {
@@ -71,14 +73,17 @@ struct RawConfig {
     cluster_cidr: Option<String>,
     config_sync_period: Option<String>,
     conntrack: RawConntrack,
-    detect_local: Option<IgnoredAny>,
+    #[serde(rename = "detectLocal")]
+    _detect_local: Option<IgnoredAny>,
     detect_local_mode: Option<String>,
     enable_profiling: Option<bool>,
-    feature_gates: Option<IgnoredAny>,
+    #[serde(rename = "featureGates")]
+    _feature_gates: Option<IgnoredAny>,
     healthz_bind_address: Option<String>,
     hostname_override: Option<String>,
     iptables: RawSection,
-    ipvs: Option<IgnoredAny>,
+    #[serde(rename = "ipvs")]
+    _ipvs: Option<IgnoredAny>,
     logging: RawLogging,
     metrics_bind_address: Option<String>,
     mode: Option<String>,
@@ -86,9 +91,12 @@ struct RawConfig {
     node_port_addresses: Option<Vec<String>>,
     oom_score_adj: Option<i64>,
     port_range: Option<String>,
-    show_hidden_metrics_for_version: Option<String>,
-    winkernel: Option<IgnoredAny>,
-    windows_run_as_service: Option<bool>,
+    #[serde(rename = "showHiddenMetricsForVersion")]
+    _show_hidden_metrics_for_version: Option<IgnoredAny>,
+    #[serde(rename = "winkernel")]
+    _winkernel: Option<IgnoredAny>,
+    #[serde(rename = "windowsRunAsService")]
+    _windows_run_as_service: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
@@ -128,9 +136,12 @@ struct RawSection {
 struct RawLogging {
     verbosity: Option<i64>,
     format: Option<String>,
-    flush_frequency: Option<IgnoredAny>,
-    options: Option<IgnoredAny>,
-    vmodule: Option<IgnoredAny>,
+    #[serde(rename = "flushFrequency")]
+    _flush_frequency: Option<IgnoredAny>,
+    #[serde(rename = "options")]
+    _options: Option<IgnoredAny>,
+    #[serde(rename = "vmodule")]
+    _vmodule: Option<IgnoredAny>,
 }
 
 /// nftproxy's packet mark bit for masquerading (0x4000), kube-proxy's default `masqueradeBit`.
@@ -265,8 +276,6 @@ pub fn parse(file: &str, text: &str) -> Result<(FileSettings, Vec<String>), Conf
     no_effect("clientConnection.acceptContentTypes", set(&raw.client_connection.accept_content_types).is_some());
     no_effect(&format!("{name}.localhostNodePorts"), section.localhost_node_ports == Some(true));
     no_effect("logging.format", set(&raw.logging.format).is_some_and(|f| f != "text"));
-    let _ = (&raw.detect_local, &raw.feature_gates, &raw.ipvs, &raw.winkernel, &raw.show_hidden_metrics_for_version);
-    let _ = (&raw.windows_run_as_service, &raw.logging.flush_frequency, &raw.logging.options, &raw.logging.vmodule);
     Ok((s, warnings))
 }
 

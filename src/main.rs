@@ -134,10 +134,10 @@ struct Args {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, alias = "iptables-min-sync-period")]
     min_sync_period: Duration,
     /// healthz (`/healthz`, `/livez`) address: IP:PORT, IP or :PORT.
-    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| bind_address(s, 10256))]
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = |s: &str| nftproxy::config::bind_address(s, 10256))]
     healthz_bind_address: SocketAddr,
     /// Prometheus `/metrics` address: IP:PORT, IP or :PORT.
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| bind_address(s, 10249))]
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = |s: &str| nftproxy::config::bind_address(s, 10249))]
     metrics_bind_address: SocketAddr,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -449,10 +449,6 @@ fn apply_config(args: &mut Args, matches: &ArgMatches, file: nftproxy::config::F
         args.node_name = file.hostname_override;
     }
     warnings
-}
-
-fn bind_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
-    nftproxy::config::bind_address(text, default_port)
 }
 
 /// SIGTERM or SIGINT. Exiting never touches the rules: traffic flows while we restart.

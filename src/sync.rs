@@ -8,7 +8,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::compile::STATE_SET;
@@ -530,8 +529,7 @@ impl Engine {
         // One reconcile per IP family, as kube-proxy's metrics count them (`ip_family`).
         let mut conntrack = Vec::new();
         for family in [Family::V4, Family::V6] {
-            let of_family = |((ip, _), _): &(&(IpAddr, u16), _)| Family::of(ip) == family;
-            let part = UdpTargets(targets.0.iter().filter(of_family).map(|(k, v)| (*k, v.clone())).collect());
+            let part = targets.of_family(family);
             if !part.is_empty() {
                 let ct_start = Instant::now();
                 let deleted = self.kernel.clean_udp(&part);

@@ -55,6 +55,13 @@ impl UdpTargets {
         self.0.is_empty()
     }
 
+    /// The addresses of one IP family.
+    pub fn of_family(&self, family: Family) -> UdpTargets {
+        UdpTargets(
+            self.0.iter().filter(|((ip, _), _)| Family::of(ip) == family).map(|(k, v)| (*k, v.clone())).collect(),
+        )
+    }
+
     pub fn is_stale(&self, f: &FlowKey) -> bool {
         f.protocol == Protocol::Udp.number()
             && self

@@ -162,7 +162,7 @@ async fn follow_addresses(
                 Err(e) => tracing::error!(%addr, error = %e, "cluster DNS cannot listen"),
             }
         }
-        let _ = changes.try_send(Change::now());
+        let _ = changes.try_send(Change);
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use super::changes::{self, Changed, Tracker};
 use super::resolve::LABEL_SERVICE_NAME;
-use super::{API_ORIGIN, Change, InputErrors, MAX_TRIGGERS, Objects, Origin, Pending, Source};
+use super::{API_ORIGIN, Change, InputErrors, Objects, Origin, Pending, Source};
 use crate::model::{Family, ServiceId};
 
 /// kube-proxy's server-side filter on Services.
@@ -133,7 +133,7 @@ where
                     if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)
                     {
                         // Capacity 1: a pending notification already covers this change.
-                        let _ = tx.try_send(Change::now());
+                        let _ = tx.try_send(Change);
                     }
                 }
                 Err(e) if !down => {
@@ -183,9 +183,7 @@ impl KubeSource {
                     if seen.applied(s) {
                         let mut p = lock(&p);
                         p.endpoints += 1;
-                        if p.triggers.len() < MAX_TRIGGERS {
-                            p.triggers.extend(trigger_of(s, started));
-                        }
+                        p.trigger(trigger_of(s, started));
                     }
                 }
                 watcher::Event::Delete(s) => {
@@ -197,10 +195,7 @@ impl KubeSource {
                 watcher::Event::InitApply(s) => {
                     // A (re-)list: remember the slice; its trigger time, if new, counts.
                     if seen.applied(s) {
-                        let mut p = lock(&p);
-                        if p.triggers.len() < MAX_TRIGGERS {
-                            p.triggers.extend(trigger_of(s, started));
-                        }
+                        lock(&p).trigger(trigger_of(s, started));
                     }
                 }
                 watcher::Event::InitDone => {

@@ -340,7 +340,7 @@ pub async fn watch(paths: Vec<PathBuf>, every: std::time::Duration, tx: tokio::s
         if now != last {
             last = now;
             // A full channel already holds a pending change: coalesced.
-            let _ = tx.try_send(super::Change::now());
+            let _ = tx.try_send(super::Change);
         }
     }
 }

@@ -105,17 +105,10 @@ pub struct InputError {
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct InputErrors(pub Vec<InputError>);
 
-/// Something changed in the input; `at` is when the object changed (or when we heard of it).
+/// Something changed in the input: a wake-up for the agent's loop. What changed is asked of
+/// the source (`take_changed`, `take_pending`), so notifications can coalesce.
 #[derive(Debug, Clone, Copy)]
-pub struct Change {
-    pub at: std::time::SystemTime,
-}
-
-impl Change {
-    pub fn now() -> Self {
-        Change { at: std::time::SystemTime::now() }
-    }
-}
+pub struct Change;
 
 /// Changes seen since the last sync, as kube-proxy counts them for its metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -133,6 +126,15 @@ pub struct Pending {
 
 /// Most trigger times kept between two syncs.
 pub const MAX_TRIGGERS: usize = 4096;
+
+impl Pending {
+    /// Keeps a slice update's trigger time (at most [`MAX_TRIGGERS`] between two syncs).
+    pub fn trigger(&mut self, at: Option<(std::time::SystemTime, crate::model::Family)>) {
+        if self.triggers.len() < MAX_TRIGGERS {
+            self.triggers.extend(at);
+        }
+    }
+}
 
 /// Where the agent's loop reads the current objects from.
 pub trait Source: Send + Sync {
