@@ -5,6 +5,7 @@
 //! endpoints and the proxy is healthy, else 503, with kube-proxy's JSON body. Load balancers use
 //! it to send external traffic only to nodes that can serve it locally.
 
+use crate::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -176,10 +177,6 @@ pub fn wanted(snapshot: &Snapshot, here: &Locality) -> BTreeMap<u16, ServiceHeal
         out.entry(port).or_insert(ServiceHealth { id: svc.id.clone(), local_endpoints: ips.len() });
     }
     out
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Empty means every address; `wildcard` says so.

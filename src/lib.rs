@@ -44,3 +44,9 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Locks `m`, also after a holder panicked: what our mutexes guard (caches, counts, the last
+/// read) has no invariant a panic halfway could break, and the agent must keep going.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -181,7 +181,7 @@ pub struct WithClusterDns {
 
 impl WithClusterDns {
     fn log_endpoints(&self, endpoints: &[IpAddr]) {
-        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logged = crate::lock(&self.logged);
         if logged.as_deref() == Some(endpoints) {
             return;
         }
@@ -204,7 +204,7 @@ impl Source for WithClusterDns {
         let mut objects = self.inner.objects()?;
         let mut errors = claims(&objects, &self.dns.ips);
         match resolve::headless(&objects) {
-            Ok(h) => *self.headless.lock().unwrap_or_else(|e| e.into_inner()) = h,
+            Ok(h) => *crate::lock(&self.headless) = h,
             Err(InputErrors(e)) => errors.extend(e),
         }
         if !errors.is_empty() {
@@ -220,7 +220,7 @@ impl Source for WithClusterDns {
     }
 
     fn served(&self, snapshot: &Snapshot) {
-        let headless = self.headless.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let headless = crate::lock(&self.headless).clone();
         let serial =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as u32);
         let zone = Zone::build(self.dns.domain.clone(), snapshot, &headless, serial);

@@ -8,6 +8,7 @@
 //! streamed rule dump per table of ours, so the values are the kernel's, survive syncs that
 //! keep the endpoint and restarts of the agent, and a series goes with its endpoint chain.
 
+use crate::lock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,10 +91,6 @@ struct Shared {
     last: Mutex<Option<(Instant, Counted)>>,
     /// When a scrape last asked.
     asked: Mutex<Option<Instant>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

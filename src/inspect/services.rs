@@ -74,7 +74,7 @@ impl Programmed {
     /// After a successful sync of `snapshot`: only the Services in `changed` when the sync was
     /// told which changed, else all of them.
     pub fn update(&self, snapshot: &Snapshot, changed: Option<&BTreeSet<ServiceId>>, here: &Locality) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = crate::lock(&self.state);
         match changed {
             Some(ids) => {
                 for id in ids {
@@ -91,7 +91,7 @@ impl Programmed {
 
     /// The JSON body of `/debug/services`.
     pub fn json(&self) -> String {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = crate::lock(&self.state);
         let views: Vec<ServiceView> = state.0.values().map(|s| view(s, &state.1)).collect();
         serde_json::to_string_pretty(&views).unwrap_or_else(|_| "[]".into()) + "\n"
     }

@@ -57,7 +57,7 @@ pub struct FakeKernel(Arc<Mutex<FakeState>>);
 
 impl FakeKernel {
     fn lock(&self) -> MutexGuard<'_, FakeState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.0)
     }
 
     /// Runs `f` on the state without committing anything.

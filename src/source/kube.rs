@@ -2,6 +2,7 @@
 //! reflectors. The stores keep the last state when the API goes away; the watchers re-list
 //! with backoff (also after 410 Gone); each outage is logged once, not in a loop.
 
+use crate::lock;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
@@ -96,11 +97,6 @@ fn service_id(meta: &ObjectMeta) -> ServiceId {
 fn slice_owner(slice: &EndpointSlice) -> Option<ServiceId> {
     let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     Some(ServiceId::new(key_of(&slice.metadata).0, name.as_str()))
-}
-
-fn lock<T>(t: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Neither the tracker nor the counts hold an invariant a panicking holder could break.
-    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs a reflector for `K`; `observe` sees each event after the store has taken it (and

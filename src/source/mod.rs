@@ -217,7 +217,7 @@ impl Manifests {
 impl Source for Manifests {
     fn objects(&self) -> Result<Objects, InputErrors> {
         match &self.cache {
-            Some(cache) => cache.lock().unwrap_or_else(|e| e.into_inner()).load(&self.paths),
+            Some(cache) => crate::lock(cache).load(&self.paths),
             None => manifest::load(&self.paths),
         }
     }
