@@ -574,7 +574,7 @@ mod tests {
     #[test]
     fn a_set_of_another_type_rebuilds_the_table_in_the_same_transaction() {
         let mut have = as_kernel_state(&wanted());
-        have.sets.get_mut("cluster-ips-v4").unwrap().shape.flags |= crate::nft::consts::NFT_SET_TIMEOUT;
+        have.sets.get_mut("addresses-v4").unwrap().shape.flags |= crate::nft::consts::NFT_SET_TIMEOUT;
         let p = plan(&have, wanted());
         assert_eq!(p.ops[0], Op::DelTable(TABLE.into()));
         assert_eq!(p.ops[1], Op::AddTable { name: TABLE.into(), flags: 0 });

@@ -156,6 +156,12 @@ pub enum Stmt {
         set: String,
         timeout_seconds: u32,
     },
+    /// `ip daddr vmap @map`: the gate, first in each table's base chains: a Service address
+    /// goes to the chain of its kind, any other packet leaves the table after this one lookup.
+    DaddrVmap {
+        family: Family,
+        map: String,
+    },
     /// `ip daddr . meta l4proto . th dport vmap @map`: the Service dispatch.
     DispatchVmap {
         family: Family,
@@ -221,6 +227,7 @@ impl fmt::Display for Stmt {
             Stmt::UpdateSaddrSet { family, set, timeout_seconds } => {
                 write!(f, "update @{} {{ {} saddr timeout {timeout_seconds}s }}", local_name(set), ip_kw(*family))
             }
+            Stmt::DaddrVmap { family, map } => write!(f, "{} daddr vmap @{}", ip_kw(*family), local_name(map)),
             Stmt::DispatchVmap { family, map } => {
                 write!(f, "{} daddr . meta l4proto . th dport vmap @{}", ip_kw(*family), local_name(map))
             }
@@ -326,6 +333,7 @@ impl Stmt {
             Stmt::Drop => h.write_tagged(22, &[]),
             Stmt::NodePortVmap { map } => h.write_tagged(23, map.as_bytes()),
             Stmt::FibSaddrLocal => h.write_tagged(24, &[]),
+            Stmt::DaddrVmap { family, map } => h.write_tagged2(25, &fam(family), map.as_bytes()),
         }
     }
 }
@@ -373,8 +381,9 @@ impl Fnv {
 /// and of the state record, so an agent of a new release rewrites the rules an older one left,
 /// once, and says so. 3: the state set also records a digest per table. 4: endpoint chains may
 /// count (`counter` before the DNAT, issue 14). 5: ClusterIP work in `cluster-ip-v4/6` chains
-/// (issue 18).
-pub const RULE_FORMAT: u32 = 5;
+/// (issue 18). 6: one gate lookup per table and family (`ip daddr vmap @addresses-v4`) instead
+/// of the `services` chain's three (issue 18).
+pub const RULE_FORMAT: u32 = 6;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -422,6 +431,9 @@ pub enum SetKind {
     Dispatch(Family),
     /// `ipv4_addr` (or ipv6_addr)
     Addresses(Family),
+    /// `ipv4_addr : verdict` (or ipv6_addr): the gate, every address a table serves mapped to
+    /// the chain for its kind (ClusterIP, node address, external address).
+    Gate(Family),
     /// `inet_proto . inet_service : verdict`: node ports (per family: they goto family chains).
     NodePorts(Family),
     /// `ipv4_addr` with `flags dynamic,timeout`: clients with affinity to one endpoint. The
@@ -439,6 +451,7 @@ impl SetKind {
         match self {
             SetKind::Dispatch(f)
             | SetKind::Addresses(f)
+            | SetKind::Gate(f)
             | SetKind::NodePorts(f)
             | SetKind::Affinity(f)
             | SetKind::Hairpin(f) => f,
@@ -460,7 +473,7 @@ impl SetKind {
         match self {
             SetKind::Dispatch(_) => addr + 4 + 4,
             SetKind::NodePorts(_) => 4 + 4,
-            SetKind::Addresses(_) | SetKind::Affinity(_) => addr,
+            SetKind::Addresses(_) | SetKind::Gate(_) | SetKind::Affinity(_) => addr,
             SetKind::Hairpin(_) => 3 * addr,
             SetKind::State => 16,
         }
@@ -487,6 +500,7 @@ impl SetKind {
             kinds.extend([
                 SetKind::Dispatch(f),
                 SetKind::Addresses(f),
+                SetKind::Gate(f),
                 SetKind::NodePorts(f),
                 SetKind::Affinity(f),
                 SetKind::Hairpin(f),
@@ -506,12 +520,12 @@ impl SetKind {
                 (addr_type << (2 * TYPE_BITS)) | (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE
             }
             SetKind::NodePorts(_) => (TYPE_INET_PROTOCOL << TYPE_BITS) | TYPE_INET_SERVICE,
-            SetKind::Addresses(_) | SetKind::Affinity(_) => addr_type,
+            SetKind::Addresses(_) | SetKind::Gate(_) | SetKind::Affinity(_) => addr_type,
             SetKind::Hairpin(_) => (addr_type << (2 * TYPE_BITS)) | (addr_type << TYPE_BITS) | addr_type,
             SetKind::State => TYPE_INTEGER,
         };
         let (flags, data_type) = match self {
-            SetKind::Dispatch(_) | SetKind::NodePorts(_) => (NFT_SET_MAP, NFT_DATA_VERDICT),
+            SetKind::Dispatch(_) | SetKind::NodePorts(_) | SetKind::Gate(_) => (NFT_SET_MAP, NFT_DATA_VERDICT),
             SetKind::Affinity(_) => (NFT_SET_TIMEOUT | NFT_SET_EVAL, 0),
             _ => (0, 0),
         };
@@ -568,21 +582,22 @@ impl Element {
             }
         };
         let alen = self.key.len().saturating_sub(8);
+        let to = || match self.goto.as_deref() {
+            Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),
+            Some(verdict) => verdict.to_string(),
+            None => "?".to_string(),
+        };
         let proto_port = |at: usize| {
             let proto = Protocol::from_number(self.key[at]).map_or_else(|| self.key[at].to_string(), |p| p.to_string());
             let port = u16::from_be_bytes([self.key[at + 4], self.key[at + 5]]);
-            let to = match self.goto.as_deref() {
-                Some(chain) if !is_verdict_text(chain) => format!("goto {chain}"),
-                Some(verdict) => verdict.to_string(),
-                None => "?".to_string(),
-            };
-            format!("{proto} . {port} : {to}")
+            format!("{proto} . {port} : {}", to())
         };
         match kind {
             SetKind::Dispatch(_) if self.key.len() >= 12 => {
                 format!("{} . {}", addr(&self.key[..alen]), proto_port(alen))
             }
             SetKind::NodePorts(_) if self.key.len() == 8 => proto_port(0),
+            SetKind::Gate(_) => format!("{} : {}", addr(&self.key), to()),
             SetKind::Hairpin(_) => {
                 let n = self.key.len() / 3;
                 format!("{} . {} . {}", addr(&self.key[..n]), addr(&self.key[n..2 * n]), addr(&self.key[2 * n..]))
@@ -686,7 +701,7 @@ mod tests {
         let mut other = chain.clone();
         other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
         assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
-        assert_eq!(d, 0xd175_fe91_b9c0_f552, "digest of a fixed chain changed: bump RULE_FORMAT");
+        assert_eq!(d, 0x6fd8_d379_6d85_cbff, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

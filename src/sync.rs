@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::compile::STATE_SET;
-use crate::compile::{self, Options, ServiceObjects, TableDigests};
+use crate::compile::{self, Gate, GateDelta, Options, ServiceObjects, TableDigests};
 use crate::conntrack::stale::UdpTargets;
 use crate::kernel::{Commit, Kernel};
 use crate::model::{Family, Service, ServiceId, Snapshot};
@@ -97,6 +97,8 @@ pub struct Engine {
     skeleton_digests: BTreeMap<u32, u64>,
     /// Per table, the XOR of the digests of the Services' objects in it.
     service_digests: BTreeMap<u32, u64>,
+    /// The addresses each table's gate holds, with their holders: of `services` between syncs.
+    gate: Gate,
     /// The state element(s) our table holds, as far as we know.
     state: Vec<Element>,
     /// The ruleset generation our last commit (or verified full sync) left, if we trust it.
@@ -158,7 +160,9 @@ impl Engine {
         }
         let skeleton = compile::skeleton(&opts);
         let skeleton_digests = compile::skeleton_digests(&skeleton);
+        let gate = Gate::new(&opts);
         Engine {
+            gate,
             kernel: Box::new(kernel),
             opts,
             skeleton,
@@ -181,6 +185,7 @@ impl Engine {
         let ips = sorted(ips);
         if ips != self.opts.node_ips {
             tracing::info!(?ips, "node-port addresses");
+            self.gate.set_node_ips(&ips);
             self.opts.node_ips = ips;
             self.skeleton = compile::skeleton(&self.opts);
             self.skeleton_digests = compile::skeleton_digests(&self.skeleton);
@@ -231,6 +236,8 @@ impl Engine {
             Err(_) => {
                 self.generation = None;
                 self.owns_tables = false;
+                // The gate counted this sync's changes: count again from what was committed.
+                self.gate = Gate::of(&self.opts, self.services.values().map(|(s, _)| s));
             }
         }
         result
@@ -380,6 +387,7 @@ impl Engine {
             let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
             compile::merge(&mut want, objs);
         }
+        compile::merge_gate(&mut want, &self.gate);
         want
     }
 
@@ -410,8 +418,14 @@ impl Engine {
                 xor_into(&mut services_now, new);
             }
         }
+        // The gate's elements are shared by Services: it counts their holders (see gate.rs).
+        let mut gate = GateDelta::default();
+        for id in &changed {
+            self.gate.change(self.services.get(id).map(|(s, _)| s), snapshot.services.get(id), &self.opts, &mut gate);
+        }
         let mut wanted = self.skeleton_digests.clone();
         xor_into(&mut wanted, &services_now.iter().map(|(k, d)| (*k, *d)).collect());
+        xor_into(&mut wanted, &self.gate.digests().iter().map(|(k, d)| (*k, *d)).collect());
 
         let (scope, recorded) = self.scope(generation, &wanted)?;
         let (kind, mut plan, read_back, tables_read, record_state) = match scope {
@@ -428,7 +442,7 @@ impl Engine {
                         start,
                     ));
                 }
-                let plan = self.partial_plan(&changed, &mut compiled, &BTreeSet::new());
+                let plan = self.partial_plan(&changed, &mut compiled, gate, &BTreeSet::new());
                 let record = !plan.is_empty();
                 (SyncKind::Partial, plan, Duration::ZERO, Vec::new(), record)
             }
@@ -443,8 +457,11 @@ impl Engine {
             Scope::Tables(shards) => {
                 // Read back only these tables; the changed Services elsewhere get a partial plan
                 // (not on a restart: it knows no old models, the other tables are verified).
-                let mut others =
-                    if self.restarting { Plan::default() } else { self.partial_plan(&changed, &mut compiled, &shards) };
+                let mut others = if self.restarting {
+                    Plan::default()
+                } else {
+                    self.partial_plan(&changed, &mut compiled, gate, &shards)
+                };
                 let have = self.kernel.read_tables(&shards)?;
                 let read_back = start.elapsed();
                 let want = self.want(snapshot, &mut compiled, Some(&shards));
@@ -562,6 +579,7 @@ impl Engine {
         &self,
         changed: &[ServiceId],
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
+        gate: GateDelta,
         skip: &BTreeSet<u32>,
     ) -> Plan {
         let old =
@@ -572,6 +590,7 @@ impl Engine {
             compiled.values().cloned().collect()
         };
         let mut plan = plan::plan_services(old, new, &self.skeleton);
+        plan.ops.extend(gate.into_ops());
         plan.ops.retain(|op| !shard_of_table(op.table()).is_some_and(|k| skip.contains(&k)));
         plan
     }

@@ -131,6 +131,10 @@ fn run_from(
                         continue 'rules;
                     }
                 }
+                Stmt::DaddrVmap { map, .. } => match key_matches(rs, map, &ip_bytes(&pkt.dst)).and_then(|e| e.goto) {
+                    Some(target) => return run_from(rs, pkt, &target, 0, mark, p, stack, out),
+                    None => continue 'rules,
+                },
                 Stmt::DispatchVmap { map, .. } => {
                     let probe = Element::dispatch(pkt.dst, pkt.proto, pkt.dport, String::new());
                     debug_assert!(matches!(rs.sets.get(map).map(|s| s.kind), Some(SetKind::Dispatch(_))));

@@ -455,11 +455,12 @@ fn a_dispatch_map_recreated_with_a_quota_is_rebuilt_and_web_is_served_again() {
     // Same name, type and (after a sync re-adds them) elements: only the set-level quota, which
     // every element inherits, differs. One byte later no element matches any more.
     d.mutate(
-        "flush chain inet nftproxy services; flush chain inet nftproxy cluster-ip-v4; delete map inet nftproxy service-ips-v4; \
+        "flush chain inet nftproxy cluster-ip-v4; flush chain inet nftproxy node-ip-v4; \
+         flush chain inet nftproxy external-ip-v4; delete map inet nftproxy service-ips-v4; \
          add map inet nftproxy service-ips-v4 { type ipv4_addr . inet_proto . inet_service : verdict; quota 1 bytes; }",
     );
     assert!(listing(&d.c).contains("quota 1 bytes"), "{}", listing(&d.c));
-    assert_web_blackholed(&d.c, "the emptied services chain and dispatch map");
+    assert_web_blackholed(&d.c, "the emptied dispatch chains and map");
     d.assert_repaired_by_sync();
     assert!(!listing(&d.c).contains("quota"), "{}", listing(&d.c));
     assert_served_right(&d.c);
@@ -472,12 +473,13 @@ const MANIFESTS_WITH_DB: &str = "\
 addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.1.4]}]\n";
 
 #[test]
-fn a_cluster_ip_set_recreated_with_a_size_limit_is_rebuilt_and_takes_a_third_service() {
+fn the_gate_map_recreated_with_a_size_limit_is_rebuilt_and_takes_a_third_service() {
     let Some(d) = setup() else { return };
     // Full at two elements: a third ClusterIP could never be added to it.
     d.mutate(
-        "flush chain inet nftproxy services; delete set inet nftproxy cluster-ips-v4; \
-         add set inet nftproxy cluster-ips-v4 { type ipv4_addr; size 2; elements = { 10.96.0.80, 10.96.0.81 } }",
+        "flush chain inet nftproxy nat-prerouting; flush chain inet nftproxy nat-output; \
+         delete map inet nftproxy addresses-v4; add map inet nftproxy addresses-v4 { type ipv4_addr : verdict; size 2; \
+         elements = { 10.96.0.80 : goto cluster-ip-v4, 10.96.0.81 : goto cluster-ip-v4 } }",
     );
     assert!(listing(&d.c).contains("size 2"), "{}", listing(&d.c));
     d.assert_repaired_by_sync();
@@ -528,7 +530,7 @@ fn names_with_an_at_sign_in_our_table_are_removed_there_and_never_read_as_anothe
 #[test]
 fn an_anonymous_chain_bound_to_an_inserted_rule_goes_with_its_rule() {
     let Some(d) = setup() else { return };
-    d.mutate("insert rule inet nftproxy services ip daddr 10.96.0.80 jump { drop; }");
+    d.mutate("insert rule inet nftproxy cluster-ip-v4 ip daddr 10.96.0.80 jump { drop; }");
     assert_web_blackholed(&d.c, "the inserted `jump { drop; }`");
     d.assert_repaired_by_sync();
     assert_served_right(&d.c);

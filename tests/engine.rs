@@ -311,3 +311,79 @@ fn conntrack_is_read_only_when_a_change_can_strand_a_udp_flow() {
     assert_eq!(o.conntrack_deleted, 1);
     assert_eq!(k.with(|s| s.flows.clone()), [udp_flow("10.244.3.2")]);
 }
+
+/// web and db share the load-balancer IP 203.0.113.7 (web on 80, db on 5432), which is also
+/// one of this node's addresses in `node_shared`; 192.0.2.1 is the node's.
+fn sharing(with_web: bool, with_db: bool) -> Snapshot {
+    let mut snap = cluster(WEB, DNS);
+    for (name, keep) in [("web", with_web), ("db", with_db)] {
+        let id = ServiceId::new("default", name);
+        if keep {
+            let svc = snap.services.get_mut(&id).unwrap();
+            svc.external.load_balancer_ips = vec!["203.0.113.7".parse().unwrap()];
+            svc.ports[0].node_port = Some(if name == "web" { 30080 } else { 30432 });
+        } else {
+            snap.services.remove(&id);
+        }
+    }
+    snap
+}
+
+/// A ruleset without the state record, elements in order: what two ways of building it share.
+fn comparable(mut rs: nftproxy::ruleset::Ruleset) -> nftproxy::ruleset::Ruleset {
+    rs.sets.remove("state");
+    rs.sets.values_mut().for_each(|s| s.elements.sort());
+    rs
+}
+
+/// Where a connection from outside the cluster goes.
+fn outside(k: &FakeKernel, dst: &str, dport: u16) -> BTreeSet<String> {
+    let pkt = Packet {
+        src: "198.51.100.9".parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: Protocol::Tcp,
+        dport,
+        local: false,
+    };
+    trace(&k.ruleset(), &pkt)
+        .into_iter()
+        .map(|(fate, _)| match fate {
+            Fate::Dnat { addr, .. } => addr.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn an_address_two_services_share_stays_in_the_gate_until_the_last_one_goes() {
+    for (shards, node_ips) in [(1, vec!["192.0.2.1"]), (3, vec!["192.0.2.1"]), (1, vec!["192.0.2.1", "203.0.113.7"])] {
+        let k = FakeKernel::default();
+        let o = Options { node_ips: node_ips.iter().map(|ip| ip.parse().unwrap()).collect(), ..opts(shards) };
+        let mut e = Engine::new(k.clone(), o.clone());
+        let both = sharing(true, true);
+        e.sync(&both).unwrap();
+        let ctx = format!("{shards} tables, node addresses {node_ips:?}");
+        assert_eq!(outside(&k, "203.0.113.7", 80), set(WEB), "{ctx}");
+        assert_eq!(outside(&k, "203.0.113.7", 5432), set(&["10.244.2.1"]), "{ctx}");
+        assert_eq!(outside(&k, "192.0.2.1", 30432), set(&["10.244.2.1"]), "{ctx}");
+        // web goes, by a partial sync: db keeps the address.
+        let web: BTreeSet<ServiceId> = [ServiceId::new("default", "web")].into();
+        let o1 = e.sync_changed(&sharing(false, true), Some(&web)).unwrap();
+        assert_eq!(o1.kind, SyncKind::Partial, "{ctx}");
+        assert_eq!(outside(&k, "203.0.113.7", 5432), set(&["10.244.2.1"]), "{ctx}: db lost the shared address");
+        assert_eq!(outside(&k, "203.0.113.7", 80), set(&["Untouched"]), "{ctx}");
+        let compiled = nftproxy::compile::compile(&sharing(false, true), e.options());
+        assert_eq!(comparable(k.ruleset()), comparable(compiled), "{ctx}");
+        // db goes too: the address leaves the gate, unless it is the node's own.
+        let db: BTreeSet<ServiceId> = [ServiceId::new("default", "db")].into();
+        e.sync_changed(&sharing(false, false), Some(&db)).unwrap();
+        assert_eq!(outside(&k, "203.0.113.7", 5432), set(&["Untouched"]), "{ctx}");
+        let gate = k.with(|s| format!("{:?}", s.ruleset.sets["addresses-v4"].elements));
+        assert_eq!(gate.contains("[203, 0, 113, 7]"), node_ips.contains(&"203.0.113.7"), "{ctx}: {gate}");
+        let compiled = nftproxy::compile::compile(&sharing(false, false), e.options());
+        assert_eq!(comparable(k.ruleset()), comparable(compiled), "{ctx}");
+        // A restart over these rules verifies them: the gate's digests match.
+        let o2 = Engine::new(k.clone(), o).sync(&sharing(false, false)).unwrap();
+        assert!(o2.plan.is_empty(), "{ctx}: {}", o2.plan);
+    }
+}

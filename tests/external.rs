@@ -572,8 +572,8 @@ fn a_node_object_in_the_manifests_names_the_node_port_addresses() {
                 status: {addresses: [{type: InternalIP, address: 198.51.100.1}, {type: Hostname, address: node-1}]}\n---\n";
     let m = c.write("web.yaml", &format!("{node}{}", web("", ALL_ON_NODE_1)));
     c.sync(&m, &["--node-name", "node-1", "--cluster-cidr", "10.244.0.0/16"]);
-    let set = c.exec_ok("node", &["nft", "list", "set", "inet", "nftproxy", "node-ips-v4"]);
-    assert!(set.contains("198.51.100.1") && !set.contains("192.0.2.1"), "{set}");
+    let gate = c.exec_ok("node", &["nft", "list", "map", "inet", "nftproxy", "addresses-v4"]);
+    assert!(gate.contains("198.51.100.1 : goto node-ip-v4") && !gate.contains("192.0.2.1"), "{gate}");
     assert!(only_web(&c.probe_ms("ext", "tcp", "198.51.100.1:30080", 3, 1000)));
     assert!(
         !only_web(&c.probe_ms("ext", "tcp", "192.0.2.1:30080", 1, 1000)),
@@ -582,8 +582,8 @@ fn a_node_object_in_the_manifests_names_the_node_port_addresses() {
     // Another node's Node object changes nothing: this node falls back to the addresses of its
     // default-route interface (ext0 holds both).
     c.sync(&m, &["--node-name", "node-2", "--cluster-cidr", "10.244.0.0/16"]);
-    let set = c.exec_ok("node", &["nft", "list", "set", "inet", "nftproxy", "node-ips-v4"]);
-    assert!(set.contains("192.0.2.1") && set.contains("198.51.100.1"), "{set}");
+    let gate = c.exec_ok("node", &["nft", "list", "map", "inet", "nftproxy", "addresses-v4"]);
+    assert!(gate.contains("192.0.2.1 : goto node-ip-v4") && gate.contains("198.51.100.1 : goto node-ip-v4"), "{gate}");
     assert!(only_web(&c.probe_ms("ext", "tcp", "192.0.2.1:30080", 3, 1000)));
 }
 
@@ -631,4 +631,39 @@ fn a_pod_reaches_itself_through_a_local_node_port() {
     // connection is answered, the ones that land on web-a itself too (hairpin masquerade).
     let got = c.probe_ms("web-a", "tcp", "192.0.2.1:30080", 30, 2000);
     assert!(only_web(&got) && total(&got) == 30 && got.contains_key("web-a"), "{got:?}");
+}
+
+#[test]
+fn an_external_address_two_services_share_is_served_until_the_last_one_goes() {
+    let Some(c) = web_cluster(&[8080], &[]) else { return };
+    c.exec_ok("ext", &["ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1"]);
+    // s1 and s2 share 203.0.113.20 (ports 80 and 81), the agent keeps running while they go.
+    let svc = |name: &str, ip: &str, port: u16, pod: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: {ip}, externalIPs: [203.0.113.20], ports: [{{name: http, port: {port}, targetPort: 8080}}]}}\n{}",
+            slices(name, "http", "TCP", 8080, &[(pod, "node-1")], &[false])
+        )
+    };
+    let (s1, s2) = (svc("s1", "10.96.0.91", 80, "web-a"), svc("s2", "10.96.0.92", 81, "web-b"));
+    c.write("shared.yaml", &format!("{s1}{s2}"));
+    let dir = c.dir.to_str().unwrap().to_string();
+    let agent = start_agent(&c, &dir, &["--table-shards", "4"]);
+    let from_ext = |addr: &str| c.probe_ms("ext", "tcp", addr, 4, 1000);
+    let ok = wait_until(20, || from_ext("203.0.113.20:81").get("web-b") == Some(&4));
+    assert!(ok, "s2 never served on the shared address\n{}\n{}", listing(&c), agent.log_text());
+    assert_eq!(from_ext("203.0.113.20:80").get("web-a"), Some(&4), "s1 on the shared address");
+
+    // s1 goes: s2 keeps the address.
+    c.write("shared.yaml", &s2);
+    let ok = wait_until(10, || no_web(&from_ext("203.0.113.20:80")));
+    assert!(ok, "s1 is still served after it went\n{}", listing(&c));
+    assert_eq!(from_ext("203.0.113.20:81").get("web-b"), Some(&4), "s2 lost the shared address\n{}", listing(&c));
+
+    // s2 goes too: the address leaves every table.
+    c.write("shared.yaml", "# no Services\n");
+    let ruleset = || c.exec_ok("node", &["nft", "list", "ruleset"]);
+    let ok = wait_until(10, || !ruleset().contains("203.0.113.20"));
+    assert!(ok, "the address stayed after its last Service went\n{}", ruleset());
+    assert!(no_web(&from_ext("203.0.113.20:81")));
 }

@@ -115,7 +115,7 @@ fn objects_someone_changed_or_deleted_are_put_back() {
     c.nft("flush chain inet nftproxy svc4/default/web/udp/53");
     c.nft("add rule inet nftproxy ep4/default/web/tcp/80/10.244.1.2/8080 drop");
     c.nft("add chain inet nftproxy intruder");
-    c.nft("delete element inet nftproxy cluster-ips-v4 { 10.96.0.99 }");
+    c.nft("delete element inet nftproxy addresses-v4 { 10.96.0.99 }");
     assert!(c.probe("client", "tcp", "10.96.0.80:80", 3).keys().all(|k| k.starts_with("error")));
     c.sync(&m, &[]);
     let listing = c.nft_list("inet nftproxy");

@@ -1,23 +1,28 @@
 //! Desired state -> nftables objects. A pure function: same snapshot and options, same ruleset.
 //!
-//! Layout (the classic kube-proxy iptables-mode shape, in one `inet nftproxy` table):
+//! Layout (the classic kube-proxy iptables-mode shape; one `inet nftproxy` table, or the
+//! Services spread over shard tables `nftproxy-1`.. that each have the same skeleton):
 //!
 //! ```text
-//! nat-prerouting / nat-output (type nat, priority dstnat) -> jump services
-//! services:  ip daddr . meta l4proto . th dport vmap @service-ips-v4      (and v6)
-//!            ip daddr @cluster-ips-v4 -> reject   (a port the Service does not have)
-//!            (before the dispatch, with --cluster-cidr: ip daddr @cluster-ips-v4 jump masq-check-v4)
+//! nat-prerouting / nat-output (type nat, priority dstnat):
+//!            ip daddr vmap @addresses-v4          (and ip6: the gate, see gate.rs)
+//! cluster-ip-v4:  (with --cluster-cidr: jump masq-check-v4)
+//!            ip daddr . meta l4proto . th dport vmap @service-ips-v4
+//!            reject                               (a port the Service does not have)
+//! node-ip-v4:     the same dispatch (an external IP may be a node address), then
+//!            meta l4proto . th dport vmap @node-ports-v4
+//! external-ip-v4: the same dispatch
 //! svc4/<ns>/<name>/<proto>/<port>:
 //!            numgen random mod n < 1 goto ep4/...; numgen random mod n-1 < 1 goto ...; goto ...
 //!            or, with no endpoints: reject
 //! ep4/<ns>/<name>/<proto>/<port>/<ip>/<port>:  dnat
-//! nat-postrouting (type nat, priority srcnat):
+//! nat-postrouting (type nat, priority srcnat, main table only):
 //!            ip saddr . ip daddr . ct original ip daddr @hairpin-v4 masquerade   (pod -> own Service -> itself)
 //!            mark bit set -> clear it, masquerade fully-random
 //! ```
 //!
-//! Only chains and rules scale with the number of Services; there are four sets in total. The
-//! kernel cost of many sets is what makes kube-proxy's nftables mode slow (see docs/).
+//! Only chains, rules and elements scale with the number of Services; there are a few sets per
+//! table. The kernel cost of many sets is what makes kube-proxy's nftables mode slow (see docs/).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,7 +33,10 @@ use ipnet::IpNet;
 use crate::model::{Endpoint, Family, Locality, Service, ServicePort, Snapshot};
 use crate::ruleset::*;
 
+mod gate;
 mod service;
+
+pub use gate::{Gate, GateDelta, Role};
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -92,7 +100,6 @@ impl Options {
 pub const CHAIN_PREROUTING: &str = "nat-prerouting";
 pub const CHAIN_OUTPUT: &str = "nat-output";
 pub const CHAIN_POSTROUTING: &str = "nat-postrouting";
-pub const CHAIN_SERVICES: &str = "services";
 pub const CHAIN_FORWARD: &str = "filter-forward";
 pub const STATE_SET: &str = "state";
 
@@ -110,13 +117,9 @@ pub fn dispatch_map(family: Family) -> String {
     format!("service-ips-{}", suffix(family))
 }
 
-pub fn cluster_ips_set(family: Family) -> String {
-    format!("cluster-ips-{}", suffix(family))
-}
-
-/// This node's addresses that serve node ports.
-pub fn node_ips_set(family: Family) -> String {
-    format!("node-ips-{}", suffix(family))
+/// The gate: every address a table serves, mapped to the chain of its kind (see gate.rs).
+pub fn gate_map(family: Family) -> String {
+    format!("addresses-{}", suffix(family))
 }
 
 /// `protocol . node port : goto ext4/...`
@@ -126,11 +129,6 @@ pub fn node_ports_map(family: Family) -> String {
 
 pub fn hairpin_set(family: Family) -> String {
     format!("hairpin-{}", suffix(family))
-}
-
-/// Where a ClusterIP's first packet goes from `services`: `cluster-ip-v4`.
-fn cluster_ip_chain(family: Family) -> String {
-    format!("cluster-ip-{}", suffix(family))
 }
 
 fn masq_check_chain(family: Family) -> String {
@@ -171,7 +169,17 @@ pub fn compile(snapshot: &Snapshot, opts: &Options) -> Ruleset {
     for svc in snapshot.services.values() {
         merge(&mut rs, compile_service(svc, opts));
     }
+    merge_gate(&mut rs, &Gate::of(opts, snapshot.services.values()));
     rs
+}
+
+/// Adds the gate's elements to a ruleset that has the skeleton's sets.
+pub fn merge_gate(rs: &mut Ruleset, gate: &Gate) {
+    for (map, e) in gate.elements() {
+        if let Some(s) = rs.sets.get_mut(&map) {
+            s.elements.push(e);
+        }
+    }
 }
 
 /// The objects one Service contributes: its chains and its elements in the shared sets.
@@ -229,9 +237,8 @@ impl ServiceObjects {
     }
 }
 
-/// The digest of each table of a skeleton: its chains, sets, table flags and the elements it
-/// holds itself (the node-port addresses), so that a restart with other node addresses is not
-/// "verified".
+/// The digest of each table of a skeleton: its chains, sets and table flags. (The node-port
+/// addresses are the gate's elements, in [`Gate::digests`].)
 pub fn skeleton_digests(rs: &Ruleset) -> BTreeMap<u32, u64> {
     let elements = rs.sets.iter().flat_map(|(name, set)| set.elements.iter().map(move |e| (name, e)));
     let flags = u64::from(rs.table_flags).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -395,64 +402,50 @@ fn base(hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {
     Chain { base: Some(BaseChain { hook, priority }), rules: rules.into() }
 }
 
-/// One shard's dispatch: its base chains, `services` chain, masquerade check and sets.
+/// One shard's dispatch: its base chains (the gate), the chain for each kind of address, the
+/// masquerade check and the maps.
 fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
     let q = |name: &str| qualify(shard, name);
-    let to_services = || vec![fixed("Service traffic", vec![Stmt::Jump(q(CHAIN_SERVICES))])];
-    rs.chains.insert(q(CHAIN_PREROUTING), base(Hook::Prerouting, DSTNAT, to_services()));
-    rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, to_services()));
-    // A first packet that is not Service traffic (pod to pod, node to internet) passes every
-    // table's `services` chain: one set lookup per kind of address we serve (ClusterIPs,
-    // external and load-balancer IPs, node addresses), nothing more. The ClusterIP work
-    // (masquerade check, dispatch, reject on an unserved port) runs only for ClusterIPs.
-    let mut services = Vec::new();
+    // A first packet that is not Service traffic (pod to pod, node to internet) makes one set
+    // lookup per table: the gate. The rest runs only for the addresses it names.
+    let gate = || {
+        let by_family = |family| {
+            let stmts = vec![Stmt::NfProto(family), Stmt::DaddrVmap { family, map: q(&gate_map(family)) }];
+            fixed("Service addresses, to the chain of their kind", stmts)
+        };
+        FAMILIES.map(by_family).to_vec()
+    };
+    rs.chains.insert(q(CHAIN_PREROUTING), base(Hook::Prerouting, DSTNAT, gate()));
+    rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, gate()));
     for family in FAMILIES {
-        services.push(fixed(
-            "ClusterIPs",
-            vec![
-                Stmt::NfProto(family),
-                Stmt::DaddrInSet { family, set: q(&cluster_ips_set(family)) },
-                Stmt::Goto(q(&cluster_ip_chain(family))),
-            ],
-        ));
-        services.push(fixed(
-            "external and load-balancer IPs, by address, protocol and port",
-            vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
-        ));
-        services.push(fixed(
-            "node ports, on this node's addresses",
-            vec![
-                Stmt::NfProto(family),
-                Stmt::DaddrInSet { family, set: q(&node_ips_set(family)) },
-                Stmt::NodePortVmap { map: q(&node_ports_map(family)) },
-            ],
-        ));
+        let chain = |role: Role, rules: Vec<Rule>| (q(&role.chain(family)), Chain { base: None, rules: rules.into() });
+        let dispatch = |what: &str| {
+            fixed(what, vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }])
+        };
         let mut cluster_ip = Vec::new();
         if masq_check_rules(family, opts).is_some() {
             cluster_ip
                 .push(fixed("masquerade unless from the pod network", vec![Stmt::Jump(q(&masq_check_chain(family)))]));
         }
-        cluster_ip.push(fixed(
-            "dispatch by address, protocol and port",
-            vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }],
-        ));
+        cluster_ip.push(dispatch("dispatch by address, protocol and port"));
         cluster_ip.push(fixed(NO_SUCH_PORT, vec![Stmt::L4Proto(crate::model::Protocol::Tcp), Stmt::RejectTcpReset]));
         cluster_ip.push(fixed(NO_SUCH_PORT, vec![Stmt::RejectPortUnreachable]));
-        rs.chains.insert(q(&cluster_ip_chain(family)), Chain { base: None, rules: cluster_ip.into() });
-    }
-    rs.chains.insert(q(CHAIN_SERVICES), Chain { base: None, rules: services.into() });
-    for family in FAMILIES {
+        let node_ip = vec![
+            dispatch("an external IP that is this node's address"),
+            fixed("node ports, on this node's addresses", vec![Stmt::NodePortVmap { map: q(&node_ports_map(family)) }]),
+        ];
+        let external_ip = vec![dispatch("external and load-balancer IPs, by address, protocol and port")];
+        rs.chains.extend([
+            chain(Role::Cluster, cluster_ip),
+            chain(Role::Node, node_ip),
+            chain(Role::External, external_ip),
+        ]);
         if let Some(rules) = masq_check_rules(family, opts) {
             rs.chains.insert(q(&masq_check_chain(family)), Chain { base: None, rules: rules.into() });
         }
         rs.sets.insert(q(&dispatch_map(family)), Set { kind: SetKind::Dispatch(family), elements: vec![] });
-        rs.sets.insert(q(&cluster_ips_set(family)), Set { kind: SetKind::Addresses(family), elements: vec![] });
+        rs.sets.insert(q(&gate_map(family)), Set { kind: SetKind::Gate(family), elements: vec![] });
         rs.sets.insert(q(&node_ports_map(family)), Set { kind: SetKind::NodePorts(family), elements: vec![] });
-        let mut node_ips: Vec<Element> =
-            opts.node_ips.iter().filter(|ip| Family::of(ip) == family).map(|ip| Element::address(*ip)).collect();
-        node_ips.sort();
-        node_ips.dedup();
-        rs.sets.insert(q(&node_ips_set(family)), Set { kind: SetKind::Addresses(family), elements: node_ips });
     }
 }
 

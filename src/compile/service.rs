@@ -18,9 +18,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{
-    Options, ServiceObjects, cluster_ips_set, dispatch_map, endpoint_chain, hairpin_set, node_ports_map, service_chain,
-};
+use super::{Options, ServiceObjects, dispatch_map, endpoint_chain, hairpin_set, node_ports_map, service_chain};
 use crate::model::{Endpoint, Family, Locality, Protocol, Service, ServicePort};
 use crate::ruleset::*;
 
@@ -143,7 +141,6 @@ impl PortCompiler<'_> {
 pub(super) fn add_service_ip(objs: &mut ServiceObjects, svc: &Service, vip: IpAddr, opts: &Options) {
     let family = Family::of(&vip);
     let shard = opts.shard_of(&svc.id);
-    objs.elements.push((qualify(shard, &cluster_ips_set(family)), Element::address(vip)));
     let here = &opts.locality;
     let of_family = |ips: &[IpAddr]| ips.iter().copied().filter(|ip| Family::of(ip) == family).collect::<Vec<_>>();
     // An address that is both an external IP and a load-balancer IP is treated as the latter

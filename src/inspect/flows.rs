@@ -8,10 +8,11 @@ use std::io::Write;
 use std::net::IpAddr;
 
 use super::{InspectError, address, service_of_chain};
+use crate::compile::Role;
 use crate::conntrack::{Conntrack, Filter, Flow};
 use crate::model::{Family, Protocol, ServiceId};
 use crate::nft::Netlink;
-use crate::ruleset::{Ruleset, SetKind, ip_from_bytes, local_name};
+use crate::ruleset::{Ruleset, SetKind, ip_from_bytes};
 
 /// A Service address: (address, protocol, port).
 pub type Target = (IpAddr, Protocol, u16);
@@ -25,12 +26,14 @@ fn proto_port(key: &[u8]) -> Option<(Protocol, u16)> {
 /// external and load-balancer IPs (dispatch maps), node ports on the node's addresses.
 pub fn targets(rs: &Ruleset) -> Vec<(Target, ServiceId)> {
     let mut out = Vec::new();
-    let mut node_ips: Vec<IpAddr> = Vec::new();
-    for (name, set) in &rs.sets {
-        if matches!(set.kind, SetKind::Addresses(_)) && local_name(name).starts_with("node-ips-") {
-            node_ips.extend(set.elements.iter().filter_map(|e| ip_from_bytes(&e.key)));
-        }
-    }
+    // The node-port addresses: in every table's gate (the same in each).
+    let node_ips: BTreeSet<IpAddr> = rs
+        .sets
+        .values()
+        .filter(|s| matches!(s.kind, SetKind::Gate(_)))
+        .flat_map(|s| s.elements.iter().filter_map(Role::of_element))
+        .filter_map(|(role, ip)| (role == Role::Node).then_some(ip))
+        .collect();
     for set in rs.sets.values() {
         for e in &set.elements {
             let Some(svc) = e.goto.as_deref().and_then(service_of_chain) else { continue };

@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{InspectError, address, service_of_chain};
+use crate::compile::Role;
 use crate::model::{Protocol, ServiceId};
 use crate::nft::Netlink;
-use crate::ruleset::{Element, Ruleset, SetKind, Stmt, ip_bytes, local_name};
+use crate::ruleset::{Element, Ruleset, SetKind, Stmt, ip_bytes};
 use crate::trace::{Fate, Packet, Ratio, trace};
 
 /// What to trace.
@@ -55,22 +56,23 @@ fn entry_chain(rs: &Ruleset, q: &Query) -> Option<String> {
             .find_map(|(_, s)| s.elements.iter().find(|e| e.key == key).and_then(|e| e.goto.clone()))
     };
     find(|k| matches!(k, SetKind::Dispatch(_)), &dispatch).or_else(|| {
-        let on_node = rs.sets.iter().any(|(name, s)| {
-            matches!(s.kind, SetKind::Addresses(_))
-                && local_name(name).starts_with("node-ips-")
-                && s.elements.iter().any(|e| e.key == ip_bytes(&q.dst))
-        });
+        let on_node = gate_roles(rs).any(|(role, ip)| role == Role::Node && ip == q.dst);
         on_node.then(|| find(|k| matches!(k, SetKind::NodePorts(_)), &node_port)).flatten()
     })
 }
 
+/// The addresses in our tables' gates, with their kind.
+fn gate_roles(rs: &Ruleset) -> impl Iterator<Item = (Role, IpAddr)> + '_ {
+    rs.sets
+        .values()
+        .filter(|s| matches!(s.kind, SetKind::Gate(_)))
+        .flat_map(|s| &s.elements)
+        .filter_map(Role::of_element)
+}
+
 /// Whether `dst` is one of our ClusterIPs (on any port).
 fn is_cluster_ip(rs: &Ruleset, dst: IpAddr) -> bool {
-    rs.sets.iter().any(|(name, s)| {
-        matches!(s.kind, SetKind::Addresses(_))
-            && local_name(name).starts_with("cluster-ips-")
-            && contains(rs, name, &ip_bytes(&dst))
-    })
+    gate_roles(rs).any(|(role, ip)| role == Role::Cluster && ip == dst)
 }
 
 /// Session affinity of `svc` as the kernel holds it: the timeout its endpoint chains refresh,

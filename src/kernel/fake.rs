@@ -107,6 +107,7 @@ fn references(stmts: &[Stmt]) -> (Vec<&str>, Vec<&str>) {
             | Stmt::SaddrInSet { set, .. }
             | Stmt::HairpinInSet { set, .. }
             | Stmt::UpdateSaddrSet { set, .. }
+            | Stmt::DaddrVmap { map: set, .. }
             | Stmt::DispatchVmap { map: set, .. }
             | Stmt::NodePortVmap { map: set } => sets.push(set.as_str()),
             _ => {}

@@ -145,6 +145,7 @@ fn candidates(e: &[Expr<'_>], q: &dyn Fn(&str) -> String) -> Vec<Stmt> {
             }
             if let Some(set) = lookup_set(1) {
                 out.push(Stmt::DaddrInSet { family, set: set.clone() });
+                out.push(Stmt::DaddrVmap { family, map: set.clone() });
                 out.push(Stmt::SaddrInSet { family, set });
             }
             if let Some(d) = at(1).filter(|x| x.is("dynset"))

@@ -246,6 +246,11 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
                 a.u32(9, 0); // NFTA_DYNSET_FLAGS
             });
         }
+        Stmt::DaddrVmap { family, map } => {
+            let (_, daddr, len) = addr_offsets(*family);
+            payload(a, NFT_PAYLOAD_NETWORK_HEADER, daddr, len, NFT_REG_1);
+            lookup(a, NFT_REG_1, map, Some(NFT_REG_VERDICT));
+        }
         Stmt::DispatchVmap { family, map } => {
             // ip daddr . meta l4proto . th dport, one 32-bit register per 4 bytes of key.
             let (_, daddr, len) = addr_offsets(*family);
