@@ -42,7 +42,12 @@ fn opts(shards: u32) -> Options {
 /// Where a new connection from a pod goes, as the fake kernel's rules decide: the endpoint
 /// addresses reached, or the fate.
 fn flow(k: &FakeKernel, dst: &str, proto: Protocol, dport: u16) -> BTreeSet<String> {
-    let pkt = Packet { src: "10.244.9.9".parse().unwrap(), dst: dst.parse().unwrap(), proto, dport, local: false };
+    flow_from(k, "10.244.9.9", dst, proto, dport)
+}
+
+/// The same from any source.
+fn flow_from(k: &FakeKernel, src: &str, dst: &str, proto: Protocol, dport: u16) -> BTreeSet<String> {
+    let pkt = Packet { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto, dport, local: false };
     trace(&k.ruleset(), &pkt)
         .into_iter()
         .map(|(fate, _)| match fate {
@@ -338,20 +343,7 @@ fn comparable(mut rs: nftproxy::ruleset::Ruleset) -> nftproxy::ruleset::Ruleset 
 
 /// Where a connection from outside the cluster goes.
 fn outside(k: &FakeKernel, dst: &str, dport: u16) -> BTreeSet<String> {
-    let pkt = Packet {
-        src: "198.51.100.9".parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        proto: Protocol::Tcp,
-        dport,
-        local: false,
-    };
-    trace(&k.ruleset(), &pkt)
-        .into_iter()
-        .map(|(fate, _)| match fate {
-            Fate::Dnat { addr, .. } => addr.to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect()
+    flow_from(k, "198.51.100.9", dst, Protocol::Tcp, dport)
 }
 
 #[test]
