@@ -200,6 +200,8 @@ pub enum Stmt {
     RejectPortUnreachable,
     /// `ct state invalid`
     CtStateInvalid,
+    /// `ct status & dnat == 0`: a connection no DNAT rule translated (not Service traffic).
+    CtNotDnat,
     Counter,
     Drop,
 }
@@ -248,6 +250,7 @@ impl fmt::Display for Stmt {
             Stmt::RejectTcpReset => f.write_str("reject with tcp reset"),
             Stmt::RejectPortUnreachable => f.write_str("reject with icmpx port-unreachable"),
             Stmt::CtStateInvalid => f.write_str("ct state invalid"),
+            Stmt::CtNotDnat => f.write_str("ct status & dnat == 0"),
             Stmt::Counter => f.write_str("counter"),
             Stmt::Drop => f.write_str("drop"),
         }
@@ -334,6 +337,7 @@ impl Stmt {
             Stmt::NodePortVmap { map } => h.write_tagged(23, map.as_bytes()),
             Stmt::FibSaddrLocal => h.write_tagged(24, &[]),
             Stmt::DaddrVmap { family, map } => h.write_tagged2(25, &fam(family), map.as_bytes()),
+            Stmt::CtNotDnat => h.write_tagged(26, &[]),
         }
     }
 }

@@ -197,6 +197,8 @@ fn run_from(
                 Stmt::HairpinInSet { .. } => continue 'rules,
                 // The first packet of a connection is never INVALID.
                 Stmt::CtStateInvalid => continue 'rules,
+                // Postrouting's (see Dnat): the walk ends at the DNAT, so nothing it meets is DNATed yet.
+                Stmt::CtNotDnat => {}
                 Stmt::Drop => {
                     out.push((Fate::Dropped, p));
                     return;

@@ -8,7 +8,8 @@
 //!   Service proxy costs before its first rule; `floors`: the same with K empty base chains;
 //! - `reference`: the least a Service proxy can do, one table, one nat base chain, one rule:
 //!   `dnat to ip daddr . th dport map @services` with N entries;
-//! - `nftproxy, 1 table` and `nftproxy, K tables` (the default shards at N Services).
+//! - `nftproxy, 1 table` and `nftproxy, K tables` (the default shards at N Services), with the
+//!   agent's defaults (`--cluster-cidr` set, endpoint counters on).
 //!
 //! Rounds alternate over every (cluster, path) pair, so the VM's drift falls on all alike; the
 //! figures are medians over rounds. CPU time per connection is the client's own time on a CPU
@@ -17,6 +18,9 @@
 //! IRQ time is not accounted apart, as here; other load on the machine does not count.
 
 use super::*;
+
+/// The CPU every connection's path runs on.
+const PINNED_CPU: &str = "1";
 
 /// One namespace cluster (client, web-a) and what it has loaded.
 struct Lab {
@@ -32,14 +36,32 @@ impl Lab {
         let mut cluster = common::Cluster::new(&pods);
         cluster.serve("web-a", "web-a", &[8080], &[]);
         cluster.exec_ok("client", &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+        // The server on the client's CPU (see `round`).
+        let pids = Command::new("ip").args(["netns", "pids", &cluster.ns("web-a")]).output().unwrap();
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let _ = Command::new("taskset").args(["-a", "-cp", PINNED_CPU, pid]).output();
+        }
         let node = std::mem::ManuallyDrop::new(Ns(cluster.ns("node")));
         Lab { name, cluster, node }
     }
 
     /// `count` connections to `addr` from the client: (p50 latency us, CPU us per connection).
+    /// Client and server run on one CPU, so the whole path (both ends, the node's hooks in
+    /// softirq) does too: no cross-CPU wake-ups, whose cost depends on what the other CPU is
+    /// doing, and a build on the other CPU disturbs the figures less.
     fn round(&self, addr: &str, count: usize) -> Option<(f64, f64)> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.cluster.ns("client"), common::TESTPOD, "latency", addr])
+        let out = Command::new("taskset")
+            .args([
+                "-c",
+                PINNED_CPU,
+                "ip",
+                "netns",
+                "exec",
+                &self.cluster.ns("client"),
+                common::TESTPOD,
+                "latency",
+                addr,
+            ])
             .args(["--count", &count.to_string()])
             .output()
             .ok()?;
@@ -93,10 +115,12 @@ pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: u
     load(&floors, "floors.nft", floor_ruleset(shards as usize));
     let reference = Lab::new("reference");
     load(&reference, "reference.nft", reference_ruleset(n));
+    // As the agent runs by default: endpoint counters on (a `counter` before each DNAT).
+    let counters = [("NFTPROXY_BENCH_COUNTERS", "1")];
     let one = Lab::new("nftproxy, 1 table");
-    one.node.child(&["dataplane", &n.to_string(), "5"]);
+    one.node.child_env(&["dataplane", &n.to_string(), "5"], 1, &counters);
     let sharded = Lab::new("nftproxy, default tables");
-    sharded.node.child_sharded(&["dataplane", &n.to_string(), "5"], shards);
+    sharded.node.child_env(&["dataplane", &n.to_string(), "5"], shards, &counters);
 
     let vip = format!("{}:80", vip(n - 1));
     let direct = "10.244.1.2:8080";

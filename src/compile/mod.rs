@@ -67,8 +67,11 @@ pub struct Options {
 /// kernel restarts its dump walk for every ~32 KiB message), so tables are sized by chains,
 /// not Services: 5,000 Services of 50 endpoints are 255,000 chains.
 pub const CHAINS_PER_SHARD: usize = 3_000;
-/// Most tables `auto` picks: each table adds its base chains to every new connection's path.
-pub const MAX_AUTO_SHARDS: u32 = 32;
+/// Most tables `auto` picks. Every table's base chain is on every new connection's path: a
+/// first packet that is not Service traffic pays one gate lookup per table (about 70 ns each
+/// on the benchmark VM, docs/benchmark.md "The first packet"), while past a few tables a
+/// partial sync gains little (the kernel's share is already a few ms at 10,000 Services).
+pub const MAX_AUTO_SHARDS: u32 = 8;
 
 /// The chains `services` Services with `endpoints` endpoints in all make (about: one per Service
 /// port and one per endpoint), what [`auto_shards`] counts.
@@ -76,7 +79,7 @@ pub fn chain_estimate(services: usize, endpoints: usize) -> usize {
     services + endpoints
 }
 
-/// `--table-shards auto`: one table per 3,000 chains (see [`chain_estimate`]; 1 to 32 tables),
+/// `--table-shards auto`: one table per 3,000 chains (see [`chain_estimate`]; 1 to 8 tables),
 /// chosen once at start. Tables we already have are kept while their count is within a factor
 /// of two of that, so that a restart after the cluster grew or shrank a little does not move
 /// every Service to another table.
@@ -360,6 +363,9 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
             Hook::Postrouting,
             SRCNAT,
             vec![
+                // Everything below is for connections our rules DNATed: any other first packet
+                // (pod to pod, node to internet) leaves after this one test.
+                fixed("not DNATed: not Service traffic", vec![Stmt::CtNotDnat, Stmt::Return]),
                 // Hairpin: a pod that reached its own Service and landed on itself.
                 hairpin_rule(Family::V4),
                 hairpin_rule(Family::V6),
@@ -419,6 +425,8 @@ fn add_dispatch(rs: &mut Ruleset, opts: &Options, shard: u32) {
     rs.chains.insert(q(CHAIN_OUTPUT), base(Hook::Output, DSTNAT, gate()));
     for family in FAMILIES {
         let chain = |role: Role, rules: Vec<Rule>| (q(&role.chain(family)), Chain { base: None, rules: rules.into() });
+        // The gate checked the family already; the `meta nfproto` that nft writes before any
+        // `ip daddr` in an inet table stays, or `nft list` shows raw payload offsets.
         let dispatch = |what: &str| {
             fixed(what, vec![Stmt::NfProto(family), Stmt::DispatchVmap { family, map: q(&dispatch_map(family)) }])
         };
@@ -503,17 +511,21 @@ mod tests {
         let chains = |services, endpoints_each| chain_estimate(services, services * endpoints_each);
         assert_eq!(auto_shards(0, 0), 1);
         assert_eq!(auto_shards(chains(400, 5), 0), 1);
-        assert_eq!(auto_shards(chains(10_000, 5), 0), 20);
-        assert_eq!(auto_shards(chains(44_000, 1), 0), 30);
+        assert_eq!(auto_shards(chains(1_000, 5), 0), 2);
+        assert_eq!(auto_shards(chains(3_000, 5), 0), 6);
+        // Larger clusters: at most 8 tables (each one is on every new connection's path).
+        assert_eq!(auto_shards(chains(10_000, 5), 0), MAX_AUTO_SHARDS);
+        assert_eq!(auto_shards(chains(44_000, 1), 0), MAX_AUTO_SHARDS);
         // The same Services with ten times the endpoints: more, smaller tables.
-        assert_eq!(auto_shards(chains(1_000, 50), 0), 17);
-        assert_eq!(auto_shards(chains(5_000, 50), 0), MAX_AUTO_SHARDS);
+        assert_eq!(auto_shards(chains(200, 5), 0), 1);
+        assert_eq!(auto_shards(chains(200, 50), 0), 4);
         // A restart keeps the tables there are while within a factor of two...
-        assert_eq!(auto_shards(chains(10_000, 5), 12), 12);
-        assert_eq!(auto_shards(chains(12_000, 5), 20), 20);
+        assert_eq!(auto_shards(chains(10_000, 5), 5), 5);
+        assert_eq!(auto_shards(chains(2_000, 5), 6), 6);
         assert_eq!(auto_shards(chains(400, 5), 2), 2);
-        // ...and reshards beyond it.
-        assert_eq!(auto_shards(chains(10_000, 5), 1), 20);
+        // ...and reshards beyond it, or above the most `auto` makes (an older agent's 20).
+        assert_eq!(auto_shards(chains(10_000, 5), 1), MAX_AUTO_SHARDS);
         assert_eq!(auto_shards(chains(1_000, 5), 20), 2);
+        assert_eq!(auto_shards(chains(10_000, 5), 20), MAX_AUTO_SHARDS);
     }
 }

@@ -55,6 +55,9 @@ pub const NFT_REG32_00: u32 = 8;
 
 pub const NFT_META_MARK: u32 = 3;
 pub const NFT_CT_STATE: u32 = 0;
+pub const NFT_CT_STATUS: u32 = 2;
+/// `IPS_DST_NAT` in `ct status`: the connection's destination was translated.
+pub const IPS_DST_NAT: u32 = 1 << 5;
 pub const NFT_CT_DST_IP: u32 = 20;
 pub const NFT_CT_DST_IP6: u32 = 22;
 pub const IP_CT_DIR_ORIGINAL: u32 = 0;

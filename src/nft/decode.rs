@@ -195,6 +195,7 @@ fn candidates(e: &[Expr<'_>], q: &dyn Fn(&str) -> String) -> Vec<Stmt> {
     }
     if first.is("ct") {
         out.push(Stmt::CtStateInvalid);
+        out.push(Stmt::CtNotDnat);
     }
     if first.is("counter") {
         out.push(Stmt::Counter);

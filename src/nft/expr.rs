@@ -336,6 +336,14 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
             bitwise(a, &NF_CT_STATE_INVALID_BIT.to_ne_bytes(), &[0; 4]);
             cmp(a, NFT_CMP_NEQ, &[0; 4]);
         }
+        Stmt::CtNotDnat => {
+            a.expr("ct", |a| {
+                a.u32(1, NFT_REG_1);
+                a.u32(2, NFT_CT_STATUS);
+            });
+            bitwise(a, &IPS_DST_NAT.to_ne_bytes(), &[0; 4]);
+            cmp(a, NFT_CMP_EQ, &[0; 4]);
+        }
         Stmt::Counter => a.expr("counter", |a| {
             a.u64(1, 0); // NFTA_COUNTER_BYTES
             a.u64(2, 0); // NFTA_COUNTER_PACKETS
