@@ -95,7 +95,7 @@ struct Args {
     conntrack_udp_timeout_stream: Option<Duration>,
     /// Spread Services over this many tables (`nftproxy`, `nftproxy-1`, ...; 1 to 64). A
     /// partial sync then re-validates one table in the kernel instead of all. `auto`: one table
-    /// per 3,000 chains at start (1 to 8), keeping the tables there are if close to that.
+    /// per 3,000 chains at start (1 to 4), keeping the tables there are if close to that.
     #[arg(long, default_value = "auto")]
     table_shards: Shards,
     /// Make our tables the kernel's "owner, persist" tables (Linux 6.9+): while nftproxy runs no

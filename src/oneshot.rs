@@ -117,8 +117,8 @@ mod tests {
             assert!(bad.parse::<Shards>().unwrap_err().contains("from 1 to 64"), "{bad}");
         }
         assert_eq!(Shards::Fixed(3).tables(60_000, 20), 3);
-        assert_eq!(Shards::Auto.tables(60_000, 0), 8);
-        assert_eq!(Shards::Auto.tables(60_000, 5), 5, "keeps the tables there are while close enough");
+        assert_eq!(Shards::Auto.tables(60_000, 0), 4);
+        assert_eq!(Shards::Auto.tables(60_000, 3), 3, "keeps the tables there are while close enough");
     }
 
     #[test]

@@ -218,7 +218,14 @@ pub(crate) fn child(args: &[String]) {
             let mut snap = snapshot(n, e, None);
             let last = snap.services.values_mut().find(|s| s.id.name == format!("svc-{}", n - 1)).unwrap();
             last.ports[0].endpoints = vec![Endpoint::ready("10.244.1.2".parse().unwrap(), 8080)];
-            let mut engine = Engine::new(LiveKernel::open().unwrap(), options());
+            // The first-packet benchmark's variants: each drops one of the agent's defaults.
+            let mut opts = options();
+            let on = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+            if on("NFTPROXY_BENCH_NO_CLUSTER_CIDR") {
+                opts.cluster_cidrs.clear();
+            }
+            opts.conntrack_tcp_be_liberal = on("NFTPROXY_BENCH_BE_LIBERAL");
+            let mut engine = Engine::new(LiveKernel::open().unwrap(), opts);
             let o = engine.sync(&snap).unwrap();
             write!(out, "total_ms={:.1}", ms(o.total)).unwrap();
         }

@@ -1,7 +1,6 @@
 //! What a new connection pays for our rules (issue 18): connect-to-first-byte latency and CPU
 //! time per connection, for the same pod-to-pod connection direct and through a ClusterIP,
-//! with several rule sets loaded side by side, each in its own namespace cluster so that no
-//! reload happens between rounds:
+//! with each of several rule sets loaded in turn into one namespace cluster:
 //!
 //! - `bare`: no rules at all (no conntrack either);
 //! - `floor`: conntrack and NAT on and a DNAT present, but no rule evaluated: what any NAT-based
@@ -9,10 +8,12 @@
 //! - `reference`: the least a Service proxy can do, one table, one nat base chain, one rule:
 //!   `dnat to ip daddr . th dport map @services` with N entries;
 //! - `nftproxy, 1 table` and `nftproxy, K tables` (the default shards at N Services), with the
-//!   agent's defaults (`--cluster-cidr` set, endpoint counters on).
+//!   agent's defaults (`--cluster-cidr` set, endpoint counters on, INVALID dropped);
+//! - one table with those defaults taken away one at a time (counters, the masquerade check,
+//!   the forward hook's INVALID drop): what each costs, and what the layout alone costs.
 //!
-//! Rounds alternate over every (cluster, path) pair, so the VM's drift falls on all alike; the
-//! figures are medians over rounds. CPU time per connection is the client's own time on a CPU
+//! Every round loads every rule set (in rotated order), so the VM's drift falls on all alike;
+//! the figures are medians over rounds. CPU time per connection is the client's own time on a CPU
 //! (`/proc/thread-self/schedstat`, exact nanoseconds) per connection: the first packet's whole
 //! path (client, node's hooks, server's SYN handling) runs in its context as softirq work when
 //! IRQ time is not accounted apart, as here; other load on the machine does not count.
@@ -100,59 +101,106 @@ fn reference_ruleset(n: usize) -> String {
     s
 }
 
+/// A rule set the node can hold: what it is, and how to load it into an empty ruleset.
+enum RuleSet {
+    Bare,
+    Nft(String),
+    /// The agent's rules for the benchmark's Services, in this many tables, with these
+    /// benchmark-child settings.
+    Nftproxy(u32, &'static [(&'static str, &'static str)]),
+}
+
+/// As the agent runs by default: endpoint counters on (a `counter` before each DNAT).
+const DEFAULTS: &[(&str, &str)] = &[("NFTPROXY_BENCH_COUNTERS", "1")];
+const NO_COUNTERS: &[(&str, &str)] = &[];
+const NO_MASQ_CHECK: &[(&str, &str)] = &[("NFTPROXY_BENCH_NO_CLUSTER_CIDR", "1")];
+const LAYOUT_ONLY: &[(&str, &str)] = &[("NFTPROXY_BENCH_NO_CLUSTER_CIDR", "1"), ("NFTPROXY_BENCH_BE_LIBERAL", "1")];
+
 pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: usize, per_round: usize) {
     let shards = compile::auto_shards(compile::chain_estimate(n, n * 5), 0);
     eprintln!("== first packet: {n} Services, {rounds} rounds of {per_round} connections per path");
-    let load = |lab: &Lab, name: &str, script: String| {
-        let file = dir.join(name);
-        std::fs::write(&file, script).unwrap();
-        lab.node.time("nft", &["-f", "-"], &file).unwrap_or_else(|| panic!("{name} loads"));
-    };
-    let bare = Lab::new("bare");
-    let floor = Lab::new("floor");
-    load(&floor, "floor.nft", floor_ruleset(1));
-    let floors = Lab::new("floors");
-    load(&floors, "floors.nft", floor_ruleset(shards as usize));
-    let reference = Lab::new("reference");
-    load(&reference, "reference.nft", reference_ruleset(n));
-    // As the agent runs by default: endpoint counters on (a `counter` before each DNAT).
-    let counters = [("NFTPROXY_BENCH_COUNTERS", "1")];
-    let one = Lab::new("nftproxy, 1 table");
-    one.node.child_env(&["dataplane", &n.to_string(), "5"], 1, &counters);
-    let sharded = Lab::new("nftproxy, default tables");
-    sharded.node.child_env(&["dataplane", &n.to_string(), "5"], shards, &counters);
-
+    // One namespace cluster; each round loads every rule set in turn (rotated) into the node's
+    // empty ruleset with its conntrack table flushed, and measures its paths. Namespaces of
+    // their own per rule set were tried first: two clusters differ by up to 0.5 us per
+    // connection for the same rules, as much as the differences measured here.
+    let lab = Lab::new("first packet");
     let vip = format!("{}:80", vip(n - 1));
     let direct = "10.244.1.2:8080";
-    let paths: Vec<(&Lab, &str, String)> = vec![
-        (&bare, direct, "direct, no netfilter rules at all".into()),
-        (&floor, direct, "direct, NAT on, no rule evaluated (floor)".into()),
-        (&floors, direct, format!("direct, {shards} empty NAT base chains")),
-        (&reference, vip.as_str(), "ClusterIP, reference (map -> dnat)".into()),
-        (&one, vip.as_str(), "ClusterIP, nftproxy 1 table".into()),
-        (&sharded, vip.as_str(), format!("ClusterIP, nftproxy {shards} tables")),
-        (&reference, direct, "direct, reference loaded".into()),
-        (&one, direct, "direct, nftproxy 1 table loaded".into()),
-        (&sharded, direct, format!("direct, nftproxy {shards} tables loaded")),
+    let sets: Vec<(RuleSet, Vec<(&str, String)>)> = vec![
+        (RuleSet::Bare, vec![(direct, "direct, no netfilter rules at all".into())]),
+        (RuleSet::Nft(floor_ruleset(1)), vec![(direct, "direct, NAT on, no rule evaluated (floor)".into())]),
+        (
+            RuleSet::Nft(floor_ruleset(shards as usize)),
+            vec![(direct, format!("direct, {shards} empty NAT base chains"))],
+        ),
+        (
+            RuleSet::Nft(reference_ruleset(n)),
+            vec![(&vip, "ClusterIP, reference (map -> dnat)".into()), (direct, "direct, reference loaded".into())],
+        ),
+        (
+            RuleSet::Nftproxy(1, DEFAULTS),
+            vec![(&vip, "ClusterIP, nftproxy 1 table".into()), (direct, "direct, nftproxy 1 table loaded".into())],
+        ),
+        (
+            RuleSet::Nftproxy(shards, DEFAULTS),
+            vec![
+                (&vip, format!("ClusterIP, nftproxy {shards} tables")),
+                (direct, format!("direct, nftproxy {shards} tables loaded")),
+            ],
+        ),
+        // One table with the defaults taken away one at a time: what each costs.
+        (RuleSet::Nftproxy(1, NO_COUNTERS), vec![(&vip, "ClusterIP, nftproxy 1 table, no endpoint counters".into())]),
+        (
+            RuleSet::Nftproxy(1, NO_MASQ_CHECK),
+            vec![(&vip, "ClusterIP, nftproxy 1 table, no counters, no --cluster-cidr".into())],
+        ),
+        (
+            RuleSet::Nftproxy(1, LAYOUT_ONLY),
+            vec![
+                (&vip, "ClusterIP, nftproxy 1 table, also no INVALID drop".into()),
+                (direct, "direct, nftproxy 1 table loaded, no INVALID drop".into()),
+            ],
+        ),
     ];
-    // Warm every path (ARP, conntrack tables, caches) before counting.
-    for (lab, addr, _) in &paths {
-        lab.round(addr, per_round / 4).unwrap_or_else(|| panic!("{} {addr} fails", lab.name));
-    }
-    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); paths.len()];
+    let load = |set: &RuleSet| {
+        lab.cluster.exec_ok("node", &["nft", "flush", "ruleset"]);
+        match set {
+            RuleSet::Bare => {}
+            RuleSet::Nft(script) => {
+                let file = dir.join("first-packet.nft");
+                std::fs::write(&file, script).unwrap();
+                lab.node.time("nft", &["-f", "-"], &file).expect("the rule set loads");
+            }
+            RuleSet::Nftproxy(k, env) => {
+                lab.node.child_env(&["dataplane", &n.to_string(), "5"], *k, env);
+            }
+        }
+        // Each rule set starts from an empty conntrack table (entries in TIME_WAIT would
+        // otherwise pile up over the run and lengthen every lookup).
+        let _ = lab.cluster.exec("node", &["conntrack", "-F"]);
+    };
+    let mut results: Vec<Vec<Vec<(f64, f64)>>> = sets.iter().map(|(_, p)| vec![Vec::new(); p.len()]).collect();
     for round in 0..rounds {
-        // Rotate the order each round so that no path always follows the same one.
-        for k in 0..paths.len() {
-            let i = (k + round) % paths.len();
-            let (lab, addr, _) = &paths[i];
-            results[i].extend(lab.round(addr, per_round));
+        // Rotate the order each round so that no rule set always follows the same one.
+        for k in 0..sets.len() {
+            let i = (k + round) % sets.len();
+            let (set, paths) = &sets[i];
+            load(set);
+            for (j, (addr, _)) in paths.iter().enumerate() {
+                // Warm the path (ARP, caches) before counting.
+                lab.round(addr, per_round / 4).unwrap_or_else(|| panic!("{}: {addr} fails", lab.name));
+                results[i][j].extend(lab.round(addr, per_round));
+            }
         }
     }
+    lab.cluster.exec_ok("node", &["nft", "flush", "ruleset"]);
     let total = rounds * per_round;
-    for ((_, _, path), got) in paths.iter().zip(&results) {
-        let p50 = median(got.iter().map(|x| x.0).collect());
-        let cpu = median(got.iter().map(|x| x.1).collect());
-        r.add("first packet", n, total, &format!("{path}: latency p50"), "us", p50);
-        r.add("first packet", n, total, &format!("{path}: CPU per connection"), "us", cpu);
+    for ((_, paths), got) in sets.iter().zip(&results) {
+        for ((_, path), got) in paths.iter().zip(got) {
+            let p50 = median(got.iter().map(|x| x.0).collect());
+            let cpu = median(got.iter().map(|x| x.1).collect());
+            r.add("first packet", n, total, &format!("{path}: latency p50"), "us", p50);
+            r.add("first packet", n, total, &format!("{path}: CPU per connection"), "us", cpu);
+        }
     }
 }

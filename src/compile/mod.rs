@@ -68,10 +68,11 @@ pub struct Options {
 /// not Services: 5,000 Services of 50 endpoints are 255,000 chains.
 pub const CHAINS_PER_SHARD: usize = 3_000;
 /// Most tables `auto` picks. Every table's base chain is on every new connection's path: a
-/// first packet that is not Service traffic pays one gate lookup per table (about 70 ns each
+/// first packet that is not Service traffic pays one gate lookup per table (about 0.1 us each
 /// on the benchmark VM, docs/benchmark.md "The first packet"), while past a few tables a
-/// partial sync gains little (the kernel's share is already a few ms at 10,000 Services).
-pub const MAX_AUTO_SHARDS: u32 = 8;
+/// partial sync gains little: at 10,000 Services x 5 one endpoint change took 38 / 13 / 10 /
+/// 9 ms with 1 / 4 / 8 / 20 tables.
+pub const MAX_AUTO_SHARDS: u32 = 4;
 
 /// The chains `services` Services with `endpoints` endpoints in all make (about: one per Service
 /// port and one per endpoint), what [`auto_shards`] counts.
@@ -79,7 +80,7 @@ pub fn chain_estimate(services: usize, endpoints: usize) -> usize {
     services + endpoints
 }
 
-/// `--table-shards auto`: one table per 3,000 chains (see [`chain_estimate`]; 1 to 8 tables),
+/// `--table-shards auto`: one table per 3,000 chains (see [`chain_estimate`]; 1 to 4 tables),
 /// chosen once at start. Tables we already have are kept while their count is within a factor
 /// of two of that, so that a restart after the cluster grew or shrank a little does not move
 /// every Service to another table.
@@ -512,16 +513,16 @@ mod tests {
         assert_eq!(auto_shards(0, 0), 1);
         assert_eq!(auto_shards(chains(400, 5), 0), 1);
         assert_eq!(auto_shards(chains(1_000, 5), 0), 2);
-        assert_eq!(auto_shards(chains(3_000, 5), 0), 6);
-        // Larger clusters: at most 8 tables (each one is on every new connection's path).
+        assert_eq!(auto_shards(chains(1_500, 5), 0), 3);
+        // Larger clusters: at most 4 tables (each one is on every new connection's path).
         assert_eq!(auto_shards(chains(10_000, 5), 0), MAX_AUTO_SHARDS);
         assert_eq!(auto_shards(chains(44_000, 1), 0), MAX_AUTO_SHARDS);
         // The same Services with ten times the endpoints: more, smaller tables.
         assert_eq!(auto_shards(chains(200, 5), 0), 1);
         assert_eq!(auto_shards(chains(200, 50), 0), 4);
         // A restart keeps the tables there are while within a factor of two...
-        assert_eq!(auto_shards(chains(10_000, 5), 5), 5);
-        assert_eq!(auto_shards(chains(2_000, 5), 6), 6);
+        assert_eq!(auto_shards(chains(10_000, 5), 3), 3);
+        assert_eq!(auto_shards(chains(1_000, 5), 3), 3);
         assert_eq!(auto_shards(chains(400, 5), 2), 2);
         // ...and reshards beyond it, or above the most `auto` makes (an older agent's 20).
         assert_eq!(auto_shards(chains(10_000, 5), 1), MAX_AUTO_SHARDS);
