@@ -141,7 +141,7 @@ fn bench_size(r: &mut Report, dir: &Path, n: usize, e: usize, nft_anchor: bool) 
         incremental_rows(r, n, e, "nftproxy", &inc);
     }
     if n >= 10_000 {
-        // What `--table-shards auto` (the default) picks: one table per 3,000 chains, at most 32.
+        // What `--table-shards auto` (the default) picks: one table per 3,000 chains, at most 4.
         let k = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
         let path = format!("nftproxy, {k} tables");
         let ns = Ns::new("shards");
