@@ -86,6 +86,35 @@ fn floor_ruleset(k: usize) -> String {
     s
 }
 
+/// The floor plus one piece of our rules, alone: what a first packet that is not Service traffic
+/// pays for it.
+fn floor_plus(piece: &str, n: usize) -> String {
+    let mut s = floor_ruleset(1);
+    s.push_str("table inet piece {\n");
+    match piece {
+        "gate" => {
+            s.push_str(" map addresses-v4 {\n  type ipv4_addr : verdict\n  elements = {\n");
+            for i in 0..n {
+                writeln!(s, "   {} : goto cluster-ip-v4,", vip(i)).unwrap();
+            }
+            s.push_str("  }\n }\n chain cluster-ip-v4 {\n  meta l4proto tcp dnat ip to 10.244.1.2:8080\n }\n");
+            s.push_str(" chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n");
+            s.push_str("  meta nfproto ipv4 ip daddr vmap @addresses-v4\n  meta nfproto ipv6 return\n }\n");
+        }
+        "postrouting" => {
+            s.push_str(" chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n");
+            s.push_str("  ct status & dnat == 0 return\n  masquerade\n }\n");
+        }
+        "forward" => {
+            s.push_str(" chain forward {\n  type filter hook forward priority filter; policy accept;\n");
+            s.push_str("  ct state invalid counter drop\n }\n");
+        }
+        other => panic!("no piece {other}"),
+    }
+    s.push_str("}\n");
+    s
+}
+
 /// The reference: one table, one base chain, one DNAT through a map of `n` Services, the last
 /// of which leads to web-a.
 fn reference_ruleset(n: usize) -> String {
@@ -133,6 +162,13 @@ pub(crate) fn bench_first_packet(r: &mut Report, dir: &Path, n: usize, rounds: u
             RuleSet::Nft(floor_ruleset(shards as usize)),
             vec![(direct, format!("direct, {shards} empty NAT base chains"))],
         ),
+        // Our rules for a first packet that is not Service traffic, one piece at a time.
+        (RuleSet::Nft(floor_plus("gate", n)), vec![(direct, "direct, floor + the gate (10,000 addresses)".into())]),
+        (
+            RuleSet::Nft(floor_plus("postrouting", n)),
+            vec![(direct, "direct, floor + postrouting's ct status test".into())],
+        ),
+        (RuleSet::Nft(floor_plus("forward", n)), vec![(direct, "direct, floor + forward's INVALID drop".into())]),
         (
             RuleSet::Nft(reference_ruleset(n)),
             vec![(&vip, "ClusterIP, reference (map -> dnat)".into()), (direct, "direct, reference loaded".into())],
