@@ -195,6 +195,16 @@ pub fn prefix_mask(len: u8, bytes: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `ct KEY & bit OP 0`: a test of one bit of a 32-bit conntrack field.
+fn ct_bit_test(a: &mut Attrs<'_>, key: u32, bit: u32, op: u32) {
+    a.expr("ct", |a| {
+        a.u32(1, NFT_REG_1); // NFTA_CT_DREG
+        a.u32(2, key); // NFTA_CT_KEY
+    });
+    bitwise(a, &bit.to_ne_bytes(), &[0; 4]);
+    cmp(a, op, &[0; 4]);
+}
+
 /// Appends the expressions of one statement.
 fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
     match stmt {
@@ -328,22 +338,8 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
             });
         }
         Stmt::Masquerade => a.expr("masq", |a| a.u32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY)),
-        Stmt::CtStateInvalid => {
-            a.expr("ct", |a| {
-                a.u32(1, NFT_REG_1);
-                a.u32(2, NFT_CT_STATE);
-            });
-            bitwise(a, &NF_CT_STATE_INVALID_BIT.to_ne_bytes(), &[0; 4]);
-            cmp(a, NFT_CMP_NEQ, &[0; 4]);
-        }
-        Stmt::CtNotDnat => {
-            a.expr("ct", |a| {
-                a.u32(1, NFT_REG_1);
-                a.u32(2, NFT_CT_STATUS);
-            });
-            bitwise(a, &IPS_DST_NAT.to_ne_bytes(), &[0; 4]);
-            cmp(a, NFT_CMP_EQ, &[0; 4]);
-        }
+        Stmt::CtStateInvalid => ct_bit_test(a, NFT_CT_STATE, NF_CT_STATE_INVALID_BIT, NFT_CMP_NEQ),
+        Stmt::CtNotDnat => ct_bit_test(a, NFT_CT_STATUS, IPS_DST_NAT, NFT_CMP_EQ),
         Stmt::Counter => a.expr("counter", |a| {
             a.u64(1, 0); // NFTA_COUNTER_BYTES
             a.u64(2, 0); // NFTA_COUNTER_PACKETS
