@@ -3,22 +3,18 @@
 //! picks, as the EndpointSlice controller would). Every problem is reported with its origin,
 //! object and field; any problem means no snapshot.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
-use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service as K8sService};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-
+use super::k8s::{EndpointSlice, Endpoints, IntOrString, Map, ObjectMeta, Pod, Service as K8sService, ServiceSpec};
 use super::{InputError, InputErrors, Objects, Origin};
 use crate::model::{
     Affinity, Endpoint, External, Family, MAX_WEIGHT, Protocol, Service, ServiceId, ServicePort, Snapshot,
 };
 use crate::ruleset::fnv1a;
+use ipnet::IpNet;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
@@ -41,15 +37,33 @@ impl Default for ResolveOptions {
 
 struct Errors<'a> {
     origin: &'a Origin,
-    object: String,
+    object: Named<'a>,
     list: &'a mut Vec<InputError>,
+}
+
+/// How errors name an object: spelled out only when there is an error (most objects have none,
+/// and formatting 88,000 names that nobody reads took a tenth of resolve).
+enum Named<'a> {
+    Text(String),
+    /// `Pod default/web-a`
+    Meta(&'static str, &'a ObjectMeta),
+}
+
+impl From<String> for Named<'_> {
+    fn from(text: String) -> Self {
+        Named::Text(text)
+    }
 }
 
 impl Errors<'_> {
     fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let object = match &self.object {
+            Named::Text(text) => text.clone(),
+            Named::Meta(kind, meta) => object_name(kind, meta),
+        };
         self.list.push(InputError {
             origin: self.origin.to_string(),
-            object: self.object.clone(),
+            object,
             field: field.into(),
             message: message.into(),
         });
@@ -187,7 +201,7 @@ enum ServiceType {
 pub const ANNOTATION_WEIGHT: &str = "nftproxy.io/weight";
 
 /// The `nftproxy.io/weight` annotation: 0..=1000, default 1.
-fn weight_of(annotations: Option<&BTreeMap<String, String>>, errs: &mut Errors<'_>) -> u32 {
+fn weight_of(annotations: Option<&Map>, errs: &mut Errors<'_>) -> u32 {
     let Some(text) = annotations.and_then(|a| a.get(ANNOTATION_WEIGHT)) else { return 1 };
     match text.trim().parse::<u32>() {
         Ok(w) if w <= MAX_WEIGHT => w,
@@ -239,10 +253,11 @@ fn accept<'a>(
     opts: &ResolveOptions,
 ) -> Option<Accepted<'a>> {
     let id = ServiceId::new(ns_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: format!("Service {id}"), list: errors };
+    let mut errs = Errors { origin, object: format!("Service {id}").into(), list: errors };
     let before = errs.list.len();
     check_meta(&svc.metadata, "Service", NameRule::Dns1035Label, &mut errs);
-    let spec = svc.spec.clone().unwrap_or_default();
+    let no_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&no_spec);
 
     let mut ips = Vec::new();
     let listed: Vec<(String, String)> = match &spec.cluster_ips {
@@ -299,7 +314,7 @@ fn accept<'a>(
     let mut node_ports_to_allocate = Vec::new();
     let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
-    let specs = spec.ports.unwrap_or_default();
+    let specs = spec.ports.as_deref().unwrap_or_default();
     if specs.is_empty() {
         errs.add("spec.ports", "a Service needs at least one port");
     }
@@ -360,7 +375,11 @@ fn accept<'a>(
     let affinity = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
         Some("ClientIP") => {
-            let timeout = spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds);
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
             match timeout.unwrap_or(10800) {
                 t @ 1..=86400 => Some(Affinity { timeout_seconds: t as u32 }),
                 t => {
@@ -508,7 +527,7 @@ fn claim_node_port<'a>(
     match taken.get(&(port, protocol)) {
         Some((other, origin, other_field)) => {
             let what = field.rsplit('.').next().unwrap_or_default();
-            let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id), list: errors };
+            let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id).into(), list: errors };
             errs.add(
                 &field,
                 format!(
@@ -525,7 +544,7 @@ fn claim_node_port<'a>(
 
 /// Node ports: explicit ones first, each `(port, protocol)` used once (a health-check port is
 /// TCP), then stable allocations from `range` that avoid every number in use.
-fn assign_node_ports(accepted: &mut [Accepted<'_>], range: &RangeInclusive<u16>, errors: &mut Vec<InputError>) {
+fn assign_node_ports(accepted: &mut [Box<Accepted<'_>>], range: &RangeInclusive<u16>, errors: &mut Vec<InputError>) {
     let mut taken = HashMap::new();
     for a in accepted.iter() {
         for (i, (p, _)) in a.ports.iter().enumerate() {
@@ -553,7 +572,7 @@ fn assign_node_ports(accepted: &mut [Accepted<'_>], range: &RangeInclusive<u16>,
         }
         for (index, key, field) in wanted {
             let Some(n) = allocate_node_port(range, &key, &used) else {
-                let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id), list: errors };
+                let mut errs = Errors { origin: a.origin, object: format!("Service {}", a.id).into(), list: errors };
                 errs.add(field, format!("no free node port in the node port range {lo}-{hi}"));
                 continue;
             };
@@ -574,7 +593,7 @@ fn slice_endpoints(
     port: Option<&ServicePort>,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let mut errs = Errors { origin, object: object_name("EndpointSlice", &slice.metadata), list: errors };
+    let mut errs = Errors { origin, object: Named::Meta("EndpointSlice", &slice.metadata), list: errors };
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -601,9 +620,11 @@ fn slice_endpoints(
     let weight = weight_of(slice.metadata.annotations.as_ref(), &mut errs);
     let mut out = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        let hints = ep.hints.clone().unwrap_or_default();
-        let zone_hints: Vec<String> = hints.for_zones.iter().flatten().map(|z| z.name.clone()).collect();
-        let node_hints: Vec<String> = hints.for_nodes.iter().flatten().map(|n| n.name.clone()).collect();
+        let hints = ep.hints.as_ref();
+        let zone_hints: Vec<String> =
+            hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
+        let node_hints: Vec<String> =
+            hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
         let c = ep.conditions.clone().unwrap_or_default();
         // Unknown readiness counts as ready (API docs); serving defaults to ready.
         let ready = c.ready.unwrap_or(true);
@@ -638,7 +659,7 @@ fn legacy_endpoints(
     port: Option<&ServicePort>,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
-    let mut errs = Errors { origin, object: object_name("Endpoints", &eps.metadata), list: errors };
+    let mut errs = Errors { origin, object: Named::Meta("Endpoints", &eps.metadata), list: errors };
     let mut out = Vec::new();
     for (si, subset) in eps.subsets.iter().flatten().enumerate() {
         let target = match port {
@@ -678,7 +699,7 @@ fn legacy_endpoints(
 
 /// Endpoints the EndpointSlice controller would derive from Pods for one service port.
 fn pod_endpoints(
-    selector: &BTreeMap<String, String>,
+    selector: &Map,
     namespace: &str,
     pods: &[(Origin, Arc<Pod>)],
     port: &ServicePort,
@@ -690,8 +711,8 @@ fn pod_endpoints(
         if ns_of(&pod.metadata) != namespace {
             continue;
         }
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        let labels = pod.metadata.labels.as_ref();
+        if !selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)) {
             continue;
         }
         let status = pod.status.clone().unwrap_or_default();
@@ -721,8 +742,10 @@ fn pod_endpoints(
             addrs.extend(status.pod_ip.clone());
         }
         let name = format!("Pod {namespace}/{}", pod.metadata.name.clone().unwrap_or_default());
-        let weight =
-            weight_of(pod.metadata.annotations.as_ref(), &mut Errors { origin, object: name.clone(), list: errors });
+        let weight = weight_of(
+            pod.metadata.annotations.as_ref(),
+            &mut Errors { origin, object: name.clone().into(), list: errors },
+        );
         for (i, a) in addrs.iter().enumerate() {
             match a.parse::<IpAddr>() {
                 Ok(ip) => out.push(Endpoint {
@@ -751,7 +774,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     // Names as the API server checks them (Services: in `accept`, or below when not proxied).
     for (origin, ns) in &objects.namespaces {
         let name = ns.metadata.name.as_deref().unwrap_or_default();
-        let mut errs = Errors { origin, object: format!("Namespace {name}"), list: &mut errors };
+        let mut errs = Errors { origin, object: format!("Namespace {name}").into(), list: &mut errors };
         if name.is_empty() {
             errs.add("metadata.name", "a Namespace needs a name");
         } else if !is_dns1123_label(name) {
@@ -761,7 +784,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     let metas = objects.slices.iter().map(|(o, s)| (o, "EndpointSlice", &s.metadata));
     let metas = metas.chain(objects.endpoints.iter().map(|(o, e)| (o, "Endpoints", &e.metadata)));
     for (origin, kind, meta) in metas.chain(objects.pods.iter().map(|(o, p)| (o, "Pod", &p.metadata))) {
-        let mut errs = Errors { origin, object: object_name(kind, meta), list: &mut errors };
+        let mut errs = Errors { origin, object: Named::Meta(kind, meta), list: &mut errors };
         check_meta(meta, kind, NameRule::Dns1123Subdomain, &mut errs);
     }
     let declared: Option<BTreeSet<String>> = (!objects.namespaces.is_empty()).then(|| {
@@ -771,11 +794,12 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
         set
     });
 
-    let mut accepted: Vec<Accepted<'_>> = Vec::with_capacity(objects.services.len());
+    // Boxed: sorting moves pointers rather than the (large) records.
+    let mut accepted: Vec<Box<Accepted<'_>>> = Vec::with_capacity(objects.services.len());
     let mut seen = BTreeSet::new();
     for (origin, svc) in &objects.services {
         if !is_proxied(svc) {
-            let mut errs = Errors { origin, object: object_name("Service", &svc.metadata), list: &mut errors };
+            let mut errs = Errors { origin, object: Named::Meta("Service", &svc.metadata), list: &mut errors };
             check_meta(&svc.metadata, "Service", NameRule::Dns1035Label, &mut errs);
             continue;
         }
@@ -802,7 +826,7 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
             });
             continue;
         }
-        accepted.push(a);
+        accepted.push(Box::new(a));
     }
     accepted.sort_by(|a, b| a.id.cmp(&b.id));
 
@@ -851,9 +875,9 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
     let mut slices_by_service: HashMap<(&str, &str), Vec<&SliceEntry>> = HashMap::new();
     for entry in &objects.slices {
         let (origin, slice) = entry;
-        let ns = ns_of(&slice.metadata);
         // An invalid namespace was reported above.
         if let Some(declared) = &declared
+            && let ns = ns_of(&slice.metadata)
             && is_dns1123_label(&ns)
             && !declared.contains(&ns)
         {
@@ -872,9 +896,10 @@ pub fn resolve(objects: &Objects, opts: &ResolveOptions) -> Result<Snapshot, Inp
 
     let mut snapshot = Snapshot::default();
     for a in accepted {
+        let a = *a;
         let slices = slices_by_service.get(&(a.id.namespace.as_str(), a.id.name.as_str())).map(Vec::as_slice);
         let selector = a.svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
-        let mut ports = Vec::new();
+        let mut ports = Vec::with_capacity(a.ports.len());
         for (mut port, target) in a.ports {
             port.endpoints = endpoints_of(objects, &a.id, slices, &selector, Some((&port, &target)), &mut errors);
             port.endpoints.sort();
@@ -902,7 +927,7 @@ fn endpoints_of(
     objects: &Objects,
     id: &ServiceId,
     slices: Option<&[&SliceEntry]>,
-    selector: &BTreeMap<String, String>,
+    selector: &Map,
     port: Option<(&ServicePort, &Option<IntOrString>)>,
     errors: &mut Vec<InputError>,
 ) -> Vec<Endpoint> {
@@ -943,7 +968,8 @@ pub fn headless(objects: &Objects) -> Result<Vec<Headless>, InputErrors> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     for (origin, svc) in &objects.services {
-        let spec = svc.spec.clone().unwrap_or_default();
+        let no_spec = ServiceSpec::default();
+        let spec = svc.spec.as_ref().unwrap_or(&no_spec);
         let name = svc.metadata.name.clone().unwrap_or_default();
         if spec.cluster_ip.as_deref() != Some("None")
             || spec.type_.as_deref() == Some("ExternalName")
@@ -953,7 +979,7 @@ pub fn headless(objects: &Objects) -> Result<Vec<Headless>, InputErrors> {
             continue;
         }
         let id = ServiceId::new(ns_of(&svc.metadata), name);
-        let mut errs = Errors { origin, object: format!("Service {id}"), list: &mut errors };
+        let mut errs = Errors { origin, object: format!("Service {id}").into(), list: &mut errors };
         let mut ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let protocol =
