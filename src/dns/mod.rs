@@ -326,7 +326,6 @@ pub fn synthetic(dns_ips: &[IpAddr], listeners: &[IpAddr]) -> (Service, Endpoint
                     name: Some((*name).into()),
                     protocol: Some((*protocol).into()),
                     port: i32::from(LISTEN_PORT),
-                    ..Default::default()
                 })
                 .collect(),
         ),
