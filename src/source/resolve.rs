@@ -171,18 +171,19 @@ fn check_meta(meta: &ObjectMeta, kind: &str, rule: NameRule, errs: &mut Errors<'
     }
 }
 
-fn port_u16(value: i32, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
+/// `field` names the field only if the port is out of range (spelled out only then).
+fn port_u16(value: i32, field: impl FnOnce() -> String, errs: &mut Errors<'_>) -> Option<u16> {
     if (1..=65535).contains(&value) {
         Some(value as u16)
     } else {
-        errs.add(field, format!("port {value} is out of range 1-65535"));
+        errs.add(field(), format!("port {value} is out of range 1-65535"));
         None
     }
 }
 
 /// `nodePort` or `healthCheckNodePort`: 0 is Go's zero value, which the API server reads as
 /// "allocate one", so it counts as absent.
-fn node_port_of(value: Option<i32>, field: &str, errs: &mut Errors<'_>) -> Option<u16> {
+fn node_port_of(value: Option<i32>, field: impl FnOnce() -> String, errs: &mut Errors<'_>) -> Option<u16> {
     match value {
         None | Some(0) => None,
         Some(v) => port_u16(v, field, errs),
@@ -253,26 +254,26 @@ fn accept<'a>(
     opts: &ResolveOptions,
 ) -> Option<Accepted<'a>> {
     let id = ServiceId::new(ns_of(&svc.metadata), svc.metadata.name.clone().unwrap_or_default());
-    let mut errs = Errors { origin, object: format!("Service {id}").into(), list: errors };
+    let mut errs = Errors { origin, object: Named::Meta("Service", &svc.metadata), list: errors };
     let before = errs.list.len();
     check_meta(&svc.metadata, "Service", NameRule::Dns1035Label, &mut errs);
     let no_spec = ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&no_spec);
 
     let mut ips = Vec::new();
-    let listed: Vec<(String, String)> = match &spec.cluster_ips {
-        Some(list) if !list.is_empty() => {
-            list.iter().enumerate().map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.clone())).collect()
-        }
-        _ => spec.cluster_ip.iter().filter(|s| !s.is_empty()).map(|s| ("spec.clusterIP".into(), s.clone())).collect(),
+    // (index in spec.clusterIPs, or None for spec.clusterIP; the address)
+    let listed: Vec<(Option<usize>, &str)> = match &spec.cluster_ips {
+        Some(list) if !list.is_empty() => list.iter().enumerate().map(|(i, s)| (Some(i), s.as_str())).collect(),
+        _ => spec.cluster_ip.iter().filter(|s| !s.is_empty()).map(|s| (None, s.as_str())).collect(),
     };
-    for (field, text) in listed {
+    for (i, text) in listed {
+        let field = || i.map_or_else(|| "spec.clusterIP".to_string(), |i| format!("spec.clusterIPs[{i}]"));
         match text.parse::<IpAddr>() {
             Ok(ip) if ips.iter().any(|o: &IpAddr| Family::of(o) == Family::of(&ip)) => {
-                errs.add(field, format!("{ip} is a second address of the same family"))
+                errs.add(field(), format!("{ip} is a second address of the same family"))
             }
             Ok(ip) => ips.push(ip),
-            Err(_) => errs.add(field, format!("{text:?} is not an IP address")),
+            Err(_) => errs.add(field(), format!("{text:?} is not an IP address")),
         }
     }
     let mut families = Vec::new();
@@ -337,10 +338,10 @@ fn accept<'a>(
                 None
             }
         };
-        let port = port_u16(p.port, &field("port"), &mut errs);
+        let port = port_u16(p.port, || field("port"), &mut errs);
         match &p.target_port {
             Some(IntOrString::Int(t)) => {
-                port_u16(*t, &field("targetPort"), &mut errs);
+                port_u16(*t, || field("targetPort"), &mut errs);
             }
             Some(IntOrString::String(t)) if !is_port_name(t) => errs.add(
                 field("targetPort"),
@@ -356,7 +357,7 @@ fn accept<'a>(
                 errs.add(field("port"), format!("duplicate port {port}/{protocol}"));
             }
             let node_port =
-                if has_node_ports { node_port_of(p.node_port, &field("nodePort"), &mut errs) } else { None };
+                if has_node_ports { node_port_of(p.node_port, || field("nodePort"), &mut errs) } else { None };
             if node_port.is_none() && allocates_node_ports {
                 node_ports_to_allocate.push(ports.len());
             }
@@ -452,7 +453,7 @@ fn accept<'a>(
     let mut health_check_to_allocate = false;
     if ty == ServiceType::LoadBalancer && external.local {
         external.health_check_node_port =
-            node_port_of(spec.health_check_node_port, "spec.healthCheckNodePort", &mut errs);
+            node_port_of(spec.health_check_node_port, || "spec.healthCheckNodePort".into(), &mut errs);
         health_check_to_allocate = external.health_check_node_port.is_none();
     }
     if errs.list.len() > before {
@@ -610,7 +611,7 @@ fn slice_endpoints(
             let Some((pi, slice_port)) = matching else {
                 return Vec::new();
             };
-            let Some(target) = slice_port.port.and_then(|p| port_u16(p, &format!("ports[{pi}].port"), &mut errs))
+            let Some(target) = slice_port.port.and_then(|p| port_u16(p, || format!("ports[{pi}].port"), &mut errs))
             else {
                 return Vec::new();
             };
@@ -671,7 +672,7 @@ fn legacy_endpoints(
                 }) else {
                     continue;
                 };
-                let Some(target) = port_u16(p.port, &format!("subsets[{si}].ports"), &mut errs) else {
+                let Some(target) = port_u16(p.port, || format!("subsets[{si}].ports"), &mut errs) else {
                     continue;
                 };
                 target
@@ -989,7 +990,7 @@ pub fn headless(objects: &Objects) -> Result<Vec<Headless>, InputErrors> {
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let protocol =
                 Protocol::from_k8s(p.protocol.as_deref()).map_err(|e| errs.add(format!("spec.ports[{i}].protocol"), e));
-            let number = port_u16(p.port, &format!("spec.ports[{i}].port"), &mut errs);
+            let number = port_u16(p.port, || format!("spec.ports[{i}].port"), &mut errs);
             if let (Ok(protocol), Some(port)) = (protocol, number) {
                 let name = p.name.clone().unwrap_or_default();
                 ports.push(ServicePort { name, port, protocol, node_port: None, endpoints: Vec::new() });
@@ -1105,6 +1106,11 @@ fn special(ip: &IpAddr) -> Option<&'static str> {
 /// load-balancer IPs in Service order. A Service whose external address is taken keeps the rest
 /// and reports it as not served (`Service::unserved`), as kube-proxy lets one Service win.
 fn claim_external_addresses(snapshot: &mut Snapshot) {
+    // Only external and load-balancer addresses can be taken; most clusters have few or none.
+    if snapshot.services.values().all(|s| s.external.external_ips.is_empty() && s.external.load_balancer_ips.is_empty())
+    {
+        return;
+    }
     let cluster: HashMap<IpAddr, ServiceId> =
         snapshot.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))).collect();
     let mut claimed: HashMap<crate::model::DispatchKey, ServiceId> = HashMap::new();
