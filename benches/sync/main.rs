@@ -115,8 +115,10 @@ impl Ns {
         let start = Instant::now();
         let out = self.cmd("timeout").args(&all).stdin(std::fs::File::open(input).unwrap()).output().unwrap();
         let t = ms(start.elapsed());
-        // timeout(1) exits 137 (128 + KILL) when it had to kill the command.
-        if out.status.code() == Some(137) || out.status.code() == Some(124) {
+        // timeout(1) kills the command's whole process group, itself included: the status is
+        // then death by SIGKILL (or 124 / 137 when it survives to report it).
+        use std::os::unix::process::ExitStatusExt;
+        if out.status.signal() == Some(libc::SIGKILL) || matches!(out.status.code(), Some(124 | 137)) {
             return Err(());
         }
         if !out.status.success() {
