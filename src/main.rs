@@ -326,6 +326,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             return Ok(());
         }
         out(&oneshot::sync_once(LiveKernel::open()?, &snapshot, opts, &locality)?);
+        // Left to the exit, as the engine is (see `oneshot::sync_once`).
+        std::mem::forget(snapshot);
         return Ok(());
     }
 

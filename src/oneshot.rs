@@ -81,6 +81,10 @@ pub fn sync_once(
         total_ms = outcome.total.as_secs_f64() * 1e3,
         "synced"
     );
+    // The process exits next: its memory goes with it. Freeing the engine's cache and the plan
+    // (hundreds of thousands of small allocations) one by one took 0.2 s at 44,000 Services.
+    std::mem::forget(outcome);
+    std::mem::forget(engine);
     Ok(report::served_table(snapshot, here))
 }
 

@@ -75,8 +75,9 @@ pub(crate) fn child(args: &[String]) {
             let (services, mut slices) = k8s_objects(n, e);
             let origin = Origin("bench".into());
             let everything = |slices: &HashMap<(String, String), EndpointSlice>| Objects {
-                services: services.values().map(|s| (origin.clone(), s.clone().into())).collect(),
-                slices: slices.values().map(|s| (origin.clone(), s.clone().into())).collect(),
+                // Converted as the API source converts its reflectors' objects.
+                services: services.values().map(|s| (origin.clone(), std::sync::Arc::new(s.into()))).collect(),
+                slices: slices.values().map(|s| (origin.clone(), std::sync::Arc::new(s.into()))).collect(),
                 ..Default::default()
             };
             let opts = ResolveOptions::default();

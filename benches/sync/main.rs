@@ -106,6 +106,27 @@ impl Ns {
         }
         Some(t)
     }
+
+    /// Like [`Ns::time`], killed after `limit`: `Err(())` when it was cut.
+    fn time_limited(&self, prog: &str, args: &[&str], input: &Path, limit: Duration) -> Result<Option<f64>, ()> {
+        let secs = limit.as_secs().to_string();
+        let mut all = vec!["-s", "KILL", secs.as_str(), prog];
+        all.extend_from_slice(args);
+        let start = Instant::now();
+        let out = self.cmd("timeout").args(&all).stdin(std::fs::File::open(input).unwrap()).output().unwrap();
+        let t = ms(start.elapsed());
+        // timeout(1) kills the command's whole process group, itself included: the status is
+        // then death by SIGKILL (or 124 / 137 when it survives to report it).
+        use std::os::unix::process::ExitStatusExt;
+        if out.status.signal() == Some(libc::SIGKILL) || matches!(out.status.code(), Some(124 | 137)) {
+            return Err(());
+        }
+        if !out.status.success() {
+            eprintln!("  {prog} failed: {}", String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default());
+            return Ok(None);
+        }
+        Ok(Some(t))
+    }
 }
 
 impl Drop for Ns {

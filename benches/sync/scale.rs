@@ -1,6 +1,8 @@
 //! Issue 13's shapes and cases: the whole `nftproxy --sync-once` process (cold, then again
-//! after one EndpointSlice changed) with its peak RSS, and one endpoint change per second while
-//! a neighbour commits to its own table every 200 ms, beside the same on a quiet node.
+//! after one EndpointSlice changed) with its peak RSS, beside the kernel's own commit of the same
+//! objects and kube-proxy's rules by `iptables-legacy-restore` and by `nft -f` (cut at 300 s);
+//! and one endpoint change per second while a neighbour commits to its own table every 200 ms,
+//! beside the same on a quiet node.
 
 use super::*;
 
@@ -124,6 +126,14 @@ pub(crate) fn bench_process(r: &mut Report, work: &Path, n: usize, e: usize) {
     let path = format!("read-back after a foreign commit, {old} tables by Services, one dump per table (before)");
     r.add("whole process", n, e, &path, "ms", before.read_back);
     let _ = std::fs::remove_dir_all(&dir);
+    // The kernel's own commit of the same objects (what `--sync-once` makes: the same tables,
+    // endpoint counters on), pre-encoded: the floor under the process's commit.
+    let floor = Ns::new("process-floor").child_env(
+        &["floor", &n.to_string(), &e.to_string()],
+        tables,
+        &[("NFTPROXY_BENCH_COUNTERS", "1")],
+    );
+    r.add("whole process", n, e, "kernel floor (pre-encoded batch)", "ms", floor.get("commit_ms").copied());
     // kube-proxy's iptables path on the same Services, for the ratio.
     let ipt = Ns::new("process-ipt");
     let file = work.join(format!("kube-proxy-{n}x{e}.iptables"));
@@ -131,7 +141,24 @@ pub(crate) fn bench_process(r: &mut Report, work: &Path, n: usize, e: usize) {
     let t = ipt.time("iptables-legacy-restore", &[], &file);
     r.add("whole process", n, e, "kube-proxy iptables shape: iptables-legacy-restore", "ms", t);
     let _ = std::fs::remove_file(&file);
+    drop(ipt);
+    // kube-proxy's nftables path, cut at NFT_LIMIT (issue 13 reported more than 5 minutes at
+    // 44,000 x 1): a cut run is recorded at the limit, its path saying so.
+    let nft = Ns::new("process-nft");
+    let file = work.join(format!("kube-proxy-{n}x{e}.nft"));
+    std::fs::write(&file, kube_proxy_nft(n, e, 0..n, true)).unwrap();
+    match nft.time_limited("nft", &["-f", "-"], &file, NFT_LIMIT) {
+        Ok(t) => r.add("whole process", n, e, "kube-proxy nftables shape: nft -f", "ms", t),
+        Err(()) => {
+            let path = format!("kube-proxy nftables shape: nft -f, cut at {} s", NFT_LIMIT.as_secs());
+            r.add("whole process", n, e, &path, "ms", Some(ms(NFT_LIMIT)));
+        }
+    }
+    let _ = std::fs::remove_file(&file);
 }
+
+/// How long `nft -f` of kube-proxy's rules may run at the big shapes.
+const NFT_LIMIT: Duration = Duration::from_secs(300);
 
 /// One endpoint change per second for `changes` seconds, on a quiet node and while a neighbour
 /// commits to its own table every 200 ms; in one namespace, one after the other.

@@ -22,12 +22,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use hickory_proto::rr::Name;
-use k8s_openapi::api::core::v1::{
-    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort, ServiceSpec,
+use crate::source::k8s::{
+    CoreEndpointPort as EndpointPort, EndpointAddress, EndpointSubset, Endpoints, IntOrString, ObjectMeta, Service,
+    ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use hickory_proto::rr::Name;
 use tokio::sync::{mpsc, watch};
 
 use crate::model::{Family, ServiceId, Snapshot};
@@ -327,7 +326,6 @@ pub fn synthetic(dns_ips: &[IpAddr], listeners: &[IpAddr]) -> (Service, Endpoint
                     name: Some((*name).into()),
                     protocol: Some((*protocol).into()),
                     port: i32::from(LISTEN_PORT),
-                    ..Default::default()
                 })
                 .collect(),
         ),

@@ -12,6 +12,7 @@ use crate::model::{Protocol, Service, ServiceId, Snapshot};
 use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::k8s;
 use super::{API_ORIGIN, InputError, InputErrors, Objects, Origin};
 
 /// What a sync has to look at.
@@ -104,7 +105,7 @@ impl Tracker {
 }
 
 /// The objects of the Services `ids`, looked up by key in a source's stores: each Service by its
-/// id, each of its EndpointSlices by `(namespace, name)`.
+/// id, each of its EndpointSlices by `(namespace, name)` (converted to what resolve reads).
 pub fn objects_of(
     tracker: &Tracker,
     ids: &BTreeSet<ServiceId>,
@@ -114,9 +115,10 @@ pub fn objects_of(
 ) -> Objects {
     let mut objects = Objects::default();
     for id in ids {
-        objects.services.extend(service(id).map(|s| (origin.clone(), s)));
+        objects.services.extend(service(id).map(|s| (origin.clone(), Arc::new(k8s::Service::from(&*s)))));
         for name in tracker.slices_of(id) {
-            objects.slices.extend(slice(&id.namespace, name).map(|s| (origin.clone(), s)));
+            let found = slice(&id.namespace, name);
+            objects.slices.extend(found.map(|s| (origin.clone(), Arc::new(k8s::EndpointSlice::from(&*s)))));
         }
     }
     objects

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::changes::{self, Changed, Tracker};
 use super::resolve::LABEL_SERVICE_NAME;
-use super::{API_ORIGIN, Change, InputErrors, Objects, Origin, Pending, Source};
+use super::{API_ORIGIN, Change, InputErrors, Objects, Origin, Pending, Source, k8s};
 use crate::model::{Family, ServiceId};
 
 /// kube-proxy's server-side filter on Services.
@@ -246,8 +246,18 @@ impl Source for KubeSource {
     fn objects(&self) -> Result<Objects, InputErrors> {
         let origin = Origin(API_ORIGIN.into());
         Ok(Objects {
-            services: self.services.state().into_iter().map(|s| (origin.clone(), s)).collect(),
-            slices: self.slices.state().into_iter().map(|s| (origin.clone(), s)).collect(),
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| (origin.clone(), Arc::new(k8s::Service::from(&**s))))
+                .collect(),
+            slices: self
+                .slices
+                .state()
+                .iter()
+                .map(|s| (origin.clone(), Arc::new(k8s::EndpointSlice::from(&**s))))
+                .collect(),
             ..Default::default()
         })
     }

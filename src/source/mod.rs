@@ -2,6 +2,7 @@
 //! same [`Objects`], and [`resolve::resolve`] turns them into a [`crate::model::Snapshot`].
 
 pub mod changes;
+pub mod k8s;
 pub mod manifest;
 pub mod node_addrs;
 pub mod resolve;
@@ -10,8 +11,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s::{EndpointSlice, Endpoints, Namespace, Node, Pod, Service};
 
 use crate::model::ServiceId;
 
@@ -28,9 +28,9 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The Kubernetes objects nftproxy reads, each with its origin. Shared, not copied: the
-/// manifest cache and the API's reflector stores hand out the objects they hold, and gathering
-/// files or stores into one `Objects` moves pointers, not the (large) Kubernetes structs.
+/// The Kubernetes objects nftproxy reads (the fields it reads, see [`k8s`]), each with its
+/// origin. Shared, not copied: the manifest cache hands out the objects it holds, and gathering
+/// files into one `Objects` moves pointers, not the objects.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
     pub services: Vec<(Origin, Arc<Service>)>,
