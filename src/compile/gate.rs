@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use super::{Options, gate_map};
 use crate::model::{Family, Service};
 use crate::plan::Op;
-use crate::ruleset::{Element, Fnv, SetKind, ip_bytes, ip_from_bytes, local_name, qualify};
+use crate::ruleset::{Element, Fnv, Ruleset, SetKind, ip_bytes, ip_from_bytes, local_name, qualify};
 
 /// What an address in the gate is, in priority order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,6 +54,15 @@ impl Role {
         let chain = local_name(e.goto.as_deref()?);
         Role::ALL.into_iter().find(|r| r.chain(Family::of(&ip)) == chain).map(|r| (r, ip))
     }
+}
+
+/// Every address in a ruleset's gates (as read back from the kernel), with its kind.
+pub fn roles(rs: &Ruleset) -> impl Iterator<Item = (Role, IpAddr)> + '_ {
+    rs.sets
+        .values()
+        .filter(|s| matches!(s.kind, SetKind::Gate(_)))
+        .flat_map(|s| &s.elements)
+        .filter_map(Role::of_element)
 }
 
 /// How many Services hold an address of one table, as a ClusterIP and as an external address.

@@ -36,7 +36,7 @@ use crate::ruleset::*;
 mod gate;
 mod service;
 
-pub use gate::{Gate, GateDelta, Role};
+pub use gate::{Gate, GateDelta, Role, roles as gate_roles};
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {

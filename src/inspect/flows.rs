@@ -27,13 +27,8 @@ fn proto_port(key: &[u8]) -> Option<(Protocol, u16)> {
 pub fn targets(rs: &Ruleset) -> Vec<(Target, ServiceId)> {
     let mut out = Vec::new();
     // The node-port addresses: in every table's gate (the same in each).
-    let node_ips: BTreeSet<IpAddr> = rs
-        .sets
-        .values()
-        .filter(|s| matches!(s.kind, SetKind::Gate(_)))
-        .flat_map(|s| s.elements.iter().filter_map(Role::of_element))
-        .filter_map(|(role, ip)| (role == Role::Node).then_some(ip))
-        .collect();
+    let node_ips: BTreeSet<IpAddr> =
+        crate::compile::gate_roles(rs).filter_map(|(role, ip)| (role == Role::Node).then_some(ip)).collect();
     for set in rs.sets.values() {
         for e in &set.elements {
             let Some(svc) = e.goto.as_deref().and_then(service_of_chain) else { continue };

@@ -56,23 +56,14 @@ fn entry_chain(rs: &Ruleset, q: &Query) -> Option<String> {
             .find_map(|(_, s)| s.elements.iter().find(|e| e.key == key).and_then(|e| e.goto.clone()))
     };
     find(|k| matches!(k, SetKind::Dispatch(_)), &dispatch).or_else(|| {
-        let on_node = gate_roles(rs).any(|(role, ip)| role == Role::Node && ip == q.dst);
+        let on_node = crate::compile::gate_roles(rs).any(|(role, ip)| role == Role::Node && ip == q.dst);
         on_node.then(|| find(|k| matches!(k, SetKind::NodePorts(_)), &node_port)).flatten()
     })
 }
 
-/// The addresses in our tables' gates, with their kind.
-fn gate_roles(rs: &Ruleset) -> impl Iterator<Item = (Role, IpAddr)> + '_ {
-    rs.sets
-        .values()
-        .filter(|s| matches!(s.kind, SetKind::Gate(_)))
-        .flat_map(|s| &s.elements)
-        .filter_map(Role::of_element)
-}
-
 /// Whether `dst` is one of our ClusterIPs (on any port).
 fn is_cluster_ip(rs: &Ruleset, dst: IpAddr) -> bool {
-    gate_roles(rs).any(|(role, ip)| role == Role::Cluster && ip == dst)
+    crate::compile::gate_roles(rs).any(|(role, ip)| role == Role::Cluster && ip == dst)
 }
 
 /// Session affinity of `svc` as the kernel holds it: the timeout its endpoint chains refresh,
