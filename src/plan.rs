@@ -178,6 +178,36 @@ impl Plan {
             })
             .collect()
     }
+
+    /// Splits a plan for a kernel that holds none of our objects into what no packet can reach
+    /// until the rest is committed (tables, sets and their elements, regular chains and their
+    /// rules) and the rest (base chains, their rules, anything that is not an addition), each in
+    /// the plan's order. The first part may then go in several transactions before the second:
+    /// until that one commits, no hook leads into any of it, so traffic sees all or nothing.
+    pub fn split_reachable(self) -> (Plan, Plan) {
+        let base: BTreeSet<String> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::AddChain { name, base: Some(_) } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        let (unreached, rest) = self.ops.into_iter().partition(|op| match op {
+            Op::AddTable { .. } | Op::AddSet { .. } | Op::AddElements { .. } => true,
+            Op::AddChain { base, .. } => base.is_none(),
+            Op::AddRules { chain, .. } => !base.contains(chain),
+            _ => false,
+        });
+        (Plan { ops: unreached }, Plan { ops: rest })
+    }
+}
+
+impl KernelState {
+    /// No table of ours exists (a node's first sync, or after `--cleanup`).
+    pub fn holds_nothing(&self) -> bool {
+        !self.table_exists && self.shard_tables.is_empty()
+    }
 }
 
 fn set_shape_ok(want: &Set, have: &KernelSet) -> bool {

@@ -118,6 +118,13 @@ pub struct Engine {
     /// read-back (a restart): afterwards the engine knows what it committed, and a generation
     /// that moved means someone else committed, perhaps writing that record too.
     restarting: bool,
+    /// See [`STAGE_ABOVE_CHAINS`] and [`STAGE_MESSAGES`].
+    stage_above_chains: usize,
+    stage_messages: usize,
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
@@ -138,6 +145,33 @@ fn xor_into(acc: &mut BTreeMap<u32, u64>, digests: &TableDigests) {
     for (k, d) in digests {
         *acc.entry(*k).or_insert(0) ^= d;
     }
+}
+
+/// A first sync (the kernel holds none of our tables) of more chains than this creates what no
+/// packet reaches yet in transactions of about [`STAGE_MESSAGES`] messages, each compiled just
+/// before it is sent, then makes it reachable in one last transaction (base chains and their
+/// rules). One batch would be alive next to everything it was encoded from (169 MiB of batch at
+/// 5,000 Services x 50 endpoints: peak RSS 416 MiB, staged 96 MiB), and the kernel commits
+/// small transactions of new chains faster (10,000 x 5: 0.82 s against 0.87 s; 44,000 x 1:
+/// 1.24 s against 1.46 s; docs/benchmark.md).
+pub const STAGE_ABOVE_CHAINS: usize = 10_000;
+/// Overrides [`STAGE_ABOVE_CHAINS`] (the tests stage small rule sets).
+pub const STAGE_ABOVE_ENV: &str = "NFTPROXY_STAGE_ABOVE_CHAINS";
+/// Messages per staging transaction (about 8 MiB of batch).
+pub const STAGE_MESSAGES: usize = 32_768;
+/// Overrides [`STAGE_MESSAGES`].
+pub const STAGE_MESSAGES_ENV: &str = "NFTPROXY_STAGE_MESSAGES";
+
+/// What a staged first sync committed before its last transaction.
+#[derive(Default)]
+struct Staged {
+    commits: u32,
+    stats: ApplyStats,
+}
+
+/// The chains these Services compile to, about (see `compile::chain_estimate`).
+fn chains_of<'a>(services: impl Iterator<Item = &'a Service>) -> usize {
+    services.map(|s| s.ports.iter().map(|p| 1 + p.endpoints.len()).sum::<usize>() * s.cluster_ips.len().max(1)).sum()
 }
 
 /// Most commits by others between two syncs that are accounted for one by one; more (a
@@ -176,6 +210,8 @@ impl Engine {
             models_current: false,
             owns_tables: false,
             restarting: true,
+            stage_above_chains: env_or(STAGE_ABOVE_ENV, STAGE_ABOVE_CHAINS),
+            stage_messages: env_or(STAGE_MESSAGES_ENV, STAGE_MESSAGES).max(1),
         }
     }
 
@@ -202,6 +238,12 @@ impl Engine {
             self.generation = None;
             self.models_current = false;
         }
+    }
+
+    /// Stage first syncs of more than `above_chains` chains, `messages` per transaction (see
+    /// [`STAGE_ABOVE_CHAINS`]).
+    pub fn set_staging(&mut self, above_chains: usize, messages: usize) {
+        (self.stage_above_chains, self.stage_messages) = (above_chains, messages.max(1));
     }
 
     pub fn options(&self) -> &Options {
@@ -369,6 +411,41 @@ impl Engine {
         Ok((Scope::Tables(differ), Some(elements)))
     }
 
+    /// Each table's digest with the `changed` Services' parts replaced by `digests` (the
+    /// skeleton's, the gate's and each Service's parts, combined by XOR so that only the changed
+    /// ones need updating): the Services' part alone, and the whole.
+    fn wanted_digests(
+        &self,
+        changed: &[ServiceId],
+        digests: &BTreeMap<ServiceId, TableDigests>,
+    ) -> (BTreeMap<u32, u64>, BTreeMap<u32, u64>) {
+        let mut services_now = self.service_digests.clone();
+        for id in changed {
+            if let Some((_, old)) = self.services.get(id) {
+                xor_into(&mut services_now, old);
+            }
+            if let Some(new) = digests.get(id) {
+                xor_into(&mut services_now, new);
+            }
+        }
+        let mut wanted = self.skeleton_digests.clone();
+        xor_into(&mut wanted, &services_now.iter().map(|(k, d)| (*k, *d)).collect());
+        xor_into(&mut wanted, &self.gate.digests().iter().map(|(k, d)| (*k, *d)).collect());
+        (services_now, wanted)
+    }
+
+    /// Whether the state record could verify the kernel on this sync (a restart, the record
+    /// ours, in this rule format and from this generation): only then does [`Engine::scope`]
+    /// need the digests wanted before anything is read back.
+    fn record_may_verify(&mut self, generation: u32) -> crate::Result<bool> {
+        if !self.restarting {
+            return Ok(false);
+        }
+        let elements = self.kernel.read_elements(STATE_SET)?.unwrap_or_default();
+        Ok(compile::parse_state(&elements)
+            .is_some_and(|(r, recorded)| r.format == RULE_FORMAT && r.generation == generation && !recorded.is_empty()))
+    }
+
     /// The skeleton and every Service, compiled (reusing `compiled`), cut to the tables `shards`
     /// (all when `None`).
     fn want(
@@ -376,6 +453,7 @@ impl Engine {
         snapshot: &Snapshot,
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
         shards: Option<&BTreeSet<u32>>,
+        mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
     ) -> Ruleset {
         let mut want = self.skeleton.clone();
         // A Service's objects live in its shard's table and (hairpin) in the main table.
@@ -385,6 +463,9 @@ impl Engine {
                 continue;
             }
             let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+            if let Some(d) = digests.as_deref_mut() {
+                d.insert(id.clone(), objs.table_digests());
+            }
             compile::merge(&mut want, objs);
         }
         compile::merge_gate(&mut want, &self.gate);
@@ -401,21 +482,22 @@ impl Engine {
         }
         let generation = self.kernel.generation()?;
         let (changed, endpoints_changed) = self.changed_services(snapshot, hint);
-        let mut compiled: BTreeMap<ServiceId, ServiceObjects> = changed
-            .iter()
-            .filter_map(|id| Some((id.clone(), compile::compile_service(snapshot.services.get(id)?, &self.opts))))
-            .collect();
-        let digests: BTreeMap<ServiceId, TableDigests> =
-            compiled.iter().map(|(id, o)| (id.clone(), o.table_digests())).collect();
-        // The digest of each table wanted: the skeleton's and each Service's parts, combined
-        // (XOR, so only the changed Services' parts need updating).
-        let mut services_now = self.service_digests.clone();
-        for id in &changed {
-            if let Some((_, old)) = self.services.get(id) {
-                xor_into(&mut services_now, old);
-            }
-            if let Some(new) = digests.get(id) {
-                xor_into(&mut services_now, new);
+        // A big sync keeps only each changed Service's digests: its objects are compiled again
+        // where they are planned (microseconds each), so that they are never all alive at once.
+        let big = chains_of(changed.iter().filter_map(|id| snapshot.services.get(id))) > self.stage_above_chains;
+        // A big sync that will read everything back anyway (no trusted generation, no state
+        // record to verify against) needs no digests before it plans: they are taken from the
+        // objects as they are planned, so that nothing is compiled twice.
+        let defer = big && self.generation.is_none() && !self.record_may_verify(generation)?;
+        let mut compiled: BTreeMap<ServiceId, ServiceObjects> = BTreeMap::new();
+        let mut digests: BTreeMap<ServiceId, TableDigests> = BTreeMap::new();
+        for id in changed.iter().filter(|_| !defer) {
+            if let Some(svc) = snapshot.services.get(id) {
+                let objects = compile::compile_service(svc, &self.opts);
+                digests.insert(id.clone(), objects.table_digests());
+                if !big {
+                    compiled.insert(id.clone(), objects);
+                }
             }
         }
         // The gate's elements are shared by Services: it counts their holders (see gate.rs).
@@ -423,11 +505,14 @@ impl Engine {
         for id in &changed {
             self.gate.change(self.services.get(id).map(|(s, _)| s), snapshot.services.get(id), &self.opts, &mut gate);
         }
-        let mut wanted = self.skeleton_digests.clone();
-        xor_into(&mut wanted, &services_now.iter().map(|(k, d)| (*k, *d)).collect());
-        xor_into(&mut wanted, &self.gate.digests().iter().map(|(k, d)| (*k, *d)).collect());
-
-        let (scope, recorded) = self.scope(generation, &wanted)?;
+        let early = (!defer).then(|| self.wanted_digests(&changed, &digests));
+        let (scope, recorded) = match &early {
+            Some((_, wanted)) => self.scope(generation, wanted)?,
+            None => (Scope::All, None),
+        };
+        let mut taken = defer.then_some(&mut digests);
+        // Commits made before the plan below (a big first sync's unreachable objects).
+        let mut staged = Staged::default();
         let (kind, mut plan, read_back, tables_read, record_state) = match scope {
             Scope::Trusted => {
                 if changed.is_empty() {
@@ -442,7 +527,7 @@ impl Engine {
                         start,
                     ));
                 }
-                let plan = self.partial_plan(&changed, &mut compiled, gate, &BTreeSet::new());
+                let plan = self.partial_plan(snapshot, &changed, &mut compiled, gate, &BTreeSet::new());
                 let record = !plan.is_empty();
                 (SyncKind::Partial, plan, Duration::ZERO, Vec::new(), record)
             }
@@ -460,11 +545,11 @@ impl Engine {
                 let mut others = if self.restarting {
                     Plan::default()
                 } else {
-                    self.partial_plan(&changed, &mut compiled, gate, &shards)
+                    self.partial_plan(snapshot, &changed, &mut compiled, gate, &shards)
                 };
                 let have = self.kernel.read_tables(&shards)?;
                 let read_back = start.elapsed();
-                let want = self.want(snapshot, &mut compiled, Some(&shards));
+                let want = self.want(snapshot, &mut compiled, Some(&shards), None);
                 let mut plan = plan::plan_tables(&have, want, &shards);
                 if shards.contains(&0) {
                     self.take_state(&have, &plan);
@@ -480,16 +565,22 @@ impl Engine {
                 self.dirty.clear();
                 let have = self.kernel.read_table()?;
                 let read_back = start.elapsed();
-                let want = self.want(snapshot, &mut compiled, None);
-                let plan = plan::plan(&have, want);
-                self.take_state(&have, &plan);
                 let names: Vec<String> = have.tables().map(str::to_string).collect();
                 tracing::info!(tables = ?names, "read back");
+                let plan = if have.holds_nothing() && chains_of(snapshot.services.values()) > self.stage_above_chains {
+                    let (plan, done) = self.stage_first_sync(snapshot, &mut compiled, taken.take())?;
+                    staged = done;
+                    plan
+                } else {
+                    plan::plan(&have, self.want(snapshot, &mut compiled, None, taken.take()))
+                };
+                self.take_state(&have, &plan);
                 // Recorded even when nothing else changes, so that the next restart is quick.
                 (SyncKind::Full, plan, read_back, names, true)
             }
         };
-        let new_state = compile::state_elements(generation.wrapping_add(1), &wanted);
+        let (services_now, wanted) = early.unwrap_or_else(|| self.wanted_digests(&changed, &digests));
+        let new_state = compile::state_elements(generation.wrapping_add(1 + staged.commits), &wanted);
         if record_state {
             let old = std::mem::take(&mut self.state);
             let gone: Vec<Element> = old.iter().filter(|e| !new_state.contains(e)).cloned().collect();
@@ -501,20 +592,24 @@ impl Engine {
                 plan.ops.push(Op::AddElements { set: STATE_SET.into(), kind: SetKind::State, elements: added });
             }
         }
-        let stats = self.kernel.apply(&plan)?;
+        let mut stats = self.kernel.apply(&plan)?;
+        stats.messages += staged.stats.messages;
+        stats.bytes += staged.stats.bytes;
+        stats.kernel += staged.stats.kernel;
+        let commits = staged.commits + u32::from(!plan.is_empty());
         if record_state {
             self.state = new_state;
         }
         // A full sync's plan sets every table's flags, so after it we own them.
         self.owns_tables = self.opts.own_tables && (self.owns_tables || kind == SyncKind::Full);
-        self.generation = if plan.is_empty() {
+        self.generation = if commits == 0 {
             Some(generation)
         } else {
             match self.kernel.generation() {
-                Ok(after) if after == generation.wrapping_add(1) || self.owns_tables => Some(after),
+                Ok(after) if after == generation.wrapping_add(commits) || self.owns_tables => Some(after),
                 // Another commit slipped in between ours and the check: the events tell which
                 // tables it touched (ours went unseen); without them, trust nothing.
-                Ok(after) => self.account(generation, after, 1).map(|touched| {
+                Ok(after) => self.account(generation, after, commits).map(|touched| {
                     self.dirty.extend(touched);
                     after
                 }),
@@ -553,7 +648,6 @@ impl Engine {
                 conntrack.push(ConntrackReconcile { family, deleted, time: ct_start.elapsed() });
             }
         }
-        let mut digests = digests;
         for id in &changed {
             match (snapshot.services.get(id), digests.remove(id)) {
                 (Some(svc), Some(d)) => {
@@ -577,6 +671,7 @@ impl Engine {
     /// the tables `skip` (planned from a read-back instead).
     fn partial_plan(
         &self,
+        snapshot: &Snapshot,
         changed: &[ServiceId],
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
         gate: GateDelta,
@@ -584,15 +679,64 @@ impl Engine {
     ) -> Plan {
         let old =
             changed.iter().filter_map(|id| self.services.get(id)).map(|(s, _)| compile::compile_service(s, &self.opts));
-        let new: Vec<ServiceObjects> = if skip.is_empty() {
-            std::mem::take(compiled).into_values().collect()
-        } else {
-            compiled.values().cloned().collect()
-        };
+        // The tables in `skip` are planned from `compiled` afterwards (see `want`): keep it then.
+        let new: Vec<ServiceObjects> = changed
+            .iter()
+            .filter_map(|id| {
+                let kept = if skip.is_empty() { compiled.remove(id) } else { compiled.get(id).cloned() };
+                kept.or_else(|| Some(compile::compile_service(snapshot.services.get(id)?, &self.opts)))
+            })
+            .collect();
         let mut plan = plan::plan_services(old, new, &self.skeleton);
         plan.ops.extend(gate.into_ops());
         plan.ops.retain(|op| !shard_of_table(op.table()).is_some_and(|k| skip.contains(&k)));
         plan
+    }
+
+    /// A first sync in stages (see [`STAGE_ABOVE_CHAINS`]): commits the tables, sets and
+    /// regular chains of the skeleton, then every Service's objects a few thousand at a time,
+    /// each compiled, planned, encoded and sent before the next is compiled; returns the plan
+    /// that makes them reachable (the base chains and their rules), still to be committed.
+    /// If a stage fails, what was committed stays unreachable and the failed sync's successor
+    /// reads it back like anything else.
+    fn stage_first_sync(
+        &mut self,
+        snapshot: &Snapshot,
+        compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
+        mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
+    ) -> crate::Result<(Plan, Staged)> {
+        let mut skeleton = self.skeleton.clone();
+        compile::merge_gate(&mut skeleton, &self.gate);
+        let (unreached, last) = plan::plan(&Default::default(), skeleton).split_reachable();
+        let mut staged = Staged::default();
+        let kernel = &mut self.kernel;
+        let mut commit = |plan: Plan| -> crate::Result<()> {
+            if !plan.is_empty() {
+                let stats = kernel.apply(&plan)?;
+                staged.commits += 1;
+                staged.stats.messages += stats.messages;
+                staged.stats.bytes += stats.bytes;
+                staged.stats.kernel += stats.kernel;
+            }
+            Ok(())
+        };
+        commit(unreached)?;
+        let (mut chunk, mut messages) = (Vec::new(), 0);
+        for (id, svc) in &snapshot.services {
+            let objects = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+            if let Some(d) = digests.as_deref_mut() {
+                d.insert(id.clone(), objects.table_digests());
+            }
+            messages += objects.chains.values().map(|c| 1 + c.rules.len()).sum::<usize>() + objects.sets.len();
+            chunk.push(objects);
+            if messages >= self.stage_messages {
+                commit(plan::plan_services([], std::mem::take(&mut chunk), &self.skeleton))?;
+                messages = 0;
+            }
+        }
+        commit(plan::plan_services([], chunk, &self.skeleton))?;
+        tracing::info!(transactions = staged.commits, messages = staged.stats.messages, "first sync staged");
+        Ok((last, staged))
     }
 
     /// The state elements a read-back of the main table found, unless the plan rebuilds it.

@@ -33,6 +33,8 @@ pub struct FakeState {
     pub conntrack_reads: usize,
     /// The next transaction is rejected with this errno.
     pub reject_next: Option<i32>,
+    /// `(n, errno)`: the transaction after the next `n` is rejected with `errno`.
+    pub reject_later: Option<(usize, i32)>,
     /// The next transaction commits, but its answer is lost (an error is returned).
     pub lose_next_ack: bool,
     /// So many generation queries fail from now on.
@@ -321,6 +323,12 @@ impl Kernel for FakeKernel {
             source: io::Error::from_raw_os_error(errno),
             others: 0,
         };
+        if let Some((n, errno)) = s.reject_later {
+            s.reject_later = n.checked_sub(1).map(|n| (n, errno));
+            if n == 0 {
+                s.reject_next = Some(errno);
+            }
+        }
         if let Some(errno) = s.reject_next.take() {
             return Err(rejected(0, errno));
         }
