@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::compile::STATE_SET;
 use crate::compile::{self, Gate, GateDelta, Options, ServiceObjects, TableDigests};
 use crate::conntrack::stale::UdpTargets;
-use crate::kernel::{Commit, Kernel};
+use crate::kernel::{Commit, Kernel, Ready};
 use crate::model::{Family, Service, ServiceId, Snapshot};
 use crate::nft::ApplyStats;
 use crate::plan::{self, Op, Plan};
@@ -709,10 +709,11 @@ impl Engine {
         compile::merge_gate(&mut skeleton, &self.gate);
         let (unreached, last) = plan::plan(&Default::default(), skeleton).split_reachable();
         let mut staged = Staged::default();
-        let kernel = &mut self.kernel;
-        let mut commit = |plan: Plan| -> crate::Result<()> {
-            if !plan.is_empty() {
-                let stats = kernel.apply(&plan)?;
+        let ready = self.kernel.readier();
+        let (kernel, opts, base, limit) = (&mut self.kernel, &self.opts, &self.skeleton, self.stage_messages);
+        let mut commit = |stage: &Ready| -> crate::Result<()> {
+            if !stage.plan.is_empty() {
+                let stats = kernel.apply_ready(stage)?;
                 staged.commits += 1;
                 staged.stats.messages += stats.messages;
                 staged.stats.bytes += stats.bytes;
@@ -720,22 +721,46 @@ impl Engine {
             }
             Ok(())
         };
-        commit(unreached)?;
-        let (mut chunk, mut messages) = (Vec::new(), 0);
-        for (id, svc) in &snapshot.services {
-            let objects = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
-            if let Some(d) = digests.as_deref_mut() {
-                d.insert(id.clone(), objects.table_digests());
-            }
-            messages += objects.chains.values().map(|c| 1 + c.rules.len()).sum::<usize>() + objects.sets.len();
-            chunk.push(objects);
-            if messages >= self.stage_messages {
-                commit(plan::plan_services([], std::mem::take(&mut chunk), &self.skeleton))?;
-                messages = 0;
-            }
-        }
-        commit(plan::plan_services([], chunk, &self.skeleton))?;
-        tracing::info!(transactions = staged.commits, messages = staged.stats.messages, "first sync staged");
+        // The stages are compiled, planned and made ready (encoded) on one thread and freed on
+        // another while this one commits, so that on two cores or more the stages cost about
+        // what their commits cost. One stage waits in the channel: at most four are alive.
+        std::thread::scope(|scope| -> crate::Result<()> {
+            let (next, stages) = std::sync::mpsc::sync_channel::<Ready>(1);
+            scope.spawn(move || {
+                let (mut chunk, mut messages) = (Vec::new(), 0);
+                for (id, svc) in &snapshot.services {
+                    let objects = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, opts));
+                    if let Some(d) = digests.as_deref_mut() {
+                        d.insert(id.clone(), objects.table_digests());
+                    }
+                    messages += objects.chains.values().map(|c| 1 + c.rules.len()).sum::<usize>() + objects.sets.len();
+                    chunk.push(objects);
+                    if messages >= limit {
+                        messages = 0;
+                        // A failed commit drops the receiver: nothing more to compile.
+                        if next.send(ready(plan::plan_services([], std::mem::take(&mut chunk), base))).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = next.send(ready(plan::plan_services([], chunk, base)));
+            });
+            let (freed, to_free) = std::sync::mpsc::channel::<Ready>();
+            scope.spawn(move || to_free.into_iter().for_each(drop));
+            // The tables, sets and chains first, while the first stage is compiled.
+            commit(&Ready::unencoded(unreached))?;
+            stages.into_iter().try_for_each(|stage| {
+                commit(&stage)?;
+                let _ = freed.send(stage);
+                Ok(())
+            })
+        })?;
+        tracing::info!(
+            transactions = staged.commits,
+            messages = staged.stats.messages,
+            kernel_ms = staged.stats.kernel.as_secs_f64() * 1e3,
+            "first sync staged"
+        );
         Ok((last, staged))
     }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use crate::conntrack::Conntrack;
 use crate::conntrack::stale::UdpTargets;
+use crate::nft::encode::Encoded;
 use crate::nft::monitor::Monitor;
 use crate::nft::{self, ApplyStats, Netlink};
 use crate::plan::{KernelState, Plan};
@@ -32,9 +33,35 @@ pub trait Kernel {
     fn read_elements(&mut self, set: &str) -> nft::Result<Option<Vec<Element>>>;
     /// One atomic transaction; on error nothing of it was committed (as far as we can tell).
     fn apply(&mut self, plan: &Plan) -> nft::Result<ApplyStats>;
+    /// What makes a plan ready to commit without the kernel, on any thread (the live kernel
+    /// encodes it): a big first sync readies its next stage while the kernel commits this one.
+    fn readier(&self) -> fn(Plan) -> Ready {
+        Ready::unencoded
+    }
+    /// [`Kernel::apply`] of a plan made ready by [`Kernel::readier`].
+    fn apply_ready(&mut self, ready: &Ready) -> nft::Result<ApplyStats> {
+        self.apply(&ready.plan)
+    }
     /// Deletes the UDP conntrack entries `targets` calls stale; returns how many went. Failures
     /// are logged, never fatal: the rules are already committed.
     fn clean_udp(&mut self, targets: &UdpTargets) -> usize;
+}
+
+/// A plan and, when the kernel wants it, its encoding (see [`Kernel::readier`]).
+pub struct Ready {
+    pub plan: Plan,
+    encoded: Option<Encoded>,
+}
+
+impl Ready {
+    pub fn unencoded(plan: Plan) -> Ready {
+        Ready { plan, encoded: None }
+    }
+
+    fn encoded(plan: Plan) -> Ready {
+        let encoded = (!plan.is_empty()).then(|| nft::encode::encode_plan(&plan, 0));
+        Ready { plan, encoded }
+    }
 }
 
 /// One commit as the nf_tables events announced it (NFT_MSG_NEWGEN and the object events
@@ -76,6 +103,28 @@ impl LiveKernel {
     pub fn open() -> nft::Result<Self> {
         Ok(Netlink::open()?.into())
     }
+
+    /// Commits `plan` with `commit`, the event monitor away meanwhile if the plan is big.
+    fn unwatched_if_big(
+        &mut self,
+        plan: &Plan,
+        commit: impl FnOnce(&mut Netlink) -> nft::Result<ApplyStats>,
+    ) -> nft::Result<ApplyStats> {
+        // A big commit's own events (a full sync: a hundred thousand) would overflow the
+        // monitor's buffer: it leaves the group meanwhile. A commit by someone else in that
+        // window shows as a generation no event accounts for, which the engine treats as lost
+        // events. A small commit's events are read and recognised as ours (our port id), so
+        // others' commits beside it stay accounted for.
+        let pause = plan.message_count() > PAUSE_ABOVE_MESSAGES;
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
+            m.pause();
+        }
+        let result = commit(&mut self.nl);
+        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
+            m.resume();
+        }
+        result
+    }
 }
 
 impl From<Netlink> for LiveKernel {
@@ -109,20 +158,18 @@ impl Kernel for LiveKernel {
     }
 
     fn apply(&mut self, plan: &Plan) -> nft::Result<ApplyStats> {
-        // A big commit's own events (a full sync: a hundred thousand) would overflow the
-        // monitor's buffer: it leaves the group meanwhile. A commit by someone else in that
-        // window shows as a generation no event accounts for, which the engine treats as lost
-        // events. A small commit's events are read and recognised as ours (our port id), so
-        // others' commits beside it stay accounted for.
-        let pause = plan.message_count() > PAUSE_ABOVE_MESSAGES;
-        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
-            m.pause();
+        self.unwatched_if_big(plan, |nl| nl.apply(plan))
+    }
+
+    fn readier(&self) -> fn(Plan) -> Ready {
+        Ready::encoded
+    }
+
+    fn apply_ready(&mut self, ready: &Ready) -> nft::Result<ApplyStats> {
+        match &ready.encoded {
+            Some(enc) => self.unwatched_if_big(&ready.plan, |nl| nl.apply_encoded(enc, &ready.plan)),
+            None => self.apply(&ready.plan),
         }
-        let result = self.nl.apply(plan);
-        if let Some(m) = self.monitor.as_mut().filter(|_| pause) {
-            m.resume();
-        }
-        result
     }
 
     fn clean_udp(&mut self, targets: &UdpTargets) -> usize {

@@ -236,9 +236,18 @@ impl Netlink {
         }
         sys::release_free_heap();
         let enc = encode::encode_plan(plan, self.seq);
+        self.apply_encoded(&enc, plan)
+    }
+
+    /// [`Netlink::apply`] of a plan encoded beforehand (on another thread, say): its messages
+    /// may carry any sequence numbers, the acknowledgements are matched by the batch's own.
+    pub fn apply_encoded(&mut self, enc: &encode::Encoded, plan: &Plan) -> Result<ApplyStats> {
+        if plan.is_empty() {
+            return Ok(ApplyStats::default());
+        }
         self.seq = self.seq.wrapping_add(enc.messages as u32 + 2);
         let start = std::time::Instant::now();
-        self.send_encoded(&enc, plan)?;
+        self.send_encoded(enc, plan)?;
         Ok(ApplyStats { messages: enc.messages, bytes: enc.bytes.len(), kernel: start.elapsed() })
     }
 
