@@ -195,14 +195,16 @@ impl Desired {
         }
         // External addresses another Service (outside `ids`) serves, or a ClusterIP holds, are
         // dropped from the newcomer and reported as not served.
-        let mut cluster: HashMap<IpAddr, ServiceId> =
-            self.owners.iter().filter(|(_, o)| !ids.contains(*o)).map(|(ip, o)| (*ip, o.clone())).collect();
-        cluster.extend(partial.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))));
-        let others: HashMap<_, _> =
-            self.external_owners.iter().filter(|(_, o)| !ids.contains(*o)).map(|(k, o)| (*k, o.clone())).collect();
+        // Looked up, not collected: a change to one Service must not cost a walk over all.
+        let incoming: HashMap<IpAddr, ServiceId> =
+            partial.services.values().flat_map(|s| s.cluster_ips.iter().map(|ip| (*ip, s.id.clone()))).collect();
+        let outside = |o: &&ServiceId| !ids.contains(*o);
         for svc in partial.services.values_mut() {
             let id = svc.id.clone();
-            svc.drop_taken_external(|k| crate::source::resolve::holder_of(k, &id, &cluster, &others));
+            svc.drop_taken_external(|k| {
+                let cluster = incoming.get(&k.0).or_else(|| self.owners.get(&k.0).filter(outside));
+                crate::source::resolve::holder_of(&id, cluster, self.external_owners.get(k).filter(outside))
+            });
         }
         for id in ids {
             let new = partial.services.remove(id);

@@ -1116,21 +1116,18 @@ fn claim_external_addresses(snapshot: &mut Snapshot) {
     let mut claimed: HashMap<crate::model::DispatchKey, ServiceId> = HashMap::new();
     for svc in snapshot.services.values_mut() {
         let id = svc.id.clone();
-        svc.drop_taken_external(|k| holder_of(k, &id, &cluster, &claimed));
+        svc.drop_taken_external(|k| holder_of(&id, cluster.get(&k.0), claimed.get(k)));
         for k in svc.external_keys() {
             claimed.insert(k, id.clone());
         }
     }
 }
 
-/// Who holds a dispatch-map entry `id` wants, in words ("the ClusterIP of Service a/b").
-pub fn holder_of(
-    k: &crate::model::DispatchKey,
-    id: &ServiceId,
-    cluster: &HashMap<IpAddr, ServiceId>,
-    claimed: &HashMap<crate::model::DispatchKey, ServiceId>,
-) -> Option<String> {
-    match (cluster.get(&k.0), claimed.get(k)) {
+/// Who holds a dispatch-map entry Service `id` wants, in words ("the ClusterIP of Service
+/// a/b"), given the Service whose ClusterIP the entry's address is and the Service already
+/// serving the entry, if any.
+pub fn holder_of(id: &ServiceId, cluster: Option<&ServiceId>, claimed: Option<&ServiceId>) -> Option<String> {
+    match (cluster, claimed) {
         (Some(owner), _) if owner == id => Some("this Service's ClusterIP".into()),
         (Some(owner), _) => Some(format!("the ClusterIP of Service {owner}")),
         (None, Some(owner)) if owner != id => Some(format!("served by Service {owner}")),
