@@ -98,6 +98,7 @@ fn read_back_after_foreign_commit(dir: &Path, extra: &[&str], env: &[(&str, &str
 /// `--sync-once` cold into an empty namespace, then again after one EndpointSlice changed.
 pub(crate) fn bench_process(r: &mut Report, work: &Path, n: usize, e: usize) {
     eprintln!("== whole process --sync-once: {n} Services x {e} endpoints");
+    let tables = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
     let dir = work.join(format!("manifests-{n}x{e}"));
     write_manifests(&dir, n, e, 16, None);
     let ns = Ns::new("process");
@@ -112,10 +113,13 @@ pub(crate) fn bench_process(r: &mut Report, work: &Path, n: usize, e: usize) {
     r.add("whole process", n, e, "--sync-once again", "peak RSS MiB", again.rss);
     r.add("whole process", n, e, "--sync-once again: tables read back", "tables", Some(again.tables as f64));
     drop(ns);
+    // One endpoint change through the agent's path at this shape, beside any commit's price in
+    // the same namespace (the target: the change's p99 within twice any commit's).
+    let inc = Ns::new("process-change").child_sharded(&["incremental", &n.to_string(), &e.to_string(), "100"], tables);
+    incremental_rows(r, n, e, "one endpoint change, agent path:", &inc);
     // Read-back of every table after a foreign commit: tables sized by chains (the default
     // now), and as before issue 13 item 2 in the same run: one table per 500 Services, each
     // table's rules in one dump (quadratic in its size).
-    let tables = compile::auto_shards(compile::chain_estimate(n, n * e), 0);
     let now = read_back_after_foreign_commit(&dir, &[], &[]);
     let path = format!("read-back after a foreign commit, {tables} tables by chains");
     r.add("whole process", n, e, &path, "ms", now.read_back);
