@@ -194,10 +194,12 @@ pub struct Netlink {
     pub per_chain_dump_above: usize,
 }
 
-/// Where one dump per chain measured cheaper than one dump of the whole table (kernel 6.18,
-/// `cargo bench --bench sync -- --only-scale`): 0.29 s against 0.20 s at 25,000 chains, 3 ms
-/// against 22 ms at 2,750. `--table-shards auto` keeps tables well below it.
-pub const PER_CHAIN_DUMP_ABOVE: usize = 16_000;
+/// Where one dump per chain measured cheaper than one dump of the whole table (kernel 6.18, a
+/// read-back of 4 tables by hand): at 22,000 chains of about one rule each (44,000 x 1) one
+/// dump per table took 0.80 s and one per chain 1.56 s; at 64,000 chains of about two rules
+/// (5,000 x 50) one per table 13.5 s and one per chain 7.8 s. The dump's cost grows with the
+/// square of the rules, one per chain with the chains (a round trip each, about 18 us).
+pub const PER_CHAIN_DUMP_ABOVE: usize = 32_000;
 
 /// Overrides [`PER_CHAIN_DUMP_ABOVE`] (the benchmark compares both ways in one run; the tests
 /// force the per-chain read with 0).
