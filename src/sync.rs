@@ -167,6 +167,9 @@ pub const STAGE_MESSAGES_ENV: &str = "NFTPROXY_STAGE_MESSAGES";
 struct Staged {
     commits: u32,
     stats: ApplyStats,
+    /// Every Service with its digests, as the engine keeps them once the sync is done: made by
+    /// the thread that compiles the stages, which waits on the kernel anyway.
+    models: Option<BTreeMap<ServiceId, (Service, TableDigests)>>,
 }
 
 /// The chains these Services compile to, about (see `compile::chain_estimate`).
@@ -648,13 +651,19 @@ impl Engine {
                 conntrack.push(ConntrackReconcile { family, deleted, time: ct_start.elapsed() });
             }
         }
-        for id in &changed {
-            match (snapshot.services.get(id), digests.remove(id)) {
-                (Some(svc), Some(d)) => {
-                    self.services.insert(id.clone(), (svc.clone(), d));
-                }
-                _ => {
-                    self.services.remove(id);
+        match staged.models.take() {
+            // A staged first sync made the whole map on its compiling thread.
+            Some(models) => self.services = models,
+            None => {
+                for id in &changed {
+                    match (snapshot.services.get(id), digests.remove(id)) {
+                        (Some(svc), Some(d)) => {
+                            self.services.insert(id.clone(), (svc.clone(), d));
+                        }
+                        _ => {
+                            self.services.remove(id);
+                        }
+                    }
                 }
             }
         }
@@ -724,36 +733,39 @@ impl Engine {
         // The stages are compiled, planned and made ready (encoded) on one thread and freed on
         // another while this one commits, so that on two cores or more the stages cost about
         // what their commits cost. One stage waits in the channel: at most four are alive.
-        std::thread::scope(|scope| -> crate::Result<()> {
+        let models = std::thread::scope(|scope| -> crate::Result<_> {
             let (next, stages) = std::sync::mpsc::sync_channel::<Ready>(1);
-            scope.spawn(move || {
-                let (mut chunk, mut messages) = (Vec::new(), 0);
+            let producer = scope.spawn(move || {
+                let (mut chunk, mut messages, mut models) = (Vec::new(), 0, Vec::new());
                 for (id, svc) in &snapshot.services {
                     let objects = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, opts));
-                    if let Some(d) = digests.as_deref_mut() {
-                        d.insert(id.clone(), objects.table_digests());
+                    let d = objects.table_digests();
+                    if let Some(digests) = digests.as_deref_mut() {
+                        digests.insert(id.clone(), d.clone());
                     }
+                    models.push((id.clone(), (svc.clone(), d)));
                     messages += objects.chains.values().map(|c| 1 + c.rules.len()).sum::<usize>() + objects.sets.len();
                     chunk.push(objects);
                     if messages >= limit {
                         messages = 0;
                         // A failed commit drops the receiver: nothing more to compile.
                         if next.send(ready(plan::plan_services([], std::mem::take(&mut chunk), base))).is_err() {
-                            return;
+                            return None;
                         }
                     }
                 }
                 let _ = next.send(ready(plan::plan_services([], chunk, base)));
+                Some(models.into_iter().collect())
             });
             let (freed, to_free) = std::sync::mpsc::channel::<Ready>();
             scope.spawn(move || to_free.into_iter().for_each(drop));
             // The tables, sets and chains first, while the first stage is compiled.
             commit(&Ready::unencoded(unreached))?;
-            stages.into_iter().try_for_each(|stage| {
+            for stage in stages {
                 commit(&stage)?;
                 let _ = freed.send(stage);
-                Ok(())
-            })
+            }
+            Ok(producer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
         })?;
         tracing::info!(
             transactions = staged.commits,
@@ -761,6 +773,7 @@ impl Engine {
             kernel_ms = staged.stats.kernel.as_secs_f64() * 1e3,
             "first sync staged"
         );
+        staged.models = models;
         Ok((last, staged))
     }
 
