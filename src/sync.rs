@@ -550,9 +550,12 @@ impl Engine {
                 } else {
                     self.partial_plan(snapshot, &changed, &mut compiled, gate, &shards)
                 };
-                let have = self.kernel.read_tables(&shards)?;
-                let read_back = start.elapsed();
+                // What is wanted first: the chains it names are asked for by name.
                 let want = self.want(snapshot, &mut compiled, Some(&shards), None);
+                let expected: Vec<&str> = want.chains.keys().map(String::as_str).collect();
+                let have = self.kernel.read_tables(&shards, &expected)?;
+                drop(expected);
+                let read_back = start.elapsed();
                 let mut plan = plan::plan_tables(&have, want, &shards);
                 if shards.contains(&0) {
                     self.take_state(&have, &plan);

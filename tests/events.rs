@@ -42,4 +42,13 @@ fn a_neighbour_committing_costs_no_read_back_and_an_edit_to_our_table_is_repaire
     let last = read_backs(&log).pop().unwrap();
     assert!(last.contains(r#"tables=["nftproxy"]"#), "only the touched table: {last}");
     assert!(log.contains("another program changed our tables"), "{log}");
+    // Chains nobody wants in a shard table: one with a rule (its name comes with the rules
+    // read), one empty and named nowhere (only the table's use count tells it is there). The
+    // agent reads back that table only and removes both.
+    c.nft("add chain inet nftproxy-2 stray; add rule inet nftproxy-2 stray accept; add chain inet nftproxy-2 orphan");
+    assert!(wait_until(10, || read_backs(&a.log_text()).len() == 3), "{}", a.log_text());
+    let gone = |chain: &str| !c.exec("node", &["nft", "list", "chain", "inet", "nftproxy-2", chain]).status.success();
+    assert!(wait_until(5, || gone("stray") && gone("orphan")), "{}", c.nft_list("inet nftproxy-2"));
+    let last = read_backs(&a.log_text()).pop().unwrap();
+    assert!(last.contains(r#"tables=["nftproxy-2"]"#), "only the touched table: {last}");
 }

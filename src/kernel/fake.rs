@@ -288,7 +288,7 @@ impl Kernel for FakeKernel {
         Ok(s.read())
     }
 
-    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> Result<KernelState> {
+    fn read_tables(&mut self, shards: &BTreeSet<u32>, _expected: &[&str]) -> Result<KernelState> {
         let mut s = self.lock();
         let mut ks = s.read();
         let ours = |name: &str| shard_of_table(table_of(name)).is_some_and(|k| shards.contains(&k));

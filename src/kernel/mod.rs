@@ -22,8 +22,10 @@ pub trait Kernel {
     /// Everything in our tables.
     fn read_table(&mut self) -> nft::Result<KernelState>;
     /// Everything in those of our tables (by shard number, 0: `nftproxy`) that exist; the
-    /// others are left out as if they did not exist.
-    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> nft::Result<KernelState>;
+    /// others are left out as if they did not exist. `expected`: the chains (qualified names)
+    /// the engine wants there, which the live kernel asks for by name (see
+    /// [`Netlink::read_tables`]); chains not named are found all the same.
+    fn read_tables(&mut self, shards: &BTreeSet<u32>, expected: &[&str]) -> nft::Result<KernelState>;
     /// The commits the nf_tables event monitor saw since the last call. With `upto`, waits
     /// briefly for the end of commit `upto` when it was not seen yet (the generation moves
     /// before a commit's events are sent). `None`: there is no monitor, so only the generation
@@ -145,8 +147,8 @@ impl Kernel for LiveKernel {
         self.nl.read_table()
     }
 
-    fn read_tables(&mut self, shards: &BTreeSet<u32>) -> nft::Result<KernelState> {
-        self.nl.read_tables(Some(shards))
+    fn read_tables(&mut self, shards: &BTreeSet<u32>, expected: &[&str]) -> nft::Result<KernelState> {
+        self.nl.read_tables(Some(shards), Some(expected))
     }
 
     fn commits(&mut self, upto: Option<u32>) -> Option<Commits> {

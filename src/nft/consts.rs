@@ -22,6 +22,8 @@ pub const NFT_MSG_GETGEN: u16 = 16;
 // Message attributes (linux/netfilter/nf_tables.h) the read-back and raw messages use.
 pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_TABLE_FLAGS: u16 = 2;
+/// Chains, sets, objects and flowtables in the table.
+pub const NFTA_TABLE_USE: u16 = 3;
 pub const NFTA_RULE_TABLE: u16 = 1;
 pub const NFTA_RULE_CHAIN: u16 = 2;
 pub const NFTA_SET_DESC: u16 = 9;

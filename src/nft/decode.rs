@@ -252,6 +252,11 @@ pub fn comment(userdata: &[u8]) -> Option<&str> {
     None
 }
 
+/// The chains (local names) a rule's expressions jump or go to.
+pub fn verdict_chains(bytes: &[u8]) -> impl Iterator<Item = &str> {
+    attributes(bytes).map(|(_, v)| Expr::parse(v)).filter(|e| e.is("immediate")).filter_map(|e| e.verdict()?.1)
+}
+
 /// A counter's packet count in a rule's expressions (the first `counter` expression).
 pub fn counter_packets(bytes: &[u8]) -> Option<u64> {
     attributes(bytes).map(|(_, v)| Expr::parse(v)).find(|e| e.is("counter")).and_then(|e| e.u64(2))
