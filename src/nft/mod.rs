@@ -475,14 +475,15 @@ impl Netlink {
     /// else is there, which only a dump can find: then everything is read again the old way.
     pub fn read_tables(&mut self, shards: Option<&BTreeSet<u32>>, expected: Option<&[&str]>) -> Result<KernelState> {
         let (mut infos, family_use) = self.tables_with_flags()?;
-        // Asking by name costs about as much per chain as a dump of twice as many: worth it
-        // only when the tables read hold a small part of the family's chains.
         if let Some(wanted) = shards {
             infos.retain(|(t, _, _)| shard_of_table(t).is_some_and(|k| wanted.contains(&k)));
         }
         let tables: Vec<String> = infos.iter().map(|(t, _, _)| t.clone()).collect();
+        let ours = |name: &str| tables.iter().any(|t| t == split_name(name).0);
+        // Asking by name costs about as much per chain as a dump of twice as many: worth it
+        // only when the tables read hold a small part of the family's chains.
         let expected: Option<Vec<&str>> = expected
-            .map(|names| names.iter().copied().filter(|n| tables.iter().any(|t| t == split_name(n).0)).collect())
+            .map(|names| names.iter().copied().filter(|n| ours(n)).collect())
             .filter(|names: &Vec<&str>| names.len() * BY_NAME_BELOW_SHARE < family_use);
         let expected = expected.as_deref();
         let mut state = KernelState {
@@ -496,7 +497,7 @@ impl Netlink {
         }
         let t0 = std::time::Instant::now();
         let chains = match expected {
-            Some(names) => self.chains_by_name(&tables, names)?,
+            Some(names) => self.chains_by_name(names)?,
             None => self.our_chains(&tables)?,
         };
         insert_chains(&mut state, chains);
@@ -521,10 +522,12 @@ impl Netlink {
                         let Ok(chain) = std::str::from_utf8(r.chain).map(|c| qualify(shard, c)) else { return };
                         if let Some(seen) = seen.as_deref_mut() {
                             let targets = decode::verdict_chains(r.expressions).map(|c| qualify(shard, c));
-                            seen.extend(targets.chain([chain.clone()]).filter(|c| !chains.contains_key(c)));
+                            seen.extend(targets.filter(|c| !chains.contains_key(c)));
                         }
-                        if let Some(chain) = chains.get_mut(&chain) {
-                            chain.rules.push(expr::fingerprint(r.expressions, r.userdata));
+                        if let Some(known) = chains.get_mut(&chain) {
+                            known.rules.push(expr::fingerprint(r.expressions, r.userdata));
+                        } else if let Some(seen) = seen.as_deref_mut() {
+                            seen.insert(chain);
                         }
                     })?
                 }
@@ -532,10 +535,7 @@ impl Netlink {
         }
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "rules read");
         let t0 = std::time::Instant::now();
-        let sets = self.our_sets(&tables)?;
-        let set_count = |t: &str| sets.iter().filter(|(s, _)| s.table == t).count();
-        let set_count: BTreeMap<&str, usize> = tables.iter().map(|t| (t.as_str(), set_count(t))).collect();
-        for (s, extras) in &sets {
+        for (s, extras) in self.our_sets(&tables)? {
             let shard = shard_of_table(&s.table).unwrap_or(0);
             // Dynamic sets (session affinity) are filled by the data path: not ours to read.
             let elements =
@@ -544,7 +544,7 @@ impl Netlink {
                 seen.extend(elements.iter().filter_map(|e| e.goto.clone()).filter(|c| !state.chains.contains_key(c)));
             }
             let shape = SetShape { key_type: s.key_type, key_len: s.key_len, flags: s.flags, data_type: s.data_type };
-            state.sets.insert(qualify(shard, &s.name), KernelSet { shape, extras: *extras, elements });
+            state.sets.insert(qualify(shard, &s.name), KernelSet { shape, extras, elements });
         }
         for table in &tables {
             let shard = shard_of_table(table).unwrap_or(0);
@@ -559,13 +559,13 @@ impl Netlink {
         let Some(mut seen) = seen else { return Ok(state) };
         // The chains pointed at that were not expected, then the ones their rules point at.
         loop {
-            let ours = |n: &String| tables.iter().any(|t| t == split_name(n).0);
-            let new: Vec<String> = seen.iter().filter(|n| ours(n) && !state.chains.contains_key(*n)).cloned().collect();
+            let new: Vec<&str> =
+                seen.iter().map(String::as_str).filter(|n| ours(n) && !state.chains.contains_key(*n)).collect();
             if new.is_empty() {
                 break;
             }
+            let found = self.chains_by_name(&new)?;
             seen.clear();
-            let found = self.chains_by_name(&tables, &new.iter().map(String::as_str).collect::<Vec<_>>())?;
             if found.is_empty() {
                 break;
             }
@@ -579,9 +579,10 @@ impl Netlink {
             }
         }
         let held = |t: &str| {
-            state.chains.keys().filter(|n| split_name(n).0 == t).count()
-                + set_count.get(t).copied().unwrap_or(0)
-                + state.objects.keys().filter(|n| split_name(n).0 == t).count()
+            let in_t = |n: &&String| split_name(n).0 == t;
+            state.chains.keys().filter(in_t).count()
+                + state.sets.keys().filter(in_t).count()
+                + state.objects.keys().filter(in_t).count()
         };
         let short: Vec<(&str, usize, u32)> = infos
             .iter()
@@ -595,12 +596,11 @@ impl Netlink {
         self.read_tables(shards, None)
     }
 
-    /// The chains `names` (qualified) that exist in `tables`, asked for by name: a thousand
+    /// The chains `names` (qualified, in our tables) that exist, asked for by name: a thousand
     /// requests per message, each answered by the chain or ENOENT.
-    fn chains_by_name(&mut self, tables: &[String], names: &[&str]) -> Result<Vec<(u32, sys::ParsedChain)>> {
+    fn chains_by_name(&mut self, names: &[&str]) -> Result<Vec<(u32, sys::ParsedChain)>> {
         let what = "chains";
-        let wanted: Vec<(&str, &str)> =
-            names.iter().map(|n| split_name(n)).filter(|(t, _)| tables.iter().any(|x| x == t)).collect();
+        let wanted: Vec<(&str, &str)> = names.iter().map(|n| split_name(n)).collect();
         let mut out = Vec::new();
         for batch in wanted.chunks(1024) {
             let first = self.seq;
@@ -712,11 +712,10 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Reads the rules of `table` with one dump per chain of it in `state`: a round trip per
-    /// chain (about 8 us here), but linear in the table's size. A chain that went away since
-    /// the chain dump is left out, as if that dump had not seen it.
-    /// The rules of `chains` (qualified) in `table`, one dump each; with `seen`, the chains
-    /// they jump or go to are added there.
+    /// Reads the rules of `chains` (qualified) of `table` in `state` with one dump per chain: a
+    /// round trip per chain (about 8 us here), but linear in the table's size. A chain that went
+    /// away since it was read is left out, as if it had not been seen. With `seen`, the chains
+    /// their rules jump or go to that `state` does not hold yet are added there.
     fn read_rules_by_chain(
         &mut self,
         table: &str,
