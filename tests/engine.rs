@@ -294,6 +294,22 @@ fn a_restart_after_one_service_changed_reads_back_only_the_tables_it_changes() {
 }
 
 #[test]
+fn a_restart_reading_back_the_main_table_keeps_the_hairpin_elements_of_services_in_other_tables() {
+    // Four tables: web in the third, db and dns in two tables that are not read back.
+    let o = opts(4);
+    let shard = |name: &str| o.shard_of(&ServiceId::new("default", name));
+    assert_eq!([shard("web"), shard("db"), shard("dns")], [3, 1, 2]);
+    let k = FakeKernel::with_monitor();
+    Engine::new(k.clone(), o.clone()).sync(&cluster(WEB, DNS)).unwrap();
+    let moved = cluster(&["10.244.1.2", "10.244.1.4"], DNS);
+    let out = Engine::new(k.clone(), o.clone()).sync(&moved).unwrap();
+    let want: BTreeSet<String> = ["nftproxy".to_string(), web_table(4)].into();
+    assert_eq!(out.tables_read.iter().cloned().collect::<BTreeSet<_>>(), want, "{}", out.plan);
+    // Exactly what a fresh compile makes: db's and dns's hairpin elements (main table) stay.
+    assert_eq!(comparable(k.ruleset()), comparable(nftproxy::compile::compile(&moved, &o)), "{}", out.plan);
+}
+
+#[test]
 fn conntrack_is_read_only_when_a_change_can_strand_a_udp_flow() {
     let k = FakeKernel::default();
     let mut e = Engine::new(k.clone(), opts(1));
