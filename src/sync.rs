@@ -128,16 +128,28 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 fn endpoint_changes(old: Option<&Service>, new: Option<&Service>) -> usize {
-    let set = |s: Option<&Service>| -> BTreeSet<String> {
+    // Borrowed, not formatted: a first sync counts every endpoint of the cluster here.
+    fn set(s: Option<&Service>) -> BTreeSet<(u16, crate::model::Protocol, &crate::model::Endpoint)> {
         s.into_iter()
-            .flat_map(|s| {
-                s.ports
-                    .iter()
-                    .flat_map(move |p| p.endpoints.iter().map(move |e| format!("{}/{}/{e:?}", p.port, p.protocol)))
-            })
+            .flat_map(|s| s.ports.iter().flat_map(|p| p.endpoints.iter().map(move |e| (p.port, p.protocol, e))))
             .collect()
-    };
+    }
     set(old).symmetric_difference(&set(new)).count()
+}
+
+/// Counts in `gate` the `changed` Services going from what `services` held to what `snapshot`
+/// has, with the elements that change in `delta` when a partial plan needs them.
+fn count_gate(
+    gate: &mut Gate,
+    services: &BTreeMap<ServiceId, (Service, TableDigests)>,
+    snapshot: &Snapshot,
+    changed: &[ServiceId],
+    opts: &Options,
+    mut delta: Option<&mut GateDelta>,
+) {
+    for id in changed {
+        gate.change(services.get(id).map(|(s, _)| s), snapshot.services.get(id), opts, delta.as_deref_mut());
+    }
 }
 
 /// `acc` with `digests` XORed into their tables.
@@ -518,8 +530,8 @@ impl Engine {
         }
         // The gate's elements are shared by Services: it counts their holders (see gate.rs).
         let mut gate = GateDelta::default();
-        for id in &changed {
-            self.gate.change(self.services.get(id).map(|(s, _)| s), snapshot.services.get(id), &self.opts, &mut gate);
+        if !defer {
+            count_gate(&mut self.gate, &self.services, snapshot, &changed, &self.opts, Some(&mut gate));
         }
         let early = (!defer).then(|| self.wanted_digests(&changed, &digests));
         let (scope, recorded) = match &early {
@@ -587,10 +599,13 @@ impl Engine {
                 let names: Vec<String> = have.tables().map(str::to_string).collect();
                 tracing::info!(tables = ?names, "read back");
                 let plan = if have.holds_nothing() && chains_of(snapshot.services.values()) > self.stage_above_chains {
-                    let (plan, done) = self.stage_first_sync(snapshot, &mut compiled, taken.take())?;
+                    let (plan, done) = self.stage_first_sync(snapshot, &changed, defer, &mut compiled, taken.take())?;
                     staged = done;
                     plan
                 } else {
+                    if defer {
+                        count_gate(&mut self.gate, &self.services, snapshot, &changed, &self.opts, None);
+                    }
                     plan::plan(&have, self.want(snapshot, &mut compiled, None, taken.take()))
                 };
                 self.take_state(&have, &plan);
@@ -724,17 +739,25 @@ impl Engine {
     /// that makes them reachable (the base chains and their rules), still to be committed.
     /// If a stage fails, what was committed stays unreachable and the failed sync's successor
     /// reads it back like anything else.
+    ///
+    /// With `gate_later`, the gate is counted here for the `changed` Services while the first
+    /// stage compiles, and its elements go in a transaction of their own after the skeleton.
     fn stage_first_sync(
         &mut self,
         snapshot: &Snapshot,
+        changed: &[ServiceId],
+        gate_later: bool,
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
         mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
     ) -> crate::Result<(Plan, Staged)> {
         let mut skeleton = self.skeleton.clone();
-        compile::merge_gate(&mut skeleton, &self.gate);
+        if !gate_later {
+            compile::merge_gate(&mut skeleton, &self.gate);
+        }
         let (unreached, last) = plan::plan(&Default::default(), skeleton).split_reachable();
         let mut staged = Staged::default();
         let ready = self.kernel.readier();
+        let (gate, services) = (&mut self.gate, &self.services);
         let (kernel, opts, base, limit) = (&mut self.kernel, &self.opts, &self.skeleton, self.stage_messages);
         let mut commit = |stage: &Ready| -> crate::Result<()> {
             if !stage.plan.is_empty() {
@@ -775,8 +798,21 @@ impl Engine {
             });
             let (freed, to_free) = std::sync::mpsc::channel::<Ready>();
             scope.spawn(move || to_free.into_iter().for_each(drop));
-            // The tables, sets and chains first, while the first stage is compiled.
+            // The tables, sets and chains first, while the first stage is compiled; the gate
+            // is counted meanwhile too.
             commit(&Ready::unencoded(unreached))?;
+            if gate_later {
+                count_gate(gate, services, snapshot, changed, opts, None);
+                let mut elements = base.clone();
+                elements.chains.clear();
+                elements.sets.retain(|_, s| matches!(s.kind, SetKind::Gate(_)));
+                compile::merge_gate(&mut elements, gate);
+                let ops = elements.sets.into_iter().filter(|(_, s)| !s.elements.is_empty());
+                let ops = ops.map(|(set, s)| Op::AddElements { set, kind: s.kind, elements: s.elements });
+                // Committed now, while nothing reaches the maps: in the last transaction, with
+                // the base chains, the same elements made it 0.2 s longer at 44,000 Services.
+                commit(&Ready::unencoded(Plan { ops: ops.collect() }))?;
+            }
             for stage in stages {
                 commit(&stage)?;
                 let _ = freed.send(stage);

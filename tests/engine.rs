@@ -420,7 +420,8 @@ fn a_big_first_sync_goes_in_stages_that_no_packet_reaches_until_the_last() {
         e.set_staging(0, 1);
         let o = e.sync(&snap).unwrap();
         let stages = commits(&k);
-        assert_eq!(stages, 1 + snap.services.len() + 1, "skeleton, each Service, the hooks: {}", o.plan);
+        let expected = 1 + 1 + snap.services.len() + 1;
+        assert_eq!(stages, expected, "skeleton, the gate's elements, each Service, the hooks: {}", o.plan);
         assert_eq!(comparable(k.ruleset()), comparable(one.ruleset()), "{shards} tables");
         assert_flows(&k, WEB, DNS);
         // Only the last transaction touches a base chain.

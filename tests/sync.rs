@@ -498,7 +498,7 @@ fn a_first_sync_in_stages_serves_every_service_and_holds_exactly_the_wanted_rule
     };
     // Every stage one Service (the defaults stage only first syncs of 100,000 chains or more).
     let log = sync_once(&c, &["NFTPROXY_STAGE_ABOVE_CHAINS=0", "NFTPROXY_STAGE_MESSAGES=1"]);
-    assert!(log.contains("first sync staged transactions=13 "), "the skeleton, then each Service: {log}");
+    assert!(log.contains("first sync staged transactions=14 "), "the skeleton, the gate, then each Service: {log}");
     assert_eq!(tables(&c), ["nftproxy", "nftproxy-1", "nftproxy-2", "nftproxy-3"]);
     for i in 0..12 {
         let got = c.probe("client", "tcp", &format!("10.96.10.{}:80", 1 + i), 4);

@@ -151,9 +151,8 @@ impl Gate {
     /// The gate of these Services.
     pub fn of<'a>(opts: &Options, services: impl IntoIterator<Item = &'a Service>) -> Gate {
         let mut gate = Gate::new(opts);
-        let mut delta = GateDelta::default();
         for svc in services {
-            gate.change(None, Some(svc), opts, &mut delta);
+            gate.change(None, Some(svc), opts, None);
         }
         gate
     }
@@ -179,8 +178,15 @@ impl Gate {
     }
 
     /// Accounts for one Service changing from `old` to `new` (either absent: added or
-    /// deleted), recording the elements that change in `delta`.
-    pub fn change(&mut self, old: Option<&Service>, new: Option<&Service>, opts: &Options, delta: &mut GateDelta) {
+    /// deleted), recording the elements that change in `delta` (if the caller needs them: a
+    /// sync that plans from a read-back takes the whole gate instead).
+    pub fn change(
+        &mut self,
+        old: Option<&Service>,
+        new: Option<&Service>,
+        opts: &Options,
+        mut delta: Option<&mut GateDelta>,
+    ) {
         let Some(id) = new.or(old).map(|s| &s.id) else { return };
         let shard = opts.shard_of(id);
         let (gone, came) = (old.map(addresses).unwrap_or_default(), new.map(addresses).unwrap_or_default());
@@ -202,7 +208,9 @@ impl Gate {
                 for e in before.iter().chain(&after) {
                     *d ^= element_hash(&map, e);
                 }
-                delta.record(map, ip_bytes(ip), before, after);
+                if let Some(delta) = delta.as_deref_mut() {
+                    delta.record(map, ip_bytes(ip), before, after);
+                }
             }
         }
     }
@@ -268,11 +276,11 @@ mod tests {
             ]
         );
         let mut delta = GateDelta::default();
-        gate.change(Some(&a), None, &opts, &mut delta);
+        gate.change(Some(&a), None, &opts, Some(&mut delta));
         let ops = delta.into_ops();
         assert_eq!(ops.len(), 1, "only a's ClusterIP goes: {ops:?}");
         let mut delta = GateDelta::default();
-        gate.change(Some(&b), None, &opts, &mut delta);
+        gate.change(Some(&b), None, &opts, Some(&mut delta));
         let ops = delta.into_ops();
         let Op::DelElements { elements, .. } = &ops[0] else { panic!("{ops:?}") };
         assert_eq!(elements.len(), 2, "b's ClusterIP and the external address; the node address stays: {ops:?}");
@@ -287,15 +295,15 @@ mod tests {
         let b = svc("b", "203.0.113.7", &[]);
         let mut gate = Gate::of(&opts, [&a]);
         let mut delta = GateDelta::default();
-        gate.change(None, Some(&b), &opts, &mut delta);
+        gate.change(None, Some(&b), &opts, Some(&mut delta));
         let ops = delta.into_ops();
         assert!(
             matches!(&ops[..], [Op::DelElements { .. }, Op::AddElements { elements, .. }] if elements[0].goto.as_deref() == Some("cluster-ip-v4")),
             "{ops:?}"
         );
         let mut delta = GateDelta::default();
-        gate.change(Some(&b), None, &opts, &mut delta);
-        gate.change(None, Some(&b), &opts, &mut delta);
+        gate.change(Some(&b), None, &opts, Some(&mut delta));
+        gate.change(None, Some(&b), &opts, Some(&mut delta));
         assert!(delta.into_ops().is_empty());
         assert_eq!(gate.digests(), Gate::of(&opts, [&a, &b]).digests());
     }
