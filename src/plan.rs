@@ -466,20 +466,18 @@ pub fn in_tables(name: &str, shards: &BTreeSet<u32>) -> bool {
 }
 
 /// The plan for only our tables `shards` (by shard number), from a read-back of just those
-/// tables (`have`): `want` is cut to them, and the others are taken to hold what we want.
-pub fn plan_tables(have: &KernelState, mut want: Ruleset, shards: &BTreeSet<u32>) -> Plan {
+/// tables (`have`): `want` is cut to them, and the others are taken to hold what we want (so
+/// `have` is told, without a copy, that the main table exists when it was not read).
+pub fn plan_tables(have: &mut KernelState, mut want: Ruleset, shards: &BTreeSet<u32>) -> Plan {
     want.chains.retain(|n, _| in_tables(n, shards));
     want.sets.retain(|n, _| in_tables(n, shards));
-    if shards.contains(&0) {
-        return plan(have, want);
+    if !shards.contains(&0) {
+        have.table_exists = true;
+        if want.table_flags != 0 {
+            have.table_flags.insert(TABLE.to_string(), want.table_flags);
+        }
     }
-    // The main table was not read: it exists, with the flags we want.
-    let mut have = have.clone();
-    have.table_exists = true;
-    if want.table_flags != 0 {
-        have.table_flags.insert(TABLE.to_string(), want.table_flags);
-    }
-    plan(&have, want)
+    plan(have, want)
 }
 
 /// A partial sync: the change from `old` to `new` objects of some Services, trusting that the

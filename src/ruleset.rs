@@ -344,8 +344,13 @@ impl Stmt {
 
 /// FNV-1a, 64 bit: a stable hash (std's is randomised per process).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_parts(&[bytes])
+}
+
+/// [`fnv1a`] of the parts one after the other, without joining them.
+pub fn fnv1a_parts(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
+    for b in parts.iter().flat_map(|p| p.iter()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100000001b3);
     }

@@ -484,15 +484,18 @@ impl Engine {
             }
             let mut objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
             if let Some(d) = digests.as_deref_mut() {
-                d.insert(id.clone(), objs.table_digests());
+                // Kept from the Service's first compile (a main table's pass gets only a part).
+                d.entry(id.clone()).or_insert_with(|| objs.table_digests());
             }
             // Reading the main table back needs every Service's hairpin elements, not the
             // chains of those in tables that are not read: holding them all at once is what
-            // made a restart at 5,000 x 50 peak above 200 MiB.
+            // made a restart at 5,000 x 50 peak above 200 MiB. Without the main table, its
+            // part stays in `compiled` for a pass over it that may follow.
             if shards.is_some() {
-                objs.chains.retain(|n, _| keep(n));
-                objs.sets.retain(|n, _| keep(n));
-                objs.elements.retain(|(set, _)| keep(set));
+                if !all {
+                    compiled.insert(id.clone(), objs.part(|n| crate::plan::in_tables(n, &BTreeSet::from([0]))));
+                }
+                objs.retain(keep);
             }
             compile::merge(&mut want, objs);
         }
@@ -578,10 +581,10 @@ impl Engine {
                 // What is wanted first: the chains it names are asked for by name.
                 let want = self.want(snapshot, &mut compiled, Some(&shards), None);
                 let expected: Vec<&str> = want.chains.keys().map(String::as_str).collect();
-                let have = self.kernel.read_tables(&shards, &expected)?;
+                let mut have = self.kernel.read_tables(&shards, &expected)?;
                 drop(expected);
                 let read_back = start.elapsed();
-                let mut plan = plan::plan_tables(&have, want, &shards);
+                let mut plan = plan::plan_tables(&mut have, want, &shards);
                 if shards.contains(&0) {
                     self.take_state(&have, &plan);
                 } else if let Some(recorded) = recorded {
@@ -594,23 +597,23 @@ impl Engine {
             }
             Scope::All => {
                 self.dirty.clear();
-                let have = self.kernel.read_table()?;
-                let read_back = start.elapsed();
-                let names: Vec<String> = have.tables().map(str::to_string).collect();
-                tracing::info!(tables = ?names, "read back");
-                let plan = if have.holds_nothing() && chains_of(snapshot.services.values()) > self.stage_above_chains {
+                let tables = self.kernel.tables()?;
+                // Recorded even when nothing else changes, so that the next restart is quick.
+                if tables.is_empty() && chains_of(snapshot.services.values()) > self.stage_above_chains {
+                    tracing::info!(tables = ?tables, "read back");
+                    let read_back = start.elapsed();
                     let (plan, done) = self.stage_first_sync(snapshot, &changed, defer, &mut compiled, taken.take())?;
                     staged = done;
-                    plan
+                    self.state = Vec::new();
+                    (SyncKind::Full, plan, read_back, tables, true)
                 } else {
                     if defer {
                         count_gate(&mut self.gate, &self.services, snapshot, &changed, &self.opts, None);
                     }
-                    plan::plan(&have, self.want(snapshot, &mut compiled, None, taken.take()))
-                };
-                self.take_state(&have, &plan);
-                // Recorded even when nothing else changes, so that the next restart is quick.
-                (SyncKind::Full, plan, read_back, names, true)
+                    let (plan, names) = self.plan_each_table(snapshot, &tables, &mut compiled, taken.take())?;
+                    tracing::info!(tables = ?names, "read back");
+                    (SyncKind::Full, plan, start.elapsed(), names, true)
+                }
             }
         };
         let (services_now, wanted) = early.unwrap_or_else(|| self.wanted_digests(&changed, &digests));
@@ -827,6 +830,43 @@ impl Engine {
         );
         staged.models = models;
         Ok((last, staged))
+    }
+
+    /// Every table read back and planned one at a time, so that what is read and what is
+    /// wanted are held for one table, not for all (a read-back of everything at 5,000 x 50
+    /// held both for 255,000 chains). The main table goes last: the passes over the others
+    /// leave their Services' hairpin elements in `compiled` for it. Tables of shards no longer
+    /// used go whole, unread. Returns the plan and the tables read.
+    fn plan_each_table(
+        &mut self,
+        snapshot: &Snapshot,
+        tables: &[String],
+        compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
+        mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
+    ) -> crate::Result<(Plan, Vec<String>)> {
+        let shards = self.opts.shards();
+        let unused = |t: &&String| crate::ruleset::shard_of_table(t).is_none_or(|k| k >= shards);
+        let mut ops: Vec<Op> = tables.iter().filter(unused).map(|t| Op::DelTable(t.clone())).collect();
+        let (mut read, mut shard_ops) = (Vec::new(), Vec::new());
+        for k in (1..shards).chain([0]) {
+            let one = BTreeSet::from([k]);
+            let want = self.want(snapshot, compiled, Some(&one), digests.as_deref_mut());
+            let expected: Vec<&str> = want.chains.keys().map(String::as_str).collect();
+            let mut have = self.kernel.read_tables(&one, &expected)?;
+            drop(expected);
+            // In table order, as one read-back planned them: the main table first.
+            let at = if k == 0 { 0 } else { read.len() };
+            read.splice(at..at, have.tables().map(str::to_string).collect::<Vec<_>>());
+            let plan = plan::plan_tables(&mut have, want, &one);
+            if k == 0 {
+                self.take_state(&have, &plan);
+                ops.extend(plan.ops);
+            } else {
+                shard_ops.extend(plan.ops);
+            }
+        }
+        ops.append(&mut shard_ops);
+        Ok((Plan { ops }, read))
     }
 
     /// The state elements a read-back of the main table found, unless the plan rebuilds it.

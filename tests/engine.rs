@@ -310,6 +310,28 @@ fn a_restart_reading_back_the_main_table_keeps_the_hairpin_elements_of_services_
 }
 
 #[test]
+fn a_read_back_of_everything_goes_table_by_table_repairs_each_and_drops_the_unused() {
+    let k = FakeKernel::default();
+    Engine::new(k.clone(), opts(4)).sync(&cluster(WEB, DNS)).unwrap();
+    // Between two runs: web's first endpoint chain is emptied (its table, nftproxy-3) and dns's
+    // hairpin elements go (the main table, read last).
+    let ep = nftproxy::ruleset::qualify(3, "ep4/default/web/tcp/80/10.244.1.2/8080");
+    k.foreign(|s| s.ruleset.chains.get_mut(&ep).unwrap().rules = Vec::new().into());
+    k.foreign(|s| s.ruleset.sets.get_mut("hairpin-v4").unwrap().elements.retain(|e| e.key[..4] != [10, 244, 3, 1]));
+    let reads = tables_read(&k).len();
+    let o = Engine::new(k.clone(), opts(4)).sync(&cluster(WEB, DNS)).unwrap();
+    assert_eq!(o.tables_read, ["nftproxy", "nftproxy-1", "nftproxy-2", "nftproxy-3"], "{}", o.plan);
+    assert_eq!(tables_read(&k)[reads..], [1, 1, 1, 1], "one table per read");
+    assert_eq!(comparable(k.ruleset()), comparable(nftproxy::compile::compile(&cluster(WEB, DNS), &opts(4))));
+    // Three tables from now on: the fourth goes whole, and the Services move.
+    k.foreign(|_| {});
+    let o = Engine::new(k.clone(), opts(3)).sync(&cluster(WEB, DNS)).unwrap();
+    assert!(o.plan.ops.contains(&Op::DelTable("nftproxy-3".into())), "{}", o.plan);
+    assert_eq!(comparable(k.ruleset()), comparable(nftproxy::compile::compile(&cluster(WEB, DNS), &opts(3))));
+    assert_flows(&k, WEB, DNS);
+}
+
+#[test]
 fn conntrack_is_read_only_when_a_change_can_strand_a_udp_flow() {
     let k = FakeKernel::default();
     let mut e = Engine::new(k.clone(), opts(1));

@@ -97,7 +97,10 @@ impl Options {
 
     /// The shard a Service lives in: a stable hash of namespace/name.
     pub fn shard_of(&self, id: &crate::model::ServiceId) -> u32 {
-        (fnv1a(id.to_string().as_bytes()) % u64::from(self.shards())) as u32
+        // Of `namespace/name`, as ever (a Service never changes tables), without making the
+        // string: a read-back table by table asks this of every Service once per table.
+        let h = fnv1a_parts(&[id.namespace.as_bytes(), b"/", id.name.as_bytes()]);
+        (h % u64::from(self.shards())) as u32
     }
 }
 
@@ -194,6 +197,24 @@ pub struct ServiceObjects {
     pub sets: BTreeMap<String, Set>,
     /// (set name, element)
     pub elements: Vec<(String, Element)>,
+}
+
+impl ServiceObjects {
+    /// The objects whose (set) names `keep` holds to.
+    pub fn part(&self, keep: impl Fn(&str) -> bool) -> ServiceObjects {
+        ServiceObjects {
+            chains: self.chains.iter().filter(|(n, _)| keep(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
+            sets: self.sets.iter().filter(|(n, _)| keep(n)).map(|(n, s)| (n.clone(), s.clone())).collect(),
+            elements: self.elements.iter().filter(|(set, _)| keep(set)).cloned().collect(),
+        }
+    }
+
+    /// Keeps only the objects whose (set) names `keep` holds to.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.chains.retain(|n, _| keep(n));
+        self.sets.retain(|n, _| keep(n));
+        self.elements.retain(|(set, _)| keep(set));
+    }
 }
 
 /// A digest per table, by shard number (0: the main table), in shard order. A Service's objects

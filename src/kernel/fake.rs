@@ -288,6 +288,10 @@ impl Kernel for FakeKernel {
         Ok(s.read())
     }
 
+    fn tables(&mut self) -> Result<Vec<String>> {
+        Ok(self.lock().tables.keys().filter(|t| shard_of_table(t).is_some()).cloned().collect())
+    }
+
     fn read_tables(&mut self, shards: &BTreeSet<u32>, _expected: &[&str]) -> Result<KernelState> {
         let mut s = self.lock();
         let mut ks = s.read();

@@ -21,6 +21,8 @@ pub trait Kernel {
     fn generation(&mut self) -> nft::Result<u32>;
     /// Everything in our tables.
     fn read_table(&mut self) -> nft::Result<KernelState>;
+    /// The names of our tables that exist.
+    fn tables(&mut self) -> nft::Result<Vec<String>>;
     /// Everything in those of our tables (by shard number, 0: `nftproxy`) that exist; the
     /// others are left out as if they did not exist. `expected`: the chains (qualified names)
     /// the engine wants there, which the live kernel asks for by name (see
@@ -145,6 +147,10 @@ impl Kernel for LiveKernel {
 
     fn read_table(&mut self) -> nft::Result<KernelState> {
         self.nl.read_table()
+    }
+
+    fn tables(&mut self) -> nft::Result<Vec<String>> {
+        self.nl.our_tables()
     }
 
     fn read_tables(&mut self, shards: &BTreeSet<u32>, expected: &[&str]) -> nft::Result<KernelState> {

@@ -592,8 +592,24 @@ impl Netlink {
         if short.is_empty() {
             return Ok(state);
         }
-        tracing::debug!(tables = ?short, "tables (found, use count) hold what no rule or map names: reading them again with a chain dump");
-        self.read_tables(shards, None)
+        // Only chains can be missing (sets and objects were dumped): a chain dump finds them,
+        // and only their rules are read.
+        tracing::debug!(tables = ?short, "tables (found, use count) hold what no rule or map names: listing their chains");
+        let short: Vec<String> = short.into_iter().map(|(t, _, _)| t.to_string()).collect();
+        let missing: Vec<_> = self
+            .our_chains(&short)?
+            .into_iter()
+            .filter(|(k, c)| !state.chains.contains_key(&qualify(*k, &c.name)))
+            .collect();
+        let mut per_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (shard, c) in &missing {
+            per_table.entry(c.table.clone()).or_default().push(qualify(*shard, &c.name));
+        }
+        insert_chains(&mut state, missing);
+        for (table, chains) in per_table {
+            self.read_rules_by_chain(&table, &chains, &mut state, None)?;
+        }
+        Ok(state)
     }
 
     /// The chains `names` (qualified, in our tables) that exist, asked for by name: a thousand
