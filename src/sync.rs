@@ -610,9 +610,11 @@ impl Engine {
                     if defer {
                         count_gate(&mut self.gate, &self.services, snapshot, &changed, &self.opts, None);
                     }
-                    let (plan, names) = self.plan_each_table(snapshot, &tables, &mut compiled, taken.take())?;
+                    let before = start.elapsed();
+                    let (plan, names, reading) =
+                        self.plan_each_table(snapshot, &tables, &mut compiled, taken.take())?;
                     tracing::info!(tables = ?names, "read back");
-                    (SyncKind::Full, plan, start.elapsed(), names, true)
+                    (SyncKind::Full, plan, before + reading, names, true)
                 }
             }
         };
@@ -836,23 +838,25 @@ impl Engine {
     /// wanted are held for one table, not for all (a read-back of everything at 5,000 x 50
     /// held both for 255,000 chains). The main table goes last: the passes over the others
     /// leave their Services' hairpin elements in `compiled` for it. Tables of shards no longer
-    /// used go whole, unread. Returns the plan and the tables read.
+    /// used go whole, unread. Returns the plan, the tables read and the time spent reading.
     fn plan_each_table(
         &mut self,
         snapshot: &Snapshot,
         tables: &[String],
         compiled: &mut BTreeMap<ServiceId, ServiceObjects>,
         mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
-    ) -> crate::Result<(Plan, Vec<String>)> {
+    ) -> crate::Result<(Plan, Vec<String>, Duration)> {
         let shards = self.opts.shards();
         let unused = |t: &&String| crate::ruleset::shard_of_table(t).is_none_or(|k| k >= shards);
         let mut ops: Vec<Op> = tables.iter().filter(unused).map(|t| Op::DelTable(t.clone())).collect();
-        let (mut read, mut shard_ops) = (Vec::new(), Vec::new());
+        let (mut read, mut shard_ops, mut reading) = (Vec::new(), Vec::new(), Duration::ZERO);
         for k in (1..shards).chain([0]) {
             let one = BTreeSet::from([k]);
             let want = self.want(snapshot, compiled, Some(&one), digests.as_deref_mut());
             let expected: Vec<&str> = want.chains.keys().map(String::as_str).collect();
+            let t0 = Instant::now();
             let mut have = self.kernel.read_tables(&one, &expected)?;
+            reading += t0.elapsed();
             drop(expected);
             // In table order, as one read-back planned them: the main table first.
             let at = if k == 0 { 0 } else { read.len() };
@@ -866,7 +870,7 @@ impl Engine {
             }
         }
         ops.append(&mut shard_ops);
-        Ok((Plan { ops }, read))
+        Ok((Plan { ops }, read, reading))
     }
 
     /// The state elements a read-back of the main table found, unless the plan rebuilds it.
