@@ -474,6 +474,7 @@ impl Engine {
         // A Service's objects live in its shard's table and (hairpin) in the main table.
         let all = shards.is_none_or(|s| s.contains(&0));
         let keep = |name: &str| shards.is_none_or(|s| crate::plan::in_tables(name, s));
+        let main = BTreeSet::from([0]);
         if shards.is_some() {
             want.chains.retain(|n, _| keep(n));
             want.sets.retain(|n, _| keep(n));
@@ -493,7 +494,7 @@ impl Engine {
             // part stays in `compiled` for a pass over it that may follow.
             if shards.is_some() {
                 if !all {
-                    compiled.insert(id.clone(), objs.part(|n| crate::plan::in_tables(n, &BTreeSet::from([0]))));
+                    compiled.insert(id.clone(), objs.part(|n| crate::plan::in_tables(n, &main)));
                 }
                 objs.retain(keep);
             }

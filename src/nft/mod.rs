@@ -472,7 +472,8 @@ impl Netlink {
     /// for by name instead: the expected ones, then any that the rules and verdict maps read
     /// point at or hold rules (a changed Service's old endpoint chains), until none is new. A
     /// table's use count (its chains, sets, objects and flowtables) then tells whether anything
-    /// else is there, which only a dump can find: then everything is read again the old way.
+    /// else is there, which only a dump can find: then a chain dump lists that table's chains,
+    /// and the rules of those not read yet are read.
     pub fn read_tables(&mut self, shards: Option<&BTreeSet<u32>>, expected: Option<&[&str]>) -> Result<KernelState> {
         let (mut infos, family_use) = self.tables_with_flags()?;
         if let Some(wanted) = shards {
@@ -569,14 +570,7 @@ impl Netlink {
             if found.is_empty() {
                 break;
             }
-            let mut per_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (shard, c) in &found {
-                per_table.entry(c.table.clone()).or_default().push(qualify(*shard, &c.name));
-            }
-            insert_chains(&mut state, found);
-            for (table, chains) in per_table {
-                self.read_rules_by_chain(&table, &chains, &mut state, Some(&mut seen))?;
-            }
+            self.add_chains_with_rules(&mut state, found, Some(&mut seen))?;
         }
         let held = |t: &str| {
             let in_t = |n: &&String| split_name(n).0 == t;
@@ -601,15 +595,27 @@ impl Netlink {
             .into_iter()
             .filter(|(k, c)| !state.chains.contains_key(&qualify(*k, &c.name)))
             .collect();
+        self.add_chains_with_rules(&mut state, missing, None)?;
+        Ok(state)
+    }
+
+    /// Adds `chains` (as read, without rules) to `state` and reads their rules, one dump per
+    /// chain; with `seen`, as [`Netlink::read_rules_by_chain`] does.
+    fn add_chains_with_rules(
+        &mut self,
+        state: &mut KernelState,
+        chains: Vec<(u32, sys::ParsedChain)>,
+        mut seen: Option<&mut BTreeSet<String>>,
+    ) -> Result<()> {
         let mut per_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (shard, c) in &missing {
+        for (shard, c) in &chains {
             per_table.entry(c.table.clone()).or_default().push(qualify(*shard, &c.name));
         }
-        insert_chains(&mut state, missing);
-        for (table, chains) in per_table {
-            self.read_rules_by_chain(&table, &chains, &mut state, None)?;
+        insert_chains(state, chains);
+        for (table, names) in per_table {
+            self.read_rules_by_chain(&table, &names, state, seen.as_deref_mut())?;
         }
-        Ok(state)
+        Ok(())
     }
 
     /// The chains `names` (qualified, in our tables) that exist, asked for by name: a thousand
