@@ -365,13 +365,13 @@ fn harness(args: &[String]) {
     let mut r = Report::default();
     let first_packet = |r: &mut Report| {
         let n = get("--dataplane-services", "10000").parse().unwrap();
-        let rounds = get("--first-packet-rounds", "20").parse().unwrap();
+        let rounds = get("--first-packet-rounds", "12").parse().unwrap();
         first_packet::bench_first_packet(
             r,
             &work,
             n,
             rounds,
-            get("--first-packet-connections", "1000").parse().unwrap(),
+            get("--first-packet-connections", "2000").parse().unwrap(),
         );
     };
     // Conntrack at a million entries (issue 13; about a minute): in the default run unless

@@ -105,6 +105,17 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         count: usize,
     },
+    /// Two paths measured side by side: connections alternate between A and B (ABBA order),
+    /// each from a socket made in its own network namespace, so that the machine's drift falls
+    /// on both alike. Each side is `NETNS=IP:PORT` (a name under /run/netns). Prints, per
+    /// side, the p50 latency and the median CPU time per connection, and the medians of the
+    /// per-pair differences B - A (`diff_cpu_us`, `diff_p50_us`).
+    Paired {
+        a: String,
+        b: String,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
     /// Holds one TCP connection open, sending a line every interval and expecting it echoed;
     /// prints `NAME held N round trips` or `NAME broken after N round trips: why`.
     Hold {
@@ -124,6 +135,7 @@ fn main() -> ExitCode {
         }
         Cmd::DnsBench { server, name_pattern, range, count } => dns_bench(server, &name_pattern, range, count),
         Cmd::Latency { addr, count } => latency(addr, count),
+        Cmd::Paired { a, b, count } => paired(&a, &b, count),
         Cmd::Stream { addr, count, interval_ms } => stream(addr, count, Duration::from_millis(interval_ms)),
         Cmd::StrayAck { src, dst } => stray_ack(src, dst),
         Cmd::Hold { addr, seconds, interval_ms } => {
@@ -470,6 +482,97 @@ fn latency(addr: SocketAddr, count: usize) -> ExitCode {
         pct(0.99),
         cpu.unwrap_or(f64::NAN),
         us.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// One side of `paired`: a network namespace (opened once) and the address to connect to.
+struct Side {
+    netns: std::fs::File,
+    addr: SocketAddr,
+}
+
+impl Side {
+    fn parse(spec: &str) -> Result<Side, String> {
+        let (ns, addr) = spec.split_once('=').ok_or(format!("{spec}: expected NETNS=IP:PORT"))?;
+        let netns = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| format!("netns {ns}: {e}"))?;
+        let addr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        Ok(Side { netns, addr })
+    }
+}
+
+/// One connection from `side`'s namespace: (latency us, CPU ns of this thread), from just before
+/// the connect to just after the close. The socket is made inside the namespace and keeps it;
+/// the thread goes back to `home` before the clock starts.
+fn timed_connection(side: &Side, home: &std::fs::File) -> Option<(f64, u64)> {
+    use nix::sched::{CloneFlags, setns};
+    setns(&side.netns, CloneFlags::CLONE_NEWNET).ok()?;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
+    setns(home, CloneFlags::CLONE_NEWNET).ok()?;
+    let socket = socket.ok()?;
+    let cpu_start = cpu_ns()?;
+    let start = std::time::Instant::now();
+    socket.connect_timeout(&side.addr.into(), Duration::from_secs(2)).ok()?;
+    let mut stream: TcpStream = socket.into();
+    let mut b = [0u8; 1];
+    stream.read_exact(&mut b).ok()?;
+    let us = start.elapsed().as_secs_f64() * 1e6;
+    drop(stream);
+    Some((us, cpu_ns()?.saturating_sub(cpu_start)))
+}
+
+fn paired(a: &str, b: &str, count: usize) -> ExitCode {
+    let (a, b) = match (Side::parse(a), Side::parse(b)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let home = match std::fs::File::open("/proc/thread-self/ns/net") {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("own netns: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mut lat, mut cpu): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
+    let (mut diff_lat, mut diff_cpu) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let mut failed = 0;
+    for i in 0..count {
+        // ABBA: neither side always goes first (the second of a pair finds warmer caches).
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut got = [None, None];
+        for side in order {
+            got[side] = timed_connection([&a, &b][side], &home);
+        }
+        match got {
+            [Some(x), Some(y)] => {
+                for (side, (us, ns)) in [x, y].into_iter().enumerate() {
+                    lat[side].push(us);
+                    cpu[side].push(ns as f64 / 1e3);
+                }
+                diff_lat.push(y.0 - x.0);
+                diff_cpu.push((y.1 as f64 - x.1 as f64) / 1e3);
+            }
+            _ => failed += 1,
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let [la, lb] = &mut lat;
+    let [ca, cb] = &mut cpu;
+    println!(
+        "a_p50_us={:.2} b_p50_us={:.2} a_cpu_us={:.3} b_cpu_us={:.3} diff_p50_us={:.3} diff_cpu_us={:.3} n={} failed={failed}",
+        median(la),
+        median(lb),
+        median(ca),
+        median(cb),
+        median(&mut diff_lat),
+        median(&mut diff_cpu),
+        diff_cpu.len()
     );
     ExitCode::SUCCESS
 }
