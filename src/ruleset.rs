@@ -140,7 +140,9 @@ pub enum Stmt {
         set: String,
     },
     /// `ip saddr . ip daddr . ct original ip daddr @set`: in postrouting, a connection whose
-    /// source is the endpoint it was DNATed to (hairpin), keyed with the ClusterIP.
+    /// source is the endpoint it was DNATed to (hairpin), keyed with the ClusterIP. Written by
+    /// agents before RULE_FORMAT 7 (hairpin is now a rule in each endpoint chain); read so that
+    /// their rules can be recognised and replaced.
     HairpinInSet {
         family: Family,
         set: String,
@@ -219,6 +221,9 @@ impl fmt::Display for Stmt {
             Stmt::NfProto(Family::V4) => f.write_str("meta nfproto ipv4"),
             Stmt::NfProto(Family::V6) => f.write_str("meta nfproto ipv6"),
             Stmt::L4Proto(p) => write!(f, "meta l4proto {p}"),
+            Stmt::SaddrIn(n) if n.prefix_len() == n.max_prefix_len() => {
+                write!(f, "{} saddr {}", ip_kw(Family::of(&n.addr())), n.addr())
+            }
             Stmt::SaddrIn(n) => write!(f, "{} saddr {n}", ip_kw(Family::of(&n.addr()))),
             Stmt::DaddrInSet { family, set } => write!(f, "{} daddr @{}", ip_kw(*family), local_name(set)),
             Stmt::SaddrInSet { family, set } => write!(f, "{} saddr @{}", ip_kw(*family), local_name(set)),
@@ -391,8 +396,10 @@ impl Fnv {
 /// once, and says so. 3: the state set also records a digest per table. 4: endpoint chains may
 /// count (`counter` before the DNAT, issue 14). 5: ClusterIP work in `cluster-ip-v4/6` chains
 /// (issue 18). 6: one gate lookup per table and family (`ip daddr vmap @addresses-v4`) instead
-/// of the `services` chain's three (issue 18).
-pub const RULE_FORMAT: u32 = 6;
+/// of the `services` chain's three (issue 18). 7: hairpin marked in each endpoint chain
+/// (`ip saddr <endpoint>`) instead of a postrouting set lookup, and ClusterIP traffic from the
+/// pod network dispatched without the `masq-check` chain (issue 18).
+pub const RULE_FORMAT: u32 = 7;
 
 /// A digest of chains, sets and set elements (in their canonical order).
 pub fn digest<'a>(
@@ -448,7 +455,8 @@ pub enum SetKind {
     /// `ipv4_addr` with `flags dynamic,timeout`: clients with affinity to one endpoint. The
     /// kernel adds and expires its elements; we never diff them.
     Affinity(Family),
-    /// `ipv4_addr . ipv4_addr . ipv4_addr`: (endpoint, endpoint, ClusterIP) for hairpin SNAT.
+    /// `ipv4_addr . ipv4_addr . ipv4_addr`: (endpoint, endpoint, ClusterIP) for hairpin SNAT,
+    /// left by agents before RULE_FORMAT 7 (see `Stmt::HairpinInSet`).
     Hairpin(Family),
     /// One element: the generation our last commit produced and a digest of what it left,
     /// so a restart can verify an untouched kernel without reading every rule back.
@@ -570,15 +578,6 @@ impl Element {
 
     pub fn address(ip: IpAddr) -> Self {
         Element { key: ip_bytes(&ip), goto: None }
-    }
-
-    /// (endpoint, endpoint, ClusterIP): one per Service address and endpoint, so each Service
-    /// owns its elements even when two Services share a pod.
-    pub fn hairpin(endpoint: IpAddr, vip: IpAddr) -> Self {
-        let mut key = ip_bytes(&endpoint);
-        key.extend(ip_bytes(&endpoint));
-        key.extend(ip_bytes(&vip));
-        Element { key, goto: None }
     }
 
     /// nft-like text of the element, for dry runs and error messages.
@@ -710,7 +709,7 @@ mod tests {
         let mut other = chain.clone();
         other.base = Some(BaseChain { hook: Hook::Output, priority: DSTNAT });
         assert_ne!(d, digest([(&name, &other)], std::iter::empty(), std::iter::empty()));
-        assert_eq!(d, 0x6fd8_d379_6d85_cbff, "digest of a fixed chain changed: bump RULE_FORMAT");
+        assert_eq!(d, 0x7238_675f_036f_ad3c, "digest of a fixed chain changed: bump RULE_FORMAT");
     }
 
     #[test]

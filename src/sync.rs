@@ -471,7 +471,7 @@ impl Engine {
         mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
     ) -> Ruleset {
         let mut want = self.skeleton.clone();
-        // A Service's objects live in its shard's table and (hairpin) in the main table.
+        // A Service's objects live in its shard's table (the main one is shard 0).
         let all = shards.is_none_or(|s| s.contains(&0));
         let keep = |name: &str| shards.is_none_or(|s| crate::plan::in_tables(name, s));
         let main = BTreeSet::from([0]);
@@ -488,10 +488,10 @@ impl Engine {
                 // Kept from the Service's first compile (a main table's pass gets only a part).
                 d.entry(id.clone()).or_insert_with(|| objs.table_digests());
             }
-            // Reading the main table back needs every Service's hairpin elements, not the
-            // chains of those in tables that are not read: holding them all at once is what
-            // made a restart at 5,000 x 50 peak above 200 MiB. Without the main table, its
-            // part stays in `compiled` for a pass over it that may follow.
+            // Only the objects in the tables read are held: holding every Service's at once
+            // is what made a restart at 5,000 x 50 peak above 200 MiB. Without the main
+            // table, a Service's part in it (none since hairpin moved into the endpoint
+            // chains, RULE_FORMAT 7) stays in `compiled` for a pass over it that may follow.
             if shards.is_some() {
                 if !all {
                     compiled.insert(id.clone(), objs.part(|n| crate::plan::in_tables(n, &main)));
@@ -838,7 +838,7 @@ impl Engine {
     /// Every table read back and planned one at a time, so that what is read and what is
     /// wanted are held for one table, not for all (a read-back of everything at 5,000 x 50
     /// held both for 255,000 chains). The main table goes last: the passes over the others
-    /// leave their Services' hairpin elements in `compiled` for it. Tables of shards no longer
+    /// leave their Services' parts in it in `compiled` for it. Tables of shards no longer
     /// used go whole, unread. Returns the plan, the tables read and the time spent reading.
     fn plan_each_table(
         &mut self,

@@ -175,14 +175,9 @@ fn run_from(
                 Stmt::Goto(target) => return run_from(rs, pkt, target, 0, mark, p, stack, out),
                 Stmt::Return => break 'rules,
                 Stmt::Dnat { addr, port } => {
-                    // Postrouting: the mark, or the hairpin set (source == new destination).
-                    let hairpin_set = crate::compile::hairpin_set(Family::of(addr));
-                    let hairpin = *addr == pkt.src
-                        && key_matches(rs, &hairpin_set, &Element::hairpin(*addr, pkt.dst).key).is_some();
-                    out.push((
-                        Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 || hairpin },
-                        p,
-                    ));
+                    // Postrouting masquerades what carries the mark (hairpin included: the
+                    // endpoint chain marks a pod that reached itself).
+                    out.push((Fate::Dnat { addr: *addr, port: *port, masquerade: mark & MASQ_MARK != 0 }, p));
                     return;
                 }
                 Stmt::Masquerade | Stmt::Counter | Stmt::UpdateSaddrSet { .. } => {}
@@ -193,7 +188,7 @@ fn run_from(
                         continue 'rules;
                     }
                 }
-                // Hairpin is postrouting's (see Dnat).
+                // Only in rule sets of agents before RULE_FORMAT 7 (hairpin by a postrouting set).
                 Stmt::HairpinInSet { .. } => continue 'rules,
                 // The first packet of a connection is never INVALID.
                 Stmt::CtStateInvalid => continue 'rules,

@@ -223,23 +223,25 @@ fn assert_served_right(c: &Cluster) {
     assert_eq!(got.get("web-c"), Some(&10), "api must reach web-c only: {got:?}");
 }
 
-fn only_rule(c: &Cluster, chain: &str) -> ListedRule {
+/// An endpoint chain's DNAT rule: its last, after the hairpin test.
+fn dnat_rule(c: &Cluster, chain: &str) -> ListedRule {
     let mut rules = rules_of(c, chain);
-    assert_eq!(rules.len(), 1, "{chain} should hold one rule");
+    assert_eq!(rules.len(), 2, "{chain} should hold the hairpin test and the DNAT");
+    assert!(rules[0].text.contains("ip saddr"), "{}", rules[0].text);
     rules.pop().unwrap()
 }
 
 #[test]
 fn a_replaced_dnat_rule_is_rewritten_and_traffic_returns_to_its_pod() {
     let Some(d) = setup() else { return };
-    let r = only_rule(&d.c, WEB_A_EP);
+    let r = dnat_rule(&d.c, WEB_A_EP);
     assert!(r.text.contains("dnat") && r.text.contains("10.244.1.2"), "{}", r.text);
     // Same comment, but web-a's share of web now goes to web-c.
     d.mutate(&format!(
         "replace rule inet nftproxy {WEB_A_EP} handle {} meta l4proto tcp dnat ip to 10.244.1.4:8080 comment \"{}\"",
         r.handle, r.comment
     ));
-    assert_eq!(only_rule(&d.c, WEB_A_EP).comment, r.comment);
+    assert_eq!(dnat_rule(&d.c, WEB_A_EP).comment, r.comment);
     assert_eq!(web_split(&d.c), (false, true, true), "the hijack must send web traffic to web-c");
     d.assert_repaired_by_sync();
     assert_served_right(&d.c);
@@ -356,6 +358,23 @@ fn a_deleted_endpoint_chain_and_its_goto_are_restored() {
     assert_served_right(&d.c);
 }
 
+#[test]
+fn an_older_agents_hairpin_set_and_its_postrouting_rule_are_removed() {
+    // Agents before RULE_FORMAT 7 masqueraded a pod reaching itself by a set lookup in
+    // postrouting; this one marks it in the endpoint chain. What an older agent left goes with
+    // the next sync, rule and set in one transaction (dataplane.rs checks the hairpin itself).
+    let Some(d) = setup() else { return };
+    d.mutate(
+        "add set inet nftproxy hairpin-v4 { type ipv4_addr . ipv4_addr . ipv4_addr; }; \
+         add element inet nftproxy hairpin-v4 { 10.244.1.2 . 10.244.1.2 . 10.96.0.80 }; \
+         insert rule inet nftproxy nat-postrouting ip saddr . ip daddr . ct original ip daddr @hairpin-v4 masquerade",
+    );
+    assert!(rules_of(&d.c, "nat-postrouting").iter().any(|r| r.text.contains("@hairpin-v4")), "{}", listing(&d.c));
+    d.assert_repaired_by_sync();
+    assert!(!listing(&d.c).contains("hairpin-v4"), "{}", listing(&d.c));
+    assert_served_right(&d.c);
+}
+
 /// Tables that look like ours but are not: shard-like names that are no shard (`-0`, leading
 /// zeros) and our name in another family.
 const LOOKALIKES: &[&str] = &["inet nftproxy-0", "inet nftproxy-01", "inet nftproxy-007", "ip nftproxy"];
@@ -413,7 +432,7 @@ fn the_agent_repairs_drift_within_two_sync_periods() {
     assert!(settled(), "the agent changed a freshly synced table:\n{}", a.log_text());
 
     // The dnat hijack.
-    let r = only_rule(&d.c, WEB_A_EP);
+    let r = dnat_rule(&d.c, WEB_A_EP);
     d.c.nft(&format!(
         "replace rule inet nftproxy {WEB_A_EP} handle {} meta l4proto tcp dnat ip to 10.244.1.4:8080 comment \"{}\"",
         r.handle, r.comment
@@ -654,8 +673,8 @@ fn a_read_back_by_chain_equals_one_by_table_and_repairs_a_deleted_rule() {
         (by_table, nl.read_table().unwrap())
     });
     assert_eq!(by_chain, by_table);
-    assert_eq!(by_chain.chains[WEB_A_EP].rules.len(), 1, "{by_chain:?}");
-    let r = only_rule(&d.c, WEB_A_EP);
+    assert_eq!(by_chain.chains[WEB_A_EP].rules.len(), 2, "{by_chain:?}");
+    let r = dnat_rule(&d.c, WEB_A_EP);
     d.mutate(&format!("delete rule inet nftproxy {WEB_A_EP} handle {}", r.handle));
     let m = d.m.to_str().unwrap();
     let env = format!("{PER_CHAIN_DUMP_ENV}=0");
@@ -664,7 +683,7 @@ fn a_read_back_by_chain_equals_one_by_table_and_repairs_a_deleted_rule() {
     assert!(out.status.success(), "{log}");
     let after = comparable(&listing(&d.c));
     assert!(after == d.reference, "the deleted rule was not put back:\n{}", line_diff(&d.reference, &after));
-    assert_eq!(only_rule(&d.c, WEB_A_EP).comment, r.comment);
+    assert_eq!(dnat_rule(&d.c, WEB_A_EP).comment, r.comment);
     d.assert_nothing_left_to_send();
     assert_served_right(&d.c);
 }

@@ -275,11 +275,11 @@ fn lost_events_or_no_monitor_mean_a_read_back_of_every_table() {
 fn a_restart_after_one_service_changed_reads_back_only_the_tables_it_changes() {
     let k = FakeKernel::with_monitor();
     Engine::new(k.clone(), opts(3)).sync(&cluster(WEB, DNS)).unwrap();
-    // A new process (the next --sync-once) with web's endpoints changed: web's table and the
-    // main one (its hairpin elements) differ from the record; the third is verified.
+    // A new process (the next --sync-once) with web's endpoints changed: web's table differs
+    // from the record; the other two are verified.
     let moved = cluster(&["10.244.1.2", "10.244.1.4"], DNS);
     let o = Engine::new(k.clone(), opts(3)).sync(&moved).unwrap();
-    let want: BTreeSet<String> = ["nftproxy".to_string(), web_table(3)].into();
+    let want: BTreeSet<String> = [web_table(3)].into();
     assert_eq!(o.tables_read.iter().cloned().collect::<BTreeSet<_>>(), want, "{}", o.plan);
     assert!(o.plan.touched_chains().iter().all(|c| c.contains("/default/web/")), "{}", o.plan);
     assert_flows(&k, &["10.244.1.2", "10.244.1.4"], DNS);
@@ -294,7 +294,7 @@ fn a_restart_after_one_service_changed_reads_back_only_the_tables_it_changes() {
 }
 
 #[test]
-fn a_restart_reading_back_the_main_table_keeps_the_hairpin_elements_of_services_in_other_tables() {
+fn a_restart_reading_back_one_table_keeps_the_services_of_the_others() {
     // Four tables: web in the third, db and dns in two tables that are not read back.
     let o = opts(4);
     let shard = |name: &str| o.shard_of(&ServiceId::new("default", name));
@@ -303,9 +303,9 @@ fn a_restart_reading_back_the_main_table_keeps_the_hairpin_elements_of_services_
     Engine::new(k.clone(), o.clone()).sync(&cluster(WEB, DNS)).unwrap();
     let moved = cluster(&["10.244.1.2", "10.244.1.4"], DNS);
     let out = Engine::new(k.clone(), o.clone()).sync(&moved).unwrap();
-    let want: BTreeSet<String> = ["nftproxy".to_string(), web_table(4)].into();
+    let want: BTreeSet<String> = [web_table(4)].into();
     assert_eq!(out.tables_read.iter().cloned().collect::<BTreeSet<_>>(), want, "{}", out.plan);
-    // Exactly what a fresh compile makes: db's and dns's hairpin elements (main table) stay.
+    // Exactly what a fresh compile makes: db's and dns's objects (tables not read) stay.
     assert_eq!(comparable(k.ruleset()), comparable(nftproxy::compile::compile(&moved, &o)), "{}", out.plan);
 }
 
@@ -313,11 +313,11 @@ fn a_restart_reading_back_the_main_table_keeps_the_hairpin_elements_of_services_
 fn a_read_back_of_everything_goes_table_by_table_repairs_each_and_drops_the_unused() {
     let k = FakeKernel::default();
     Engine::new(k.clone(), opts(4)).sync(&cluster(WEB, DNS)).unwrap();
-    // Between two runs: web's first endpoint chain is emptied (its table, nftproxy-3) and dns's
-    // hairpin elements go (the main table, read last).
+    // Between two runs: web's first endpoint chain is emptied (its table, nftproxy-3) and so is
+    // the main table's postrouting chain (read last).
     let ep = nftproxy::ruleset::qualify(3, "ep4/default/web/tcp/80/10.244.1.2/8080");
     k.foreign(|s| s.ruleset.chains.get_mut(&ep).unwrap().rules = Vec::new().into());
-    k.foreign(|s| s.ruleset.sets.get_mut("hairpin-v4").unwrap().elements.retain(|e| e.key[..4] != [10, 244, 3, 1]));
+    k.foreign(|s| s.ruleset.chains.get_mut("nat-postrouting").unwrap().rules = Vec::new().into());
     let reads = tables_read(&k).len();
     let o = Engine::new(k.clone(), opts(4)).sync(&cluster(WEB, DNS)).unwrap();
     assert_eq!(o.tables_read, ["nftproxy", "nftproxy-1", "nftproxy-2", "nftproxy-3"], "{}", o.plan);

@@ -16,10 +16,11 @@
 //! svc4/<ns>/<name>/<proto>/<port>:
 //!            numgen random mod n < 1 goto ep4/...; numgen random mod n-1 < 1 goto ...; goto ...
 //!            or, with no endpoints: reject
-//! ep4/<ns>/<name>/<proto>/<port>/<ip>/<port>:  dnat
+//! ep4/<ns>/<name>/<proto>/<port>/<ip>/<port>:
+//!            ip saddr <ip> set the mark bit           (hairpin: the pod reached itself)
+//!            dnat
 //! nat-postrouting (type nat, priority srcnat, main table only):
-//!            ip saddr . ip daddr . ct original ip daddr @hairpin-v4 masquerade   (pod -> own Service -> itself)
-//!            mark bit set -> clear it, masquerade fully-random
+//!            not DNATed -> return; mark bit set -> clear it, masquerade fully-random
 //! ```
 //!
 //! Only chains, rules and elements scale with the number of Services; there are a few sets per
@@ -111,7 +112,6 @@ pub const CHAIN_POSTROUTING: &str = "nat-postrouting";
 pub const CHAIN_FORWARD: &str = "filter-forward";
 pub const STATE_SET: &str = "state";
 
-const HAIRPIN: &str = "hairpin: a pod reached itself through its Service";
 const NO_SUCH_PORT: &str = "a Service address on a port it does not serve";
 
 fn suffix(family: Family) -> &'static str {
@@ -133,10 +133,6 @@ pub fn gate_map(family: Family) -> String {
 /// `protocol . node port : goto ext4/...`
 pub fn node_ports_map(family: Family) -> String {
     format!("node-ports-{}", suffix(family))
-}
-
-pub fn hairpin_set(family: Family) -> String {
-    format!("hairpin-{}", suffix(family))
 }
 
 fn fam_digit(family: Family) -> char {
@@ -215,7 +211,7 @@ impl ServiceObjects {
 }
 
 /// A digest per table, by shard number (0: the main table), in shard order. A Service's objects
-/// live in its shard's table and, for its hairpin elements, in the main table.
+/// live in its shard's table.
 pub type TableDigests = Vec<(u32, u64)>;
 
 /// The shard number of the table an object name lives in.
@@ -385,9 +381,6 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
                 // Everything below is for connections our rules DNATed: any other first packet
                 // (pod to pod, node to internet) leaves after this one test.
                 fixed("not DNATed: not Service traffic", vec![Stmt::CtNotDnat, Stmt::Return]),
-                // Hairpin: a pod that reached its own Service and landed on itself.
-                hairpin_rule(Family::V4),
-                hairpin_rule(Family::V6),
                 fixed("not marked for masquerade", vec![Stmt::MarkBitClear(MASQ_MARK), Stmt::Return]),
                 fixed("masquerade what the services chain marked", vec![Stmt::ClearMarkBit(MASQ_MARK)]),
                 fixed("masquerade what the services chain marked", vec![Stmt::Masquerade]),
@@ -412,15 +405,7 @@ fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
         );
     }
 
-    for family in FAMILIES {
-        rs.sets.insert(hairpin_set(family), Set { kind: SetKind::Hairpin(family), elements: vec![] });
-    }
     rs.sets.insert(STATE_SET.into(), Set { kind: SetKind::State, elements: vec![] });
-}
-
-fn hairpin_rule(family: Family) -> Rule {
-    let stmts = vec![Stmt::NfProto(family), Stmt::HairpinInSet { family, set: hairpin_set(family) }, Stmt::Masquerade];
-    fixed(HAIRPIN, stmts)
 }
 
 fn base(hook: Hook, priority: i32, rules: Vec<Rule>) -> Chain {

@@ -143,6 +143,9 @@ fn candidates(e: &[Expr<'_>], q: &dyn Fn(&str) -> String) -> Vec<Stmt> {
             {
                 out.push(Stmt::SaddrIn(n));
             }
+            if let Some(ip) = at(1).filter(|x| x.is("cmp")).and_then(|x| x.value(3)).and_then(ip_from_bytes) {
+                out.push(Stmt::SaddrIn(IpNet::from(ip)));
+            }
             if let Some(set) = lookup_set(1) {
                 out.push(Stmt::DaddrInSet { family, set: set.clone() });
                 out.push(Stmt::DaddrVmap { family, map: set.clone() });
@@ -275,6 +278,9 @@ mod tests {
             vec![Stmt::NfProto(v6), Stmt::L4Proto(Protocol::Sctp), Stmt::RejectPortUnreachable],
             vec![Stmt::NfProto(v4), Stmt::SaddrIn("10.244.0.0/16".parse().unwrap()), Stmt::Return],
             vec![Stmt::SaddrIn("fd00:10:244::/48".parse().unwrap()), Stmt::Goto("ext6/a/b/tcp/80".into())],
+            // Each endpoint chain's hairpin test: one address, no mask.
+            vec![Stmt::NfProto(v4), Stmt::SaddrIn("10.244.1.2/32".parse().unwrap()), Stmt::SetMarkBit(0x4000)],
+            vec![Stmt::NfProto(v6), Stmt::SaddrIn("fd00:10:244:1::2/128".parse().unwrap()), Stmt::SetMarkBit(0x4000)],
             vec![
                 Stmt::NfProto(v4),
                 Stmt::DaddrInSet { family: v4, set: "cluster-ips-v4".into() },

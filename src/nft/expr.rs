@@ -219,7 +219,10 @@ fn stmt(a: &mut Attrs<'_>, stmt: &Stmt) {
         Stmt::SaddrIn(net) => {
             let (saddr, _, len) = addr_offsets(Family::of(&net.addr()));
             payload(a, NFT_PAYLOAD_NETWORK_HEADER, saddr, len, NFT_REG_1);
-            bitwise(a, &prefix_mask(net.prefix_len(), len as usize), &vec![0; len as usize]);
+            // One address (each endpoint chain's hairpin test): a plain compare, as nft writes it.
+            if net.prefix_len() < net.max_prefix_len() {
+                bitwise(a, &prefix_mask(net.prefix_len(), len as usize), &vec![0; len as usize]);
+            }
             cmp(a, NFT_CMP_EQ, &ip_bytes(&net.network()));
         }
         Stmt::DaddrInSet { family, set } => {
