@@ -315,10 +315,6 @@ fn paired(a: &str, b: &str, count: usize) -> Option<std::collections::BTreeMap<S
         .args(["-c", PINNED_CPU, common::TESTPOD, "paired", a, b, "--count", &count.to_string()])
         .output()
         .ok()?;
-    let got: std::collections::BTreeMap<String, f64> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect();
+    let got = key_values(&out.stdout);
     (got.get("failed") == Some(&0.0) && got.contains_key("diff_cpu_us")).then_some(got)
 }

@@ -85,11 +85,7 @@ impl Ns {
             .output()
             .unwrap();
         assert!(out.status.success(), "child {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect()
+        key_values(&out.stdout)
     }
 
     /// Wall time of a command in the namespace, stdin from `input`.
@@ -239,11 +235,7 @@ fn bench_dataplane(r: &mut Report, dir: &Path, n: usize) {
             .args(["netns", "exec", &ns("client"), testpod.to_str().unwrap(), "latency", addr, "--count", "300"])
             .output()
             .ok()?;
-        let kv: std::collections::BTreeMap<String, f64> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect();
+        let kv = key_values(&out.stdout);
         Some((kv.get("p50_us").copied()?, kv.get("p99_us").copied()?))
     };
     // The machine drifts over minutes: measure a path and its direct baseline in alternating
@@ -315,11 +307,7 @@ apiVersion: v1\nkind: Endpoints\nmetadata: {{name: dns}}\nsubsets: [{{addresses:
             .args(["--sync-once", "--manifests", file.to_str().unwrap()])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stderr)
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect()
+        key_values(&out.stderr)
     };
     sync("{ip: 10.244.1.2}, {ip: 10.244.1.3}");
     let flows = 3000;

@@ -15,6 +15,15 @@ impl Report {
     }
 }
 
+/// The `key=value` pairs with a number for a value in a command's output.
+pub(crate) fn key_values(text: &[u8]) -> std::collections::BTreeMap<String, f64> {
+    String::from_utf8_lossy(text)
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
