@@ -501,24 +501,35 @@ impl Side {
     }
 }
 
-/// One connection from `side`'s namespace: (latency us, CPU ns of this thread), from just before
-/// the connect to just after the close. The socket is made inside the namespace and keeps it;
-/// the thread goes back to `home` before the clock starts.
-fn timed_connection(side: &Side, home: &std::fs::File) -> Option<(f64, u64)> {
+/// A socket made inside `side`'s namespace (it keeps that namespace). The thread is back in its
+/// own namespace when this returns, or the process ends: left in the other one, it would go on
+/// measuring the wrong thing.
+fn socket_in(side: &Side, home: &std::fs::File) -> Result<socket2::Socket, String> {
     use nix::sched::{CloneFlags, setns};
-    setns(&side.netns, CloneFlags::CLONE_NEWNET).ok()?;
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
-    setns(home, CloneFlags::CLONE_NEWNET).ok()?;
-    let socket = socket.ok()?;
-    let cpu_start = cpu_ns()?;
+    setns(&side.netns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns for {}: {e}", side.addr))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(side.addr), socket2::Type::STREAM, None);
+    if let Err(e) = setns(home, CloneFlags::CLONE_NEWNET) {
+        eprintln!("cannot return to the own network namespace: {e}");
+        std::process::exit(1);
+    }
+    let socket = socket.map_err(|e| format!("socket for {}: {e}", side.addr))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+/// One connection from `side`'s namespace: (latency us, CPU ns of this thread), from just before
+/// the connect to just after the close.
+fn timed_connection(side: &Side, home: &std::fs::File) -> Result<(f64, u64), String> {
+    let socket = socket_in(side, home)?;
+    let cpu_start = cpu_ns().ok_or("no schedstat")?;
     let start = std::time::Instant::now();
-    socket.connect_timeout(&side.addr.into(), Duration::from_secs(2)).ok()?;
+    socket.connect_timeout(&side.addr.into(), Duration::from_secs(2)).map_err(|e| format!("{}: {e}", side.addr))?;
     let mut stream: TcpStream = socket.into();
     let mut b = [0u8; 1];
-    stream.read_exact(&mut b).ok()?;
+    stream.read_exact(&mut b).map_err(|e| format!("{}: no answer: {e}", side.addr))?;
     let us = start.elapsed().as_secs_f64() * 1e6;
     drop(stream);
-    Some((us, cpu_ns()?.saturating_sub(cpu_start)))
+    Ok((us, cpu_ns().ok_or("no schedstat")?.saturating_sub(cpu_start)))
 }
 
 fn paired(a: &str, b: &str, count: usize) -> ExitCode {
@@ -544,7 +555,11 @@ fn paired(a: &str, b: &str, count: usize) -> ExitCode {
         let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
         let mut got = [None, None];
         for side in order {
-            got[side] = timed_connection([&a, &b][side], &home);
+            match timed_connection([&a, &b][side], &home) {
+                Ok(x) => got[side] = Some(x),
+                Err(e) if failed == 0 => eprintln!("first failure: {e}"),
+                Err(_) => {}
+            }
         }
         match got {
             [Some(x), Some(y)] => {

@@ -7,7 +7,7 @@
 //! nat-prerouting / nat-output (type nat, priority dstnat):
 //!            ip daddr vmap @addresses-v4          (and ip6: the gate, see gate.rs)
 //! cluster-ip-v4:  (with --cluster-cidr: ip saddr <pod network> ip daddr . meta l4proto . th dport vmap @service-ips-v4,
-//!            then the masquerade mark for the rest)
+//!            then the masquerade mark for the rest; with --masquerade-all: the mark for all)
 //!            ip daddr . meta l4proto . th dport vmap @service-ips-v4
 //!            reject                               (a port the Service does not have)
 //! node-ip-v4:     the same dispatch (an external IP may be a node address), then
@@ -367,7 +367,8 @@ pub fn compile_service(svc: &Service, opts: &Options) -> ServiceObjects {
     objs
 }
 
-/// The base chains, the dispatch chain, the masquerade chains and the four sets.
+/// Every table's dispatch (base chains with the gate, the chain for each kind of address, the
+/// maps), and the main table's postrouting and forward chains and the `state` set.
 fn add_skeleton(rs: &mut Ruleset, opts: &Options) {
     for shard in 0..opts.shards() {
         add_dispatch(rs, opts, shard);
