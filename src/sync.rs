@@ -471,32 +471,21 @@ impl Engine {
         mut digests: Option<&mut BTreeMap<ServiceId, TableDigests>>,
     ) -> Ruleset {
         let mut want = self.skeleton.clone();
-        // A Service's objects live in its shard's table (the main one is shard 0).
-        let all = shards.is_none_or(|s| s.contains(&0));
-        let keep = |name: &str| shards.is_none_or(|s| crate::plan::in_tables(name, s));
-        let main = BTreeSet::from([0]);
-        if shards.is_some() {
-            want.chains.retain(|n, _| keep(n));
-            want.sets.retain(|n, _| keep(n));
+        if let Some(shards) = shards {
+            want.chains.retain(|n, _| crate::plan::in_tables(n, shards));
+            want.sets.retain(|n, _| crate::plan::in_tables(n, shards));
         }
         for (id, svc) in &snapshot.services {
-            if !all && !shards.is_some_and(|s| s.contains(&self.opts.shard_of(id))) {
+            // A Service's objects all live in its shard's table (the main one is shard 0):
+            // only those of the tables read are compiled and held, as holding every Service's
+            // at once is what made a restart at 5,000 x 50 peak above 200 MiB.
+            if shards.is_some_and(|s| !s.contains(&self.opts.shard_of(id))) {
                 continue;
             }
-            let mut objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
+            let objs = compiled.remove(id).unwrap_or_else(|| compile::compile_service(svc, &self.opts));
             if let Some(d) = digests.as_deref_mut() {
-                // Kept from the Service's first compile (a main table's pass gets only a part).
+                // Those of a changed Service were taken before planning.
                 d.entry(id.clone()).or_insert_with(|| objs.table_digests());
-            }
-            // Only the objects in the tables read are held: holding every Service's at once
-            // is what made a restart at 5,000 x 50 peak above 200 MiB. Without the main
-            // table, a Service's part in it (none since hairpin moved into the endpoint
-            // chains, RULE_FORMAT 7) stays in `compiled` for a pass over it that may follow.
-            if shards.is_some() {
-                if !all {
-                    compiled.insert(id.clone(), objs.part(|n| crate::plan::in_tables(n, &main)));
-                }
-                objs.retain(keep);
             }
             compile::merge(&mut want, objs);
         }
@@ -837,9 +826,8 @@ impl Engine {
 
     /// Every table read back and planned one at a time, so that what is read and what is
     /// wanted are held for one table, not for all (a read-back of everything at 5,000 x 50
-    /// held both for 255,000 chains). The main table goes last: the passes over the others
-    /// leave their Services' parts in it in `compiled` for it. Tables of shards no longer
-    /// used go whole, unread. Returns the plan, the tables read and the time spent reading.
+    /// held both for 255,000 chains). Tables of shards no longer used go whole, unread.
+    /// Returns the plan, the tables read and the time spent reading.
     fn plan_each_table(
         &mut self,
         snapshot: &Snapshot,
@@ -850,8 +838,8 @@ impl Engine {
         let shards = self.opts.shards();
         let unused = |t: &&String| crate::ruleset::shard_of_table(t).is_none_or(|k| k >= shards);
         let mut ops: Vec<Op> = tables.iter().filter(unused).map(|t| Op::DelTable(t.clone())).collect();
-        let (mut read, mut shard_ops, mut reading) = (Vec::new(), Vec::new(), Duration::ZERO);
-        for k in (1..shards).chain([0]) {
+        let (mut read, mut reading) = (Vec::new(), Duration::ZERO);
+        for k in 0..shards {
             let one = BTreeSet::from([k]);
             let want = self.want(snapshot, compiled, Some(&one), digests.as_deref_mut());
             let expected: Vec<&str> = want.chains.keys().map(String::as_str).collect();
@@ -860,17 +848,13 @@ impl Engine {
             reading += t0.elapsed();
             drop(expected);
             // In table order, as one read-back planned them: the main table first.
-            let at = if k == 0 { 0 } else { read.len() };
-            read.splice(at..at, have.tables().map(str::to_string).collect::<Vec<_>>());
+            read.extend(have.tables().map(str::to_string));
             let plan = plan::plan_tables(&mut have, want, &one);
             if k == 0 {
                 self.take_state(&have, &plan);
-                ops.extend(plan.ops);
-            } else {
-                shard_ops.extend(plan.ops);
             }
+            ops.extend(plan.ops);
         }
-        ops.append(&mut shard_ops);
         Ok((Plan { ops }, read, reading))
     }
 

@@ -328,3 +328,45 @@ fn source_ranges_follow_the_family_and_apply_to_an_address_that_is_also_an_exter
     });
     assert_eq!(dnats(&to(&v6_only, "192.0.2.200")).len(), 2);
 }
+
+/// The engine reads back and compiles one table at a time, taking only the Services of that
+/// table: every object of a Service (chains, affinity sets, map elements, on every path) must
+/// live in its own shard's table, none in the main one's shared sets.
+#[test]
+fn every_object_of_a_service_lives_in_its_own_table() {
+    use nftproxy::compile::compile_service;
+    use nftproxy::model::{Affinity, Endpoint, Service, ServiceId, ServicePort};
+    let mut opts = Options {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        node_ips: vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+        table_shards: 4,
+        ..Default::default()
+    };
+    opts.locality.node = Some("here".into());
+    let mut shards_seen = std::collections::BTreeSet::new();
+    for (i, local) in [false, true, false, true, false, true, false, true].into_iter().enumerate() {
+        let eps = [("10.244.1.2", "here"), ("10.244.1.3", "elsewhere"), ("fd00:10:244:1::2", "here")]
+            .map(|(ip, node)| Endpoint { node_name: Some(node.into()), ..Endpoint::ready(ip.parse().unwrap(), 8080) });
+        let port = ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: Some(30080),
+            endpoints: eps.to_vec(),
+        };
+        let id = ServiceId::new("default", format!("svc-{i}"));
+        let vips = vec!["10.96.0.5".parse().unwrap(), "fd00:10:96::5".parse().unwrap()];
+        let mut svc = Service::new(id.clone(), vips, vec![port]);
+        svc.affinity = Some(Affinity { timeout_seconds: 60 });
+        svc.internal_local = local;
+        svc.external.local = local;
+        svc.external.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        svc.external.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+        svc.external.source_ranges = vec!["192.0.2.0/28".parse().unwrap()];
+        let objs = compile_service(&svc, &opts);
+        let tables: Vec<u32> = objs.table_digests().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(tables, [opts.shard_of(&id)], "{id}: {objs:?}");
+        shards_seen.insert(opts.shard_of(&id));
+    }
+    assert!(shards_seen.len() > 1 && shards_seen.contains(&0), "the Services spread over tables: {shards_seen:?}");
+}

@@ -192,24 +192,6 @@ pub struct ServiceObjects {
     pub elements: Vec<(String, Element)>,
 }
 
-impl ServiceObjects {
-    /// The objects whose (set) names `keep` holds to.
-    pub fn part(&self, keep: impl Fn(&str) -> bool) -> ServiceObjects {
-        ServiceObjects {
-            chains: self.chains.iter().filter(|(n, _)| keep(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
-            sets: self.sets.iter().filter(|(n, _)| keep(n)).map(|(n, s)| (n.clone(), s.clone())).collect(),
-            elements: self.elements.iter().filter(|(set, _)| keep(set)).cloned().collect(),
-        }
-    }
-
-    /// Keeps only the objects whose (set) names `keep` holds to.
-    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
-        self.chains.retain(|n, _| keep(n));
-        self.sets.retain(|n, _| keep(n));
-        self.elements.retain(|(set, _)| keep(set));
-    }
-}
-
 /// A digest per table, by shard number (0: the main table), in shard order. A Service's objects
 /// live in its shard's table.
 pub type TableDigests = Vec<(u32, u64)>;
